@@ -1,0 +1,300 @@
+"""The linear map of a layer from its parameters to its outputs, at captured inputs.
+
+For a layer with parameters θ = (W, b) and input a, the output z = φ(θ, a) is linear in θ.
+Every output unit (Linear) or output channel (Conv) ``j`` depends only on its own *row*
+θ_j = [W_j flattened, b_j], so we lay θ out as a tensor of rows::
+
+    rows: (groups, rows_per_group, row_dim)      row_dim = d = fan_in_per_group (+1 with bias)
+
+and write Ũ for the ``d × n`` matrix whose columns are the layer's input patches (im2col
+columns for convolutions, one per sample and output position, with a trailing 1 when the
+layer has a trainable bias). For grouped convolutions each group has its own Ũ.  Then
+
+    A θ      = θ Ũ                 (the layer output, per group)
+    A* δ     = δ Ũᵀ                (the weight gradient for output gradient δ)
+    A* A V   = V Ũ Ũᵀ = V G        (``gram_apply``; G = Ũ Ũᵀ is the primal Gram, ``gram``)
+
+A :class:`LayerSystem` holds every confirmed call of one layer since the last step and sums
+over them, so ``G = Σ_calls Ũ_call Ũ_callᵀ`` (DESIGN.md §1: sum, not mean).
+
+This module knows nothing about optimizers or solvers; it only evaluates A, A* and G with
+``F.linear`` / ``F.convNd`` and their weight-gradient transposes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Gram matrices are accumulated from im2col patches in chunks of at most this many
+# elements, so that building G never materialises the whole n × d patch matrix at once.
+PATCH_CHUNK_ELEMENTS = 1 << 24
+
+
+class LayerKind:
+    """How one family of modules (Linear, ConvNd) maps parameters to outputs.
+
+    Subclasses implement the map for a single call with a fixed input ``x`` (already
+    passed through :meth:`prepare`). Weight-shaped tensors always have the module's
+    ``weight.shape``; bias-shaped tensors have shape ``(out_features,)``.
+    """
+
+    module_type: type[nn.Module]
+
+    def groups(self, module: nn.Module) -> int:
+        return 1
+
+    def prepare(self, module: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """Turns a captured input into the form the other methods take."""
+        raise NotImplementedError
+
+    def forward(self, module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """z = φ((weight, bias), x)."""
+        raise NotImplementedError
+
+    def adjoint(
+        self, module: nn.Module, x: Tensor, grad_output: Tensor, weight_shape: torch.Size
+    ) -> tuple[Tensor, Tensor]:
+        """(∂⟨z, grad_output⟩/∂W, ∂⟨z, grad_output⟩/∂b): the weight-gradient transpose A*."""
+        raise NotImplementedError
+
+    def patches(self, module: nn.Module, x: Tensor) -> Iterator[Tensor]:
+        """Yields chunks of Ũᵀ without the bias column, each ``(groups, n_chunk, d_weight)``."""
+        raise NotImplementedError
+
+    def num_columns(self, module: nn.Module, x: Tensor) -> int:
+        """n: the number of columns of Ũ this call contributes (samples × positions)."""
+        raise NotImplementedError
+
+
+class LinearKind(LayerKind):
+    """nn.Linear with any number of leading dimensions: Ũ has one column per leading index."""
+
+    module_type = nn.Linear
+
+    def prepare(self, module: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
+        return x.reshape(-1, x.shape[-1]).to(dtype)
+
+    def forward(self, module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, weight, bias)
+
+    def adjoint(
+        self, module: nn.Module, x: Tensor, grad_output: Tensor, weight_shape: torch.Size
+    ) -> tuple[Tensor, Tensor]:
+        return grad_output.transpose(0, 1) @ x, grad_output.sum(0)
+
+    def patches(self, module: nn.Module, x: Tensor) -> Iterator[Tensor]:
+        yield x.unsqueeze(0)
+
+    def num_columns(self, module: nn.Module, x: Tensor) -> int:
+        return x.shape[0]
+
+
+_CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_WEIGHT_GRADIENTS = {
+    1: torch.nn.grad.conv1d_weight,
+    2: torch.nn.grad.conv2d_weight,
+    3: torch.nn.grad.conv3d_weight,
+}
+
+
+class ConvKind(LayerKind):
+    """nn.Conv{1,2,3}d with any stride, padding (and padding_mode), dilation and groups.
+
+    The captured input is padded once in :meth:`prepare` exactly as the module pads it
+    (``padding="same"`` included, and reflect/replicate/circular modes: the padded input is
+    what the weights see), so every other method runs an unpadded convolution.
+    """
+
+    def __init__(self, spatial_dims: int) -> None:
+        self.spatial_dims = spatial_dims
+        self.module_type = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
+        self._conv = _CONV_FUNCTIONS[spatial_dims]
+        self._conv_weight = _CONV_WEIGHT_GRADIENTS[spatial_dims]
+
+    def groups(self, module: nn.Module) -> int:
+        return module.groups
+
+    def prepare(self, module: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
+        if x.dim() == self.spatial_dims + 1:  # unbatched input
+            x = x.unsqueeze(0)
+        x = x.to(dtype)
+        padding = module._reversed_padding_repeated_twice
+        if any(padding):
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            x = F.pad(x, padding, mode=mode)
+        return x
+
+    def forward(self, module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return self._conv(x, weight, bias, module.stride, 0, module.dilation, module.groups)
+
+    def adjoint(
+        self, module: nn.Module, x: Tensor, grad_output: Tensor, weight_shape: torch.Size
+    ) -> tuple[Tensor, Tensor]:
+        grad_weight = self._conv_weight(
+            x, weight_shape, grad_output, module.stride, 0, module.dilation, module.groups
+        )
+        sum_dims = [0, *range(2, grad_output.dim())]
+        return grad_weight, grad_output.sum(sum_dims)
+
+    def _output_size(self, module: nn.Module, x: Tensor) -> list[int]:
+        sizes = []
+        for size, kernel, stride, dilation in zip(
+            x.shape[2:], module.kernel_size, module.stride, module.dilation
+        ):
+            sizes.append((size - dilation * (kernel - 1) - 1) // stride + 1)
+        return sizes
+
+    def num_columns(self, module: nn.Module, x: Tensor) -> int:
+        return x.shape[0] * math.prod(self._output_size(module, x))
+
+    def patches(self, module: nn.Module, x: Tensor) -> Iterator[Tensor]:
+        # Generic N-d im2col with Tensor.unfold: one window per output position and
+        # spatial dim, then keep every dilation-th element of each window. The result is
+        # ordered (channel, kernel positions), matching weight[j].flatten().
+        dims = self.spatial_dims
+        groups = module.groups
+        channels = x.shape[1]
+        positions = math.prod(self._output_size(module, x))
+        row_elements = channels * math.prod(module.kernel_size) * max(positions, 1)
+        chunk = max(1, PATCH_CHUNK_ELEMENTS // max(row_elements, 1))
+        for start in range(0, x.shape[0], chunk):
+            windows = x[start : start + chunk]
+            for dim, (kernel, stride, dilation) in enumerate(
+                zip(module.kernel_size, module.stride, module.dilation)
+            ):
+                windows = windows.unfold(2 + dim, dilation * (kernel - 1) + 1, stride)
+            if any(d != 1 for d in module.dilation):
+                windows = windows[(...,) + tuple(slice(None, None, d) for d in module.dilation)]
+            # windows: (N, C, O_1..O_dims, k_1..k_dims)
+            batch = windows.shape[0]
+            out_sizes = windows.shape[2 : 2 + dims]
+            windows = windows.reshape(
+                batch, groups, channels // groups, *out_sizes, *module.kernel_size
+            )
+            # -> (groups, N, O_1..O_dims, C/groups, k_1..k_dims)
+            order = [1, 0, *range(3, 3 + dims), 2, *range(3 + dims, 3 + 2 * dims)]
+            yield windows.permute(order).reshape(groups, -1, (channels // groups) * math.prod(module.kernel_size))
+
+
+_REGISTRY: list[LayerKind] = [LinearKind(), ConvKind(1), ConvKind(2), ConvKind(3)]
+
+
+def kind_for(module: nn.Module) -> LayerKind | None:
+    """The registered kind for ``module``, or None when ProxProp cannot precondition it.
+
+    A subclass of a registered module type counts only when it keeps the base class's
+    ``forward`` (a subclass that overrides it may not be linear in its parameters), and only
+    when ``weight`` is a plain registered parameter (not a parametrization).
+    """
+    for kind in _REGISTRY:
+        base = kind.module_type
+        if isinstance(module, base) and type(module).forward is base.forward:
+            if isinstance(module._parameters.get("weight"), nn.Parameter):
+                return kind
+    return None
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """How a layer's (W, b) map to rows ``(groups, rows_per_group, row_dim)``."""
+
+    weight_shape: torch.Size
+    groups: int
+    has_bias: bool
+
+    @property
+    def rows(self) -> int:
+        return self.weight_shape[0]
+
+    @property
+    def rows_per_group(self) -> int:
+        return self.weight_shape[0] // self.groups
+
+    @property
+    def weight_row_dim(self) -> int:
+        return math.prod(self.weight_shape[1:])
+
+    @property
+    def row_dim(self) -> int:
+        return self.weight_row_dim + int(self.has_bias)
+
+    def to_rows(self, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """(W: weight_shape, b: (out,)) -> rows (groups, rows_per_group, row_dim)."""
+        weight_rows = weight.reshape(self.groups, self.rows_per_group, self.weight_row_dim)
+        if not self.has_bias:
+            return weight_rows
+        bias_rows = bias.reshape(self.groups, self.rows_per_group, 1)
+        return torch.cat([weight_rows, bias_rows], dim=-1)
+
+    def from_rows(self, rows: Tensor) -> tuple[Tensor, Tensor | None]:
+        """rows -> (W, b or None); the inverse of :meth:`to_rows`."""
+        weight = rows[..., : self.weight_row_dim].reshape(self.weight_shape)
+        bias = rows[..., self.weight_row_dim].reshape(-1) if self.has_bias else None
+        return weight, bias
+
+
+@dataclass
+class Call:
+    """One confirmed forward call of a layer: the module run and its prepared input."""
+
+    module: nn.Module
+    kind: LayerKind
+    x: Tensor
+
+
+class LayerSystem:
+    """A*A for one layer, summed over its confirmed calls since the last step.
+
+    Args:
+        layout: the layer's row layout.
+        calls: ``(module, kind, raw_input)`` of every confirmed call; inputs are prepared
+            (padded, flattened, cast to ``dtype``) here.
+        dtype: the dtype every product is computed in.
+    """
+
+    def __init__(
+        self,
+        layout: RowLayout,
+        calls: Sequence[tuple[nn.Module, LayerKind, Tensor]],
+        dtype: torch.dtype,
+    ) -> None:
+        self.layout = layout
+        self.dtype = dtype
+        self.calls = [Call(module, kind, kind.prepare(module, x, dtype)) for module, kind, x in calls]
+        self.num_columns = sum(c.kind.num_columns(c.module, c.x) for c in self.calls)
+
+    def gram_apply(self, rows: Tensor) -> Tensor:
+        """V ↦ V Ũ Ũᵀ = A*(A V) for rows V of shape (groups, rows_per_group, row_dim)."""
+        weight, bias = self.layout.from_rows(rows)
+        total_weight = torch.zeros_like(weight)
+        total_bias = torch.zeros_like(bias) if bias is not None else None
+        for call in self.calls:
+            output = call.kind.forward(call.module, call.x, weight, bias)
+            grad_weight, grad_bias = call.kind.adjoint(call.module, call.x, output, weight.shape)
+            total_weight += grad_weight
+            if total_bias is not None:
+                total_bias += grad_bias
+        return self.layout.to_rows(total_weight, total_bias)
+
+    def gram(self) -> Tensor:
+        """G = Σ_calls Ũ Ũᵀ, shape (groups, row_dim, row_dim); built from patches in chunks."""
+        layout = self.layout
+        dim = layout.weight_row_dim
+        device = self.calls[0].x.device
+        gram = torch.zeros(layout.groups, layout.row_dim, layout.row_dim, dtype=self.dtype, device=device)
+        for call in self.calls:
+            for patch in call.kind.patches(call.module, call.x):
+                gram[:, :dim, :dim].baddbmm_(patch.transpose(1, 2), patch)
+                if layout.has_bias:
+                    column_sums = patch.sum(1)
+                    gram[:, :dim, dim] += column_sums
+                    gram[:, dim, :dim] += column_sums
+        if layout.has_bias:
+            gram[:, dim, dim] = float(self.num_columns)
+        return gram

@@ -1,0 +1,456 @@
+"""ProxPropOptimizer: the torch.optim face of proximal backpropagation."""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from proxoptim.capture import Capture, CapturedCall
+from proxoptim.operators import LayerKind, LayerSystem, RowLayout, kind_for
+from proxoptim.solvers import FORMS, choose_form, solve
+
+SOLVERS = ("cg", "exact", "none")
+SOLVER_FORMS = ("auto", *FORMS)
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Diagnostics of one layer's solve in the last step.
+
+    Attributes:
+        form: the solve form that ran ("matrix_free" or "primal").
+        iterations: CG iterations run (0 for an exact solve).
+        relative_residual: ‖g − M v‖ / ‖g‖ over the whole layer (CG: recurrence residual).
+        cosine: ⟨v, g⟩ / (‖v‖‖g‖), the cosine between the direction and the gradient.
+        seconds: wall time of the solve, including building the Gram (host time; on an
+            accelerator it includes only what the host waited for).
+        columns: n, the number of columns of Ũ (samples × positions over all calls).
+    """
+
+    form: str
+    iterations: int
+    relative_residual: float
+    cosine: float
+    seconds: float
+    columns: int
+
+
+@dataclass
+class _Layer:
+    """One preconditioned parameter pair (W, b); several modules may share it."""
+
+    name: str
+    kind: LayerKind
+    modules: list[nn.Module]
+    excluded: bool
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.modules[0].weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        return self.modules[0].bias
+
+
+# Modules currently tracked by a live ProxPropOptimizer (weakly, both ways), so that a second
+# one on the same model fails loudly instead of capturing every input twice.
+_OWNERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref[Capture]] = weakref.WeakKeyDictionary()
+
+
+class ProxPropOptimizer(Optimizer):
+    r"""Proximal backpropagation (Frerix et al., ICLR 2018) around any torch.optim optimizer.
+
+    For every preconditioned nn.Linear / nn.Conv{1,2,3}d layer with parameters θ = (W, b),
+    the gradient g left by ``backward`` is replaced, for the duration of the inner step, by
+
+    .. math::
+        v = M^{-1} g, \qquad M = \tfrac{1}{\tau_\theta} I + A^* A,
+
+    where A is the layer's linear map θ ↦ φ(θ, a) at the inputs a it saw since the last
+    step (summed over samples, positions and calls). Each output unit/channel is its own
+    system. The inner optimizer then steps as if v were the gradient; with SGD at lr = 1, no
+    momentum and ``solver="exact"`` this is the proximal step of the paper's eq. (11).
+
+    Args:
+        model: the (unmodified) model; every supported layer in it is hooked.
+        optimizer: a ``torch.optim.Optimizer`` subclass, built on the model's trainable
+            parameters with ``optimizer_kwargs``, or a ready instance (whose parameters may
+            include tensors outside the model; those just get the inner step).
+        tau_prox: τθ > 0, the proximal step size; smaller means closer to the gradient.
+        solver: ``"cg"`` (``cg_iters`` batched CG iterations from v = 0), ``"exact"``
+            (M⁻¹g by Cholesky) or ``"none"`` (the plain gradient; the inner optimizer's own
+            trajectory).
+        cg_iters: k ≥ 1, the number of CG iterations (the most, when ``cg_tol`` is set).
+        cg_tol: optional early stop once every row has ‖r_j‖ ≤ cg_tol·‖g_j‖.
+        exclude_last: keep the plain gradient on the output layer, the hooked layer that ran
+            last in the forward pass (the paper's explicit step on the last layer, eq. 12).
+        exclude: module names (as in ``model.named_modules()``; a container's name covers
+            everything inside it) or module objects whose layers keep the plain gradient.
+        solver_form: ``"auto"`` (a per-layer cost rule), ``"matrix_free"`` or ``"primal"``.
+        **optimizer_kwargs: passed to ``optimizer`` when it is a class.
+
+    ``param_groups``, ``state`` and ``defaults`` are the inner optimizer's own objects, so
+    LR schedulers, ``GradScaler``, ``clip_grad_norm_`` and checkpointing work unchanged;
+    ``state_dict()`` is the inner optimizer's. After ``step()``, ``.grad`` again holds the
+    gradient ``backward`` left (ProxProp's direction is only lent to the inner step).
+
+    Attributes:
+        inner: the wrapped optimizer.
+        last_stats: ``{layer name: LayerStats}`` for the layers preconditioned in the last step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: type[Optimizer] | Optimizer,
+        *,
+        tau_prox: float = 1.0,
+        solver: str = "cg",
+        cg_iters: int = 3,
+        cg_tol: float | None = None,
+        exclude_last: bool = True,
+        exclude: Iterable[str | nn.Module] = (),
+        solver_form: str = "auto",
+        **optimizer_kwargs: Any,
+    ) -> None:
+        _validate(model, optimizer, tau_prox, solver, cg_iters, cg_tol, solver_form, optimizer_kwargs)
+        self.tau_prox = float(tau_prox)
+        self.solver = solver
+        self.cg_iters = int(cg_iters)
+        self.cg_tol = None if cg_tol is None else float(cg_tol)
+        self.exclude_last = bool(exclude_last)
+        self.solver_form = solver_form
+
+        self._layers = _find_layers(model, _resolve_exclusions(model, exclude))
+        _claim(self._layers)
+        if isinstance(optimizer, Optimizer):
+            inner = optimizer
+        else:
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            inner = optimizer(trainable, **optimizer_kwargs)
+        self.inner = inner
+
+        # What torch.optim.Optimizer.__init__ would set, but sharing the inner optimizer's
+        # containers instead of building our own.
+        self.defaults = inner.defaults
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+        self._warned_capturable_if_run_uncaptured = True
+
+        self.last_stats: dict[str, LayerStats] = {}
+        self._warned_uncaptured: set[str] = set()
+        self._capture = Capture(
+            (index, module, not layer.excluded)
+            for index, layer in enumerate(self._layers)
+            for module in layer.modules
+        )
+        for layer in self._layers:
+            for module in layer.modules:
+                _OWNERS[module] = weakref.ref(self._capture)
+
+    # The inner optimizer's containers, always read through so that load_state_dict on the
+    # inner optimizer (which may rebind them) can never leave us holding stale copies.
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.inner.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.inner.param_groups = value
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        return self.inner.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.inner.state = value
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Names of the layers ProxProp tracks (tied modules appear under their first name)."""
+        return [layer.name for layer in self._layers]
+
+    def __repr__(self) -> str:
+        return (
+            f"ProxPropOptimizer(tau_prox={self.tau_prox}, solver={self.solver!r}, "
+            f"cg_iters={self.cg_iters}, cg_tol={self.cg_tol}, exclude_last={self.exclude_last}, "
+            f"solver_form={self.solver_form!r}, layers={len(self._layers)},\n"
+            f"  inner={self.inner!r})"
+        )
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zeroes the gradients (through the inner optimizer) and drops captured inputs."""
+        self.inner.zero_grad(set_to_none=set_to_none)
+        self._capture.clear()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.inner.add_param_group(param_group)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state_dict)
+
+    def remove_hooks(self) -> None:
+        """Detaches ProxProp from the model (idempotent); later steps use the plain gradient."""
+        self._capture.remove()
+        for layer in self._layers:
+            for module in layer.modules:
+                owner = _OWNERS.get(module)
+                if owner is not None and owner() is self._capture:
+                    del _OWNERS[module]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Preconditions the captured layers' gradients, then takes the inner step.
+
+        The closure, if given, is evaluated once (with grad enabled) before the solve.
+        Every direction is computed before any ``.grad`` is touched: if a solve raises,
+        parameters, gradients, optimizer state and the captured inputs are left as they
+        were; if the inner step raises, the original gradients are put back.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        directions: dict[Tensor, Tensor] = {}
+        stats: dict[str, LayerStats] = {}
+        if self.solver != "none":
+            directions, stats = self._directions(self._capture.calls())
+
+        originals = {param: param.grad for param in directions}
+        for param, direction in directions.items():
+            param.grad = direction
+        try:
+            self.inner.step()
+        finally:
+            for param, grad in originals.items():
+                param.grad = grad
+        self.last_stats = stats
+        self._capture.clear()
+        return loss
+
+    def _directions(
+        self, calls: dict[int, list[CapturedCall]]
+    ) -> tuple[dict[Tensor, Tensor], dict[str, LayerStats]]:
+        """v for every layer to precondition, keyed by parameter, and per-layer stats."""
+        output_layer = None
+        if self.exclude_last and calls:
+            output_layer = max(
+                calls, key=lambda key: max(call.sequence for call in calls[key])
+            )
+        stepped = {param for group in self.inner.param_groups for param in group["params"]}
+        directions: dict[Tensor, Tensor] = {}
+        stats: dict[str, LayerStats] = {}
+        for index, layer in enumerate(self._layers):
+            weight = layer.weight
+            if layer.excluded or index == output_layer:
+                continue
+            if weight.grad is None or weight not in stepped:
+                continue
+            if index not in calls:
+                self._warn_uncaptured(layer.name)
+                continue
+            started = time.perf_counter()
+            bias = layer.bias
+            has_bias = bias is not None and bias.requires_grad
+            layout = RowLayout(weight.shape, layer.kind.groups(layer.modules[0]), has_bias)
+            dtype = torch.promote_types(weight.dtype, torch.float32)
+            bias_grad = None
+            if has_bias:
+                bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
+                bias_grad = bias_grad.to(dtype)
+            rhs = layout.to_rows(weight.grad.to(dtype), bias_grad)
+            system = LayerSystem(
+                layout, [(call.module, layer.kind, call.input) for call in calls[index]], dtype
+            )
+            exact = self.solver == "exact"
+            form = choose_form(system, exact, self.cg_iters, self.solver_form)
+            result = solve(
+                system, rhs, self.tau_prox, exact=exact, cg_iters=self.cg_iters,
+                cg_tol=self.cg_tol, form=form,
+            )
+            weight_direction, bias_direction = layout.from_rows(result.direction)
+            directions[weight] = weight_direction.to(weight.dtype).contiguous()
+            if has_bias and bias.grad is not None:
+                directions[bias] = bias_direction.to(bias.dtype).contiguous()
+            stats[layer.name] = _layer_stats(form, result, rhs, time.perf_counter() - started, system)
+        return directions, stats
+
+    def _warn_uncaptured(self, name: str) -> None:
+        if name in self._warned_uncaptured:
+            return
+        self._warned_uncaptured.add(name)
+        warnings.warn(
+            f"ProxProp: layer {name!r} has a gradient but no captured input since the last "
+            "step (its forward ran under no_grad, its weight is used outside its forward, "
+            "or no forward ran); it gets the plain gradient. This warning is shown once.",
+            stacklevel=3,
+        )
+
+
+def _layer_stats(form: str, result: Any, rhs: Tensor, seconds: float, system: LayerSystem) -> LayerStats:
+    direction = result.direction
+    rhs_norm = rhs.norm()
+    direction_norm = direction.norm()
+    inner_product = (direction * rhs).sum()
+    residual = (result.residual.norm() / rhs_norm) if rhs_norm > 0 else rhs_norm
+    denominator = rhs_norm * direction_norm
+    cosine = inner_product / denominator if denominator > 0 else denominator
+    return LayerStats(
+        form=form,
+        iterations=result.iterations,
+        relative_residual=float(residual),
+        cosine=float(cosine),
+        seconds=seconds,
+        columns=system.num_columns,
+    )
+
+
+def _validate(
+    model: Any,
+    optimizer: Any,
+    tau_prox: Any,
+    solver: Any,
+    cg_iters: Any,
+    cg_tol: Any,
+    solver_form: Any,
+    optimizer_kwargs: dict[str, Any],
+) -> None:
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"model must be a torch.nn.Module, got {type(model).__name__}; pass the model "
+            "itself (not model.parameters()): ProxProp hooks its layers"
+        )
+    if isinstance(optimizer, ProxPropOptimizer):
+        raise ValueError("optimizer is already a ProxPropOptimizer; pass the optimizer it wraps")
+    if isinstance(optimizer, Optimizer):
+        if optimizer_kwargs:
+            raise ValueError(
+                f"optimizer is an instance, so keyword arguments {sorted(optimizer_kwargs)} "
+                "have nowhere to go; pass the optimizer class (e.g. torch.optim.Adam) instead"
+            )
+        optimizer_class = type(optimizer)
+    elif isinstance(optimizer, type) and issubclass(optimizer, Optimizer):
+        optimizer_class = optimizer
+    else:
+        raise ValueError(
+            f"optimizer must be a torch.optim.Optimizer subclass or instance, got {optimizer!r}; "
+            "e.g. ProxPropOptimizer(model, torch.optim.Adam, lr=1e-3)"
+        )
+    if issubclass(optimizer_class, torch.optim.LBFGS):
+        raise ValueError(
+            "LBFGS re-evaluates its closure inside step(), which would bypass ProxProp's "
+            "direction; use a first-order optimizer such as SGD or Adam"
+        )
+    if isinstance(tau_prox, bool) or not isinstance(tau_prox, (int, float)) or not (
+        math.isfinite(tau_prox) and tau_prox > 0
+    ):
+        raise ValueError(f"tau_prox must be a finite number > 0 (e.g. 0.05 or 1.0), got {tau_prox!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; pass one of {SOLVERS}")
+    if isinstance(cg_iters, bool) or not isinstance(cg_iters, int) or cg_iters < 1:
+        raise ValueError(f"cg_iters must be an integer >= 1 (e.g. 3), got {cg_iters!r}")
+    if cg_tol is not None and (
+        isinstance(cg_tol, bool) or not isinstance(cg_tol, (int, float))
+        or not (math.isfinite(cg_tol) and cg_tol >= 0)
+    ):
+        raise ValueError(f"cg_tol must be None or a finite number >= 0 (e.g. 1e-3), got {cg_tol!r}")
+    if solver_form not in SOLVER_FORMS:
+        raise ValueError(f"unknown solver_form {solver_form!r}; pass one of {SOLVER_FORMS}")
+    if solver == "exact" and solver_form == "matrix_free":
+        raise ValueError(
+            "solver='exact' needs the primal Gram; use solver_form='auto' or 'primal', or "
+            "solver='cg' with cg_tol for an iterative solve"
+        )
+
+
+def _resolve_exclusions(model: nn.Module, exclude: Iterable[str | nn.Module]) -> set[nn.Module]:
+    """Every module covered by ``exclude`` (names cover the named module and its children)."""
+    if isinstance(exclude, (str, nn.Module)):
+        exclude = [exclude]
+    named = dict(model.named_modules())
+    in_model = {id(module) for module in named.values()}
+    excluded: set[nn.Module] = set()
+    for item in exclude:
+        if isinstance(item, nn.Module):
+            matches = [m for m in item.modules() if id(m) in in_model]
+            if not matches:
+                raise ValueError(
+                    f"exclude: module {type(item).__name__} is not part of the model; pass a "
+                    "submodule of the model or its name from model.named_modules()"
+                )
+        elif isinstance(item, str):
+            if item not in named:
+                close = [name for name in named if name and (item in name or name in item)]
+                hint = f" (did you mean one of {close[:5]}?)" if close else ""
+                raise ValueError(
+                    f"exclude: no module named {item!r} in the model{hint}; pass names as "
+                    "listed by model.named_modules(), or the module objects themselves"
+                )
+            matches = list(named[item].modules())
+        else:
+            raise ValueError(
+                f"exclude takes module names or nn.Module objects, got {type(item).__name__}"
+            )
+        excluded.update(matches)
+    return excluded
+
+
+def _find_layers(model: nn.Module, excluded: set[nn.Module]) -> list[_Layer]:
+    """The supported layers of ``model`` in registration order, tied weights merged."""
+    layers: list[_Layer] = []
+    by_weight: dict[int, _Layer] = {}
+    for name, module in model.named_modules():
+        kind = kind_for(module)
+        if kind is None:
+            continue
+        layer = by_weight.get(id(module.weight))
+        if layer is None:
+            layer = _Layer(name, kind, [module], module in excluded)
+            by_weight[id(module.weight)] = layer
+            layers.append(layer)
+            continue
+        first = layer.modules[0]
+        if type(module) is not type(first) or module.bias is not first.bias:
+            warnings.warn(
+                f"ProxProp: {name!r} shares its weight with {layer.name!r} but not its kind or "
+                "bias; both get the plain gradient",
+                stacklevel=3,
+            )
+            layer.excluded = True
+        layer.modules.append(module)
+        layer.excluded = layer.excluded or module in excluded
+    return layers
+
+
+def _claim(layers: list[_Layer]) -> None:
+    for layer in layers:
+        for module in layer.modules:
+            owner = _OWNERS.get(module)
+            capture = owner() if owner is not None else None
+            if capture is not None and capture.attached:
+                raise ValueError(
+                    f"layer {layer.name!r} is already tracked by another ProxPropOptimizer; "
+                    "call remove_hooks() on that one first (two would capture every input twice)"
+                )
+

@@ -1,0 +1,202 @@
+"""Solves of the ProxProp system  v M = g,  M = I/τθ + Ũ Ũᵀ,  for every row at once.
+
+Rows are independent systems (DESIGN.md §1): the right-hand side ``g`` and the solution
+``v`` are ``(groups, rows_per_group, row_dim)`` and every row of a group shares the same
+symmetric positive definite M. Since M is symmetric, ``v M = g`` is ``M vᵀ = gᵀ``.
+
+Two forms of the same computation (DESIGN.md §2) are implemented:
+
+* ``"matrix_free"``: CG whose M-products are ``V/τθ + A*(A V)``, one forward and one
+  weight-gradient product per iteration; costs ``2·n·d·m`` flops per iteration.
+* ``"primal"``: build ``G = Ũ Ũᵀ`` once (``n·d²``), then CG with ``V/τθ + V G``
+  (``m·d²`` per iteration) or an exact Cholesky solve (``d³/3 + 2·m·d²``).
+
+Both give the same iterates up to rounding; :func:`choose_form` picks the cheaper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from proxoptim.operators import LayerSystem
+
+FORMS = ("matrix_free", "primal")
+
+# Largest primal Gram (all groups together, in elements) the "auto" rule will build:
+# 2^26 float32 elements are 256 MiB.
+MAX_GRAM_ELEMENTS = 1 << 26
+
+
+@dataclass
+class SolveResult:
+    """A solution and how it was obtained.
+
+    Attributes:
+        direction: v, same shape as the right-hand side.
+        iterations: CG iterations run (0 for an exact solve).
+        residual: the final residual g − v M (CG: by recurrence; exact: computed).
+    """
+
+    direction: Tensor
+    iterations: int
+    residual: Tensor
+
+
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    return (a * b).sum(-1, keepdim=True)
+
+
+def batched_cg(
+    apply_m: Callable[[Tensor], Tensor],
+    rhs: Tensor,
+    iterations: int,
+    tol: float | None = None,
+) -> SolveResult:
+    """Textbook conjugate gradients on every row of ``rhs`` at once, from v = 0.
+
+    Each row has its own step sizes α_j, β_j. A row whose residual is exactly zero stays put
+    (its α and β are set to 0 instead of 0/0). With ``tol``, iteration stops early once
+    every row satisfies ‖r_j‖ ≤ tol·‖g_j‖ (this reads a scalar back from the device).
+
+    Args:
+        apply_m: V ↦ V M for a symmetric positive definite M, on tensors shaped like rhs.
+        rhs: g, shape (..., row_dim).
+        iterations: the most CG iterations to run (k ≥ 1).
+        tol: optional relative residual at which to stop early.
+
+    Returns:
+        The iterate after ``iterations`` (or fewer) steps and its recurrence residual.
+    """
+    solution = torch.zeros_like(rhs)
+    residual = rhs.clone()
+    direction = residual.clone()
+    residual_sq = _row_dot(residual, residual)
+    threshold_sq = None if tol is None else (tol * tol) * residual_sq
+    done = 0
+    for done in range(1, iterations + 1):
+        m_direction = apply_m(direction)
+        curvature = _row_dot(direction, m_direction)
+        alpha = torch.where(curvature > 0, residual_sq / curvature, torch.zeros_like(curvature))
+        solution.add_(alpha * direction)
+        residual.sub_(alpha * m_direction)
+        new_residual_sq = _row_dot(residual, residual)
+        if threshold_sq is not None and bool((new_residual_sq <= threshold_sq).all()):
+            break
+        if done == iterations:
+            break
+        beta = torch.where(
+            residual_sq > 0, new_residual_sq / residual_sq, torch.zeros_like(residual_sq)
+        )
+        direction = residual + beta * direction
+        residual_sq = new_residual_sq
+    return SolveResult(solution, done, residual)
+
+
+def shifted_gram(gram: Tensor, tau_prox: float) -> Tensor:
+    """M = G + I/τθ, shape (groups, d, d)."""
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    return gram + eye / tau_prox
+
+
+def cholesky_solve_rows(gram: Tensor, rhs: Tensor, tau_prox: float) -> SolveResult:
+    """Exact v = g M⁻¹ per group by Cholesky, M = G + I/τθ.
+
+    Args:
+        gram: G, (groups, d, d).
+        rhs: g, (groups, rows_per_group, d).
+
+    If the factorisation fails in the working precision (M is ill-conditioned in float32
+    when τθ·n·d is large), it is redone in float64.
+    """
+    shifted = shifted_gram(gram, tau_prox)
+    factor, info = torch.linalg.cholesky_ex(shifted)
+    if bool((info != 0).any()):
+        factor = torch.linalg.cholesky(shifted.double()).to(shifted.dtype)
+    direction = torch.cholesky_solve(rhs.transpose(-1, -2), factor).transpose(-1, -2)
+    residual = rhs - direction @ shifted
+    return SolveResult(direction, 0, residual)
+
+
+def matrix_free_operator(system: LayerSystem, tau_prox: float) -> Callable[[Tensor], Tensor]:
+    """V ↦ V/τθ + A*(A V), evaluated with the layer's own forward and weight gradient."""
+    inverse_tau = 1.0 / tau_prox
+
+    def apply_m(rows: Tensor) -> Tensor:
+        return system.gram_apply(rows).add_(rows, alpha=inverse_tau)
+
+    return apply_m
+
+
+def primal_operator(gram: Tensor, tau_prox: float) -> Callable[[Tensor], Tensor]:
+    """V ↦ V/τθ + V G with the primal Gram G, (groups, d, d)."""
+    inverse_tau = 1.0 / tau_prox
+
+    def apply_m(rows: Tensor) -> Tensor:
+        return torch.baddbmm(rows, rows, gram, beta=inverse_tau)
+
+    return apply_m
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Flop estimates of each form for one layer (DESIGN.md §2)."""
+
+    matrix_free: float
+    primal: float
+    gram_elements: int
+
+
+def estimate_costs(system: LayerSystem, exact: bool, cg_iters: int) -> Costs:
+    """Flops of each form for n columns, row dim d, m rows in total, k iterations."""
+    layout = system.layout
+    n, d, m, groups = system.num_columns, layout.row_dim, layout.rows, layout.groups
+    matrix_free = float("inf") if exact else 2.0 * cg_iters * n * d * m
+    build = float(n) * d * d * groups
+    if exact:
+        primal = build + groups * d**3 / 3.0 + 2.0 * m * d * d
+    else:
+        primal = build + cg_iters * float(m) * d * d
+    return Costs(matrix_free, primal, groups * d * d)
+
+
+def choose_form(system: LayerSystem, exact: bool, cg_iters: int, requested: str = "auto") -> str:
+    """The form to run: ``requested`` unless "auto", else the cheaper by :func:`estimate_costs`.
+
+    An exact solve always needs the primal Gram. Under "auto", a primal Gram larger than
+    :data:`MAX_GRAM_ELEMENTS` is only built when nothing else can give the solve.
+    """
+    if exact:
+        return "primal"
+    if requested != "auto":
+        return requested
+    costs = estimate_costs(system, exact, cg_iters)
+    if costs.gram_elements > MAX_GRAM_ELEMENTS:
+        return "matrix_free"
+    return "primal" if costs.primal < costs.matrix_free else "matrix_free"
+
+
+def solve(
+    system: LayerSystem,
+    rhs: Tensor,
+    tau_prox: float,
+    *,
+    exact: bool,
+    cg_iters: int,
+    cg_tol: float | None,
+    form: str,
+) -> SolveResult:
+    """v = M⁻¹g (exact) or k CG iterations on it, in the given form ("matrix_free"/"primal")."""
+    if form == "primal":
+        gram = system.gram()
+        if exact:
+            return cholesky_solve_rows(gram, rhs, tau_prox)
+        return batched_cg(primal_operator(gram, tau_prox), rhs, cg_iters, cg_tol)
+    if form == "matrix_free":
+        if exact:
+            raise ValueError("an exact solve needs the primal form")
+        return batched_cg(matrix_free_operator(system, tau_prox), rhs, cg_iters, cg_tol)
+    raise ValueError(f"unknown solve form {form!r}; expected one of {FORMS}")
