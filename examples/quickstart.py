@@ -11,7 +11,9 @@ from proxoptim import ProxPropOptimizer
 
 def make_model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))
+    return nn.Sequential(
+        nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3)
+    )
 
 
 def train(model: nn.Module, opt: torch.optim.Optimizer, steps: int = 200) -> float:
@@ -34,5 +36,7 @@ if __name__ == "__main__":
     proxprop = train(model, opt)
     print(f"final training loss  backprop/Adam: {backprop:.4f}   proxprop-cg3/Adam: {proxprop:.4f}")
     for name, stats in opt.last_stats.items():
-        print(f"layer {name}: form={stats.form} iterations={stats.iterations} "
-              f"residual={stats.relative_residual:.3g} cosine={stats.cosine:.3f}")
+        print(
+            f"layer {name}: form={stats.form} iterations={stats.iterations} "
+            f"residual={stats.relative_residual:.3g} cosine={stats.cosine:.3f}"
+        )

@@ -145,7 +145,7 @@ class ConvKind(LayerKind):
     def _output_size(self, module: nn.Module, x: Tensor) -> list[int]:
         sizes = []
         for size, kernel, stride, dilation in zip(
-            x.shape[2:], module.kernel_size, module.stride, module.dilation
+            x.shape[2:], module.kernel_size, module.stride, module.dilation, strict=True
         ):
             sizes.append((size - dilation * (kernel - 1) - 1) // stride + 1)
         return sizes
@@ -166,7 +166,7 @@ class ConvKind(LayerKind):
         for start in range(0, x.shape[0], chunk):
             windows = x[start : start + chunk]
             for dim, (kernel, stride, dilation) in enumerate(
-                zip(module.kernel_size, module.stride, module.dilation)
+                zip(module.kernel_size, module.stride, module.dilation, strict=True)
             ):
                 windows = windows.unfold(2 + dim, dilation * (kernel - 1) + 1, stride)
             if any(d != 1 for d in module.dilation):
@@ -179,7 +179,9 @@ class ConvKind(LayerKind):
             )
             # -> (groups, N, O_1..O_dims, C/groups, k_1..k_dims)
             order = [1, 0, *range(3, 3 + dims), 2, *range(3 + dims, 3 + 2 * dims)]
-            yield windows.permute(order).reshape(groups, -1, (channels // groups) * math.prod(module.kernel_size))
+            yield windows.permute(order).reshape(
+                groups, -1, (channels // groups) * math.prod(module.kernel_size)
+            )
 
 
 _REGISTRY: list[LayerKind] = [LinearKind(), ConvKind(1), ConvKind(2), ConvKind(3)]
@@ -266,7 +268,9 @@ class LayerSystem:
     ) -> None:
         self.layout = layout
         self.dtype = dtype
-        self.calls = [Call(module, kind, kind.prepare(module, x, dtype)) for module, kind, x in calls]
+        self.calls = [
+            Call(module, kind, kind.prepare(module, x, dtype)) for module, kind, x in calls
+        ]
         self.num_columns = sum(c.kind.num_columns(c.module, c.x) for c in self.calls)
 
     def gram_apply(self, rows: Tensor) -> Tensor:
@@ -287,7 +291,9 @@ class LayerSystem:
         layout = self.layout
         dim = layout.weight_row_dim
         device = self.calls[0].x.device
-        gram = torch.zeros(layout.groups, layout.row_dim, layout.row_dim, dtype=self.dtype, device=device)
+        gram = torch.zeros(
+            layout.groups, layout.row_dim, layout.row_dim, dtype=self.dtype, device=device
+        )
         for call in self.calls:
             for patch in call.kind.patches(call.module, call.x):
                 gram[:, :dim, :dim].baddbmm_(patch.transpose(1, 2), patch)

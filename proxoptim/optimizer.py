@@ -124,7 +124,9 @@ class ProxPropOptimizer(Optimizer):
         solver_form: str = "auto",
         **optimizer_kwargs: Any,
     ) -> None:
-        _validate(model, optimizer, tau_prox, solver, cg_iters, cg_tol, solver_form, optimizer_kwargs)
+        _validate(
+            model, optimizer, tau_prox, solver, cg_iters, cg_tol, solver_form, optimizer_kwargs
+        )
         self.tau_prox = float(tau_prox)
         self.solver = solver
         self.cg_iters = int(cg_iters)
@@ -255,9 +257,7 @@ class ProxPropOptimizer(Optimizer):
         """v for every layer to precondition, keyed by parameter, and per-layer stats."""
         output_layer = None
         if self.exclude_last and calls:
-            output_layer = max(
-                calls, key=lambda key: max(call.sequence for call in calls[key])
-            )
+            output_layer = max(calls, key=lambda key: max(call.sequence for call in calls[key]))
         stepped = {param for group in self.inner.param_groups for param in group["params"]}
         directions: dict[Tensor, Tensor] = {}
         stats: dict[str, LayerStats] = {}
@@ -286,14 +286,21 @@ class ProxPropOptimizer(Optimizer):
             exact = self.solver == "exact"
             form = choose_form(system, exact, self.cg_iters, self.solver_form)
             result = solve(
-                system, rhs, self.tau_prox, exact=exact, cg_iters=self.cg_iters,
-                cg_tol=self.cg_tol, form=form,
+                system,
+                rhs,
+                self.tau_prox,
+                exact=exact,
+                cg_iters=self.cg_iters,
+                cg_tol=self.cg_tol,
+                form=form,
             )
             weight_direction, bias_direction = layout.from_rows(result.direction)
             directions[weight] = weight_direction.to(weight.dtype).contiguous()
             if has_bias and bias.grad is not None:
                 directions[bias] = bias_direction.to(bias.dtype).contiguous()
-            stats[layer.name] = _layer_stats(form, result, rhs, time.perf_counter() - started, system)
+            stats[layer.name] = _layer_stats(
+                form, result, rhs, time.perf_counter() - started, system
+            )
         return directions, stats
 
     def _warn_uncaptured(self, name: str) -> None:
@@ -308,7 +315,9 @@ class ProxPropOptimizer(Optimizer):
         )
 
 
-def _layer_stats(form: str, result: Any, rhs: Tensor, seconds: float, system: LayerSystem) -> LayerStats:
+def _layer_stats(
+    form: str, result: Any, rhs: Tensor, seconds: float, system: LayerSystem
+) -> LayerStats:
     direction = result.direction
     rhs_norm = rhs.norm()
     direction_norm = direction.norm()
@@ -362,16 +371,21 @@ def _validate(
             "LBFGS re-evaluates its closure inside step(), which would bypass ProxProp's "
             "direction; use a first-order optimizer such as SGD or Adam"
         )
-    if isinstance(tau_prox, bool) or not isinstance(tau_prox, (int, float)) or not (
-        math.isfinite(tau_prox) and tau_prox > 0
+    if (
+        isinstance(tau_prox, bool)
+        or not isinstance(tau_prox, (int, float))
+        or not (math.isfinite(tau_prox) and tau_prox > 0)
     ):
-        raise ValueError(f"tau_prox must be a finite number > 0 (e.g. 0.05 or 1.0), got {tau_prox!r}")
+        raise ValueError(
+            f"tau_prox must be a finite number > 0 (e.g. 0.05 or 1.0), got {tau_prox!r}"
+        )
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; pass one of {SOLVERS}")
     if isinstance(cg_iters, bool) or not isinstance(cg_iters, int) or cg_iters < 1:
         raise ValueError(f"cg_iters must be an integer >= 1 (e.g. 3), got {cg_iters!r}")
     if cg_tol is not None and (
-        isinstance(cg_tol, bool) or not isinstance(cg_tol, (int, float))
+        isinstance(cg_tol, bool)
+        or not isinstance(cg_tol, (int, float))
         or not (math.isfinite(cg_tol) and cg_tol >= 0)
     ):
         raise ValueError(f"cg_tol must be None or a finite number >= 0 (e.g. 1e-3), got {cg_tol!r}")
@@ -453,4 +467,3 @@ def _claim(layers: list[_Layer]) -> None:
                     f"layer {layer.name!r} is already tracked by another ProxPropOptimizer; "
                     "call remove_hooks() on that one first (two would capture every input twice)"
                 )
-

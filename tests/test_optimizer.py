@@ -1,0 +1,607 @@
+"""ProxPropOptimizer as a torch.optim.Optimizer: construction, step semantics, integration."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+from oracle import Recorder, relative_error
+from torch import nn
+
+from proxoptim import LayerStats, ProxPropOptimizer
+
+
+def make_mlp(seed: int = 0, dtype=torch.float64) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)
+    ).to(dtype)
+
+
+def make_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(4, 4, 3, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 3 * 3, 3),
+    )
+
+
+def batch(seed: int, n: int = 10, shape=(6,), dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, *shape, generator=generator, dtype=dtype)
+    y = torch.randint(0, 3, (n,), generator=generator)
+    return x, y
+
+
+def loss_of(model, x, y):
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def train(model, opt, steps: int, shape=(6,), dtype=torch.float64, start: int = 0):
+    losses = []
+    for step in range(start, start + steps):
+        x, y = batch(step, shape=shape, dtype=dtype)
+        opt.zero_grad()
+        loss = loss_of(model, x, y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+# ----------------------------------------------------------------------------- construction
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"tau_prox": 0.0}, "tau_prox"),
+        ({"tau_prox": -1.0}, "tau_prox"),
+        ({"tau_prox": float("nan")}, "tau_prox"),
+        ({"cg_iters": 0}, "cg_iters"),
+        ({"cg_iters": 2.5}, "cg_iters"),
+        ({"cg_tol": -1.0}, "cg_tol"),
+        ({"solver": "newton"}, "solver"),
+        ({"solver_form": "dense"}, "solver_form"),
+        ({"solver": "exact", "solver_form": "matrix_free"}, "primal"),
+        ({"exclude": ["decoder"]}, "named_modules"),
+        ({"exclude": ["0.weight"]}, "named_modules"),
+        ({"exclude": [nn.Linear(2, 2)]}, "not part of the model"),
+        ({"exclude": [3]}, "module names"),
+    ],
+)
+def test_bad_hyperparameters_raise_value_error(kwargs, message):
+    model = make_mlp()
+    with pytest.raises(ValueError, match=message):
+        ProxPropOptimizer(model, torch.optim.SGD, lr=0.1, **kwargs)
+    # Nothing was left attached: a valid optimizer can still be built on the model.
+    ProxPropOptimizer(model, torch.optim.SGD, lr=0.1)
+
+
+def test_model_must_be_a_module():
+    model = make_mlp()
+    with pytest.raises(ValueError, match="nn.Module"):
+        ProxPropOptimizer(model.parameters(), torch.optim.SGD, lr=0.1)
+
+
+def test_optimizer_must_be_an_optimizer_class_or_instance():
+    model = make_mlp()
+    with pytest.raises(ValueError, match="torch.optim.Adam"):
+        ProxPropOptimizer(model, "adam")
+    with pytest.raises(ValueError, match="class"):
+        ProxPropOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), lr=0.2)
+    with pytest.raises(ValueError, match="LBFGS"):
+        ProxPropOptimizer(model, torch.optim.LBFGS)
+
+
+def test_exclude_name_suggests_close_names():
+    model = make_mlp()
+    with pytest.raises(ValueError, match=r"did you mean"):
+        ProxPropOptimizer(model, torch.optim.SGD, lr=0.1, exclude=["4.weight"])
+
+
+def test_is_a_torch_optimizer_sharing_the_inner_containers():
+    model = make_mlp()
+    opt = ProxPropOptimizer(model, torch.optim.Adam, lr=1e-3)
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert isinstance(opt.inner, torch.optim.Adam)
+    assert opt.param_groups is opt.inner.param_groups
+    assert opt.state is opt.inner.state
+    assert opt.defaults is opt.inner.defaults
+    assert opt.param_groups[0]["lr"] == 1e-3
+    assert opt.layer_names == ["0", "2", "4"]
+    assert "tau_prox=1.0" in repr(opt)
+
+
+# ----------------------------------------------------------------------------- plain steps
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "kwargs"),
+    [
+        (torch.optim.Adam, {"lr": 1e-2}),
+        (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
+    ],
+)
+def test_solver_none_reproduces_inner_optimizer_bit_for_bit(optimizer, kwargs):
+    reference = make_cnn()
+    proxprop = copy.deepcopy(reference)
+    train(
+        reference,
+        optimizer(reference.parameters(), **kwargs),
+        5,
+        shape=(2, 8, 8),
+        dtype=torch.float32,
+    )
+    opt = ProxPropOptimizer(proxprop, optimizer, solver="none", **kwargs)
+    train(proxprop, opt, 5, shape=(2, 8, 8), dtype=torch.float32)
+    for expected, actual in zip(
+        reference.state_dict().values(), proxprop.state_dict().values(), strict=True
+    ):
+        assert torch.equal(expected, actual)
+    assert opt.last_stats == {}
+
+
+def test_proxprop_trains_faster_than_backprop_at_a_large_step():
+    x, _ = batch(0, n=64)
+    y = (x[:, :3] - x[:, 3:]).argmax(1)
+    final = {}
+    for solver in ("none", "cg"):
+        model = make_mlp()
+        opt = ProxPropOptimizer(
+            model, torch.optim.SGD, lr=1.0, momentum=0.9, tau_prox=0.5, solver=solver
+        )
+        for _ in range(40):
+            opt.zero_grad()
+            loss_of(model, x, y).backward()
+            opt.step()
+        final[solver] = loss_of(model, x, y).item()
+    assert final["cg"] < 0.05 < 0.5 < final["none"]
+    assert set(opt.last_stats) == {"0", "2"}  # "4" is the output layer
+    for stats in opt.last_stats.values():
+        assert isinstance(stats, LayerStats)
+        assert stats.iterations == 3 and stats.form in ("matrix_free", "primal")
+        assert 0 < stats.cosine <= 1 and 0 <= stats.relative_residual < 1
+        assert stats.seconds >= 0 and stats.columns == 64
+
+
+def test_grad_after_step_is_the_backward_gradient():
+    model = make_mlp()
+    opt = ProxPropOptimizer(model, torch.optim.SGD, lr=0.1)
+    x, y = batch(0)
+    loss_of(model, x, y).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    opt.step()
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[name]), name
+
+
+def test_output_layer_keeps_its_gradient_unless_asked():
+    for exclude_last, expect_preconditioned in ((True, {"0", "2"}), (False, {"0", "2", "4"})):
+        model = make_mlp()
+        opt = ProxPropOptimizer(model, Recorder, exclude_last=exclude_last)
+        x, y = batch(0)
+        loss_of(model, x, y).backward()
+        opt.step()
+        seen = opt.inner.seen[-1]
+        assert set(opt.last_stats) == expect_preconditioned
+        for name, module in model.named_children():
+            if isinstance(module, nn.Linear):
+                unchanged = torch.equal(seen[module.weight], module.weight.grad)
+                assert unchanged == (name not in expect_preconditioned), name
+
+
+def test_output_layer_is_the_one_that_ran_last_not_the_last_registered():
+    class Reordered(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(8, 3)
+            self.body = nn.Linear(6, 8)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x)))
+
+    model = Reordered().double()
+    opt = ProxPropOptimizer(model, torch.optim.SGD, lr=0.1)
+    x, y = batch(0)
+    loss_of(model, x, y).backward()
+    opt.step()
+    assert set(opt.last_stats) == {"body"}
+
+
+def test_exclude_by_name_container_and_object():
+    model = nn.Sequential(make_mlp(), nn.Sequential(nn.ReLU(), nn.Linear(3, 3).double()))
+    x, y = batch(0)
+    for exclude, expected in (
+        (["0.0"], {"0.2", "0.4"}),
+        (["0"], set()),
+        ([model[0][2]], {"0.0", "0.4"}),
+        ("0.4", {"0.0", "0.2"}),
+    ):
+        opt = ProxPropOptimizer(model, torch.optim.SGD, lr=0.0, exclude=exclude)
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        opt.step()
+        assert set(opt.last_stats) == expected, exclude
+        opt.remove_hooks()
+
+
+def test_instance_optimizer_with_parameters_outside_the_model():
+    model = make_mlp()
+    extra = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    inner = torch.optim.SGD([*model.parameters(), extra], lr=0.1)
+    opt = ProxPropOptimizer(model, inner)
+    assert opt.inner is inner
+    x, y = batch(0)
+    (loss_of(model, x, y) + (extra**2).sum()).backward()
+    opt.step()
+    assert torch.allclose(extra.detach(), torch.full((3,), 0.8, dtype=torch.float64))
+    assert set(opt.last_stats) == {"0", "2"}
+
+
+def test_layers_the_inner_optimizer_does_not_step_are_left_alone():
+    model = make_mlp()
+    inner = torch.optim.SGD(model[4].parameters(), lr=0.1)  # only the head
+    opt = ProxPropOptimizer(model, inner, exclude_last=False)
+    x, y = batch(0)
+    loss_of(model, x, y).backward()
+    before = model[0].weight.detach().clone()
+    opt.step()
+    assert set(opt.last_stats) == {"4"}
+    assert torch.equal(model[0].weight, before)
+
+
+def test_frozen_layers_and_frozen_bias():
+    model = make_mlp()
+    model[0].weight.requires_grad_(False)
+    model[0].bias.requires_grad_(False)
+    model[2].bias.requires_grad_(False)
+    opt = ProxPropOptimizer(model, Recorder, exclude_last=False)
+    x, y = batch(0)
+    loss_of(model, x, y).backward()
+    opt.step()
+    assert set(opt.last_stats) == {"2", "4"}
+    # Layer "2" without its bias: rows are W_j only, d = 8.
+    assert model[2].bias not in opt.inner.seen[-1]
+
+
+def test_non_supported_modules_pass_through():
+    model = make_cnn()
+    opt = ProxPropOptimizer(model, Recorder)
+    x, y = batch(0, shape=(2, 8, 8), dtype=torch.float32)
+    loss_of(model, x, y).backward()
+    opt.step()
+    seen = opt.inner.seen[-1]
+    assert torch.equal(seen[model[1].weight], model[1].weight.grad)  # BatchNorm
+    assert not torch.equal(seen[model[0].weight], model[0].weight.grad)
+    assert set(opt.last_stats) == {"0", "3"}
+
+
+def test_subclass_overriding_forward_is_not_preconditioned():
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * self.weight.norm()
+
+    model = nn.Sequential(Scaled(4, 4), nn.Linear(4, 2))
+    opt = ProxPropOptimizer(model, torch.optim.SGD, lr=0.1)
+    assert opt.layer_names == ["1"]
+
+
+# ----------------------------------------------------------------------------- capture rules
+
+
+def direction_after(model, opt, forwards, backward_of):
+    """Runs ``forwards`` (callables returning outputs), backward of ``backward_of`` of them."""
+    outputs = [forward() for forward in forwards]
+    loss = sum(nn.functional.cross_entropy(outputs[i], batch(i)[1]) for i in backward_of)
+    loss.backward()
+    opt.step()
+    return {
+        name: opt.inner.seen[-1][m.weight]
+        for name, m in model.named_children()
+        if isinstance(m, nn.Linear)
+    }
+
+
+def assert_same_directions(first, second):
+    for name in first:
+        assert relative_error(first[name], second[name]) <= 1e-12, name
+
+
+def test_forward_under_no_grad_is_ignored():
+    model = make_mlp()
+    opt = ProxPropOptimizer(model, Recorder)
+    plain = direction_after(model, opt, [lambda: model(batch(0)[0])], [0])
+    opt.zero_grad()
+    with torch.no_grad():
+        model(batch(5)[0])
+    extra = direction_after(model, opt, [lambda: model(batch(0)[0])], [0])
+    assert_same_directions(plain, extra)
+
+
+def test_forward_that_never_met_backward_is_ignored():
+    model = make_mlp()
+    opt = ProxPropOptimizer(model, Recorder)
+    plain = direction_after(model, opt, [lambda: model(batch(0)[0])], [0])
+    opt.zero_grad()
+    extra = direction_after(
+        model, opt, [lambda: model(batch(0)[0]), lambda: model(batch(1)[0])], [0]
+    )
+    assert_same_directions(plain, extra)
+
+
+def test_eval_mode_forward_with_grad_still_counts():
+    model = make_mlp()
+    opt = ProxPropOptimizer(model, Recorder)
+    train_mode = direction_after(model, opt, [lambda: model(batch(0)[0])], [0])
+    opt.zero_grad()
+    model.eval()
+    eval_mode = direction_after(model, opt, [lambda: model(batch(0)[0])], [0])
+    assert_same_directions(train_mode, eval_mode)
+    assert opt.last_stats["0"].columns == 10
+
+
+def test_two_micro_batches_equal_one_batch():
+    model = make_mlp()
+    opt = ProxPropOptimizer(model, Recorder)
+    x, y = batch(0, n=12)
+    nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+    opt.step()
+    whole = dict(opt.inner.seen[-1])
+    opt.zero_grad()
+    for part in (slice(0, 5), slice(5, 12)):
+        nn.functional.cross_entropy(model(x[part]), y[part], reduction="sum").backward()
+    opt.step()
+    split = opt.inner.seen[-1]
+    assert opt.last_stats["0"].columns == 12
+    for param in whole:
+        assert relative_error(split[param], whole[param]) <= 1e-12
+
+
+def test_backward_twice_over_one_graph_counts_each_call_once():
+    model = make_mlp()
+    opt = ProxPropOptimizer(model, Recorder)
+    loss = loss_of(model, *batch(0))
+    loss.backward(retain_graph=True)
+    loss.backward()
+    opt.step()
+    assert opt.last_stats["0"].columns == 10
+
+
+def test_shared_module_called_twice_counts_both_calls():
+    torch.manual_seed(0)
+    shared = nn.Linear(6, 6).double()
+    model = nn.Sequential(shared, nn.Tanh(), shared, nn.Tanh(), nn.Linear(6, 3).double())
+    opt = ProxPropOptimizer(model, Recorder)
+    assert opt.layer_names == ["0", "4"]
+    loss_of(model, *batch(0)).backward()
+    opt.step()
+    assert opt.last_stats["0"].columns == 20
+
+
+def test_tied_weights_across_modules_are_one_layer():
+    torch.manual_seed(0)
+    first, second = nn.Linear(6, 6).double(), nn.Linear(6, 6).double()
+    second.weight, second.bias = first.weight, first.bias
+    model = nn.Sequential(first, nn.Tanh(), second, nn.Tanh(), nn.Linear(6, 3).double())
+    opt = ProxPropOptimizer(model, Recorder)
+    assert opt.layer_names == ["0", "4"]
+    loss_of(model, *batch(0)).backward()
+    opt.step()
+    assert opt.last_stats["0"].columns == 20
+
+
+def test_zero_grad_and_step_clear_the_capture():
+    model = make_mlp()
+    opt = ProxPropOptimizer(model, Recorder)
+    loss_of(model, *batch(0)).backward()
+    opt.zero_grad()
+    assert opt._capture.calls() == {}
+    loss_of(model, *batch(0)).backward()
+    opt.step()
+    assert opt._capture.calls() == {}
+    assert opt.last_stats["0"].columns == 10
+
+
+def test_step_without_captured_input_warns_once_and_uses_gradient():
+    model = make_mlp()
+    opt = ProxPropOptimizer(model, Recorder)
+    with torch.no_grad():
+        out = model(batch(0)[0])
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.warns(UserWarning, match="no captured input"):
+        opt.step()
+    assert opt.last_stats == {}
+    assert torch.equal(opt.inner.seen[-1][model[0].weight], model[0].weight.grad)
+    del out
+
+
+# ----------------------------------------------------------------------------- torch.optim API
+
+
+def test_lr_scheduler_drives_the_inner_learning_rate():
+    model = make_mlp()
+    opt = ProxPropOptimizer(model, torch.optim.SGD, lr=1.0, tau_prox=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for expected_lr in (1.0, 0.5, 0.25):
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected_lr)
+        before = model[0].weight.detach().clone()
+        opt.zero_grad()
+        loss_of(model, *batch(0)).backward()
+        opt.step()
+        scheduler.step()
+        moved = (before - model[0].weight.detach()).norm()
+        assert moved > 0
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.125)
+
+
+def test_closure_is_evaluated_and_its_loss_returned():
+    model = make_mlp()
+    opt = ProxPropOptimizer(model, torch.optim.SGD, lr=0.1)
+    x, y = batch(0)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = loss_of(model, x, y)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert calls == [1] and torch.is_tensor(loss)
+    assert set(opt.last_stats) == {"0", "2"}
+
+
+def test_state_dict_round_trip_continues_identically():
+    model = make_mlp()
+    opt = ProxPropOptimizer(model, torch.optim.Adam, lr=1e-2, tau_prox=0.5)
+    train(model, opt, 3)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    assert saved_opt.keys() == opt.inner.state_dict().keys()
+    train(model, opt, 3, start=3)
+
+    resumed = make_mlp(seed=1)
+    resumed.load_state_dict(saved_model)
+    resumed_opt = ProxPropOptimizer(resumed, torch.optim.Adam, lr=1e-2, tau_prox=0.5)
+    resumed_opt.load_state_dict(saved_opt)
+    assert resumed_opt.state is resumed_opt.inner.state
+    for step in range(3, 6):
+        x, y = batch(step)
+        resumed_opt.zero_grad()
+        loss_of(resumed, x, y).backward()
+        resumed_opt.step()
+    for expected, actual in zip(
+        model.state_dict().values(), resumed.state_dict().values(), strict=True
+    ):
+        assert torch.equal(expected, actual)
+
+
+def test_grad_scaler_step_gives_the_unscaled_direction():
+    model = make_mlp(dtype=torch.float32)
+    reference = copy.deepcopy(model)
+    x, y = batch(0, dtype=torch.float32)
+
+    opt = ProxPropOptimizer(reference, Recorder)
+    loss_of(reference, x, y).backward()
+    opt.step()
+    expected = opt.inner.seen[-1][reference[0].weight]
+
+    scaled_opt = ProxPropOptimizer(model, Recorder)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(loss_of(model, x, y)).backward()
+    scaler.step(scaled_opt)
+    scaler.update()
+    assert relative_error(scaled_opt.inner.seen[-1][model[0].weight], expected) < 1e-5
+
+
+def test_clip_grad_norm_then_precondition():
+    model = make_mlp()
+    opt = ProxPropOptimizer(model, Recorder)
+    loss_of(model, *batch(0)).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+    clipped = model[0].weight.grad.clone()
+    opt.step()
+    assert torch.equal(model[0].weight.grad, clipped)
+    seen = opt.inner.seen[-1][model[0].weight]
+    assert 0 < seen.norm() <= clipped.norm() * opt.tau_prox + 1e-12
+
+
+def test_step_hooks_run():
+    model = make_mlp()
+    opt = ProxPropOptimizer(model, torch.optim.SGD, lr=0.1)
+    events = []
+    opt.register_step_pre_hook(lambda *_: events.append("pre"))
+    opt.register_step_post_hook(lambda *_: events.append("post"))
+    loss_of(model, *batch(0)).backward()
+    opt.step()
+    assert events == ["pre", "post"]
+
+
+# ----------------------------------------------------------------------------- failures, lifecycle
+
+
+class Exploding(torch.optim.SGD):
+    def step(self, closure=None):
+        raise RuntimeError("inner step failed")
+
+
+def test_failed_inner_step_restores_gradients_and_parameters():
+    model = make_mlp()
+    opt = ProxPropOptimizer(model, Exploding, lr=0.1)
+    loss_of(model, *batch(0)).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="inner step failed"):
+        opt.step()
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[name]) and torch.equal(p.detach(), params[name])
+
+
+def test_failed_solve_leaves_everything_untouched(monkeypatch):
+    model = make_mlp()
+    opt = ProxPropOptimizer(model, torch.optim.Adam, lr=0.1)
+    train(model, opt, 2)
+    loss_of(model, *batch(9)).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = copy.deepcopy(opt.state_dict())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("solve failed")
+
+    monkeypatch.setattr("proxoptim.optimizer.solve", broken)
+    with pytest.raises(RuntimeError, match="solve failed"):
+        opt.step()
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[name]) and torch.equal(p.detach(), params[name])
+    assert str(opt.state_dict()) == str(state)
+    monkeypatch.undo()
+    opt.step()  # the captured inputs survived the failure: the step can be retried
+    assert set(opt.last_stats) == {"0", "2"}
+
+
+def test_remove_hooks_detaches_and_is_idempotent():
+    model = make_mlp()
+    opt = ProxPropOptimizer(model, Recorder)
+    assert all(len(m._forward_hooks) == 1 for m in model if isinstance(m, nn.Linear))
+    opt.remove_hooks()
+    opt.remove_hooks()
+    assert all(len(m._forward_hooks) == 0 for m in model)
+    loss_of(model, *batch(0)).backward()
+    with pytest.warns(UserWarning, match="no captured input"):
+        opt.step()
+
+
+def test_second_optimizer_on_same_model_raises_until_first_detaches():
+    model = make_mlp()
+    first = ProxPropOptimizer(model, torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="remove_hooks"):
+        ProxPropOptimizer(model, torch.optim.SGD, lr=0.1)
+    first.remove_hooks()
+    ProxPropOptimizer(model, torch.optim.SGD, lr=0.1)
+
+
+def test_deleted_optimizer_releases_the_model():
+    model = make_mlp()
+    opt = ProxPropOptimizer(model, torch.optim.SGD, lr=0.1)
+    loss_of(model, *batch(0)).backward()
+    opt.step()
+    del opt
+    assert all(len(m._forward_hooks) == 0 for m in model)  # no gc needed: no cycles
+    ProxPropOptimizer(model, torch.optim.SGD, lr=0.1)  # the model is free again
+
+    model_ref = weakref.ref(model)
+    opt = ProxPropOptimizer(model, torch.optim.SGD, lr=0.1)
+    del model, opt
+    gc.collect()
+    assert model_ref() is None
