@@ -196,9 +196,12 @@ def kind_for(module: nn.Module) -> LayerKind | None:
     """
     for kind in _REGISTRY:
         base = kind.module_type
-        if isinstance(module, base) and type(module).forward is base.forward:
-            if isinstance(module._parameters.get("weight"), nn.Parameter):
-                return kind
+        if (
+            isinstance(module, base)
+            and type(module).forward is base.forward
+            and isinstance(module._parameters.get("weight"), nn.Parameter)
+        ):
+            return kind
     return None
 
 

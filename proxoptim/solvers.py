@@ -30,6 +30,10 @@ FORMS = ("matrix_free", "primal")
 # 2^26 float32 elements are 256 MiB.
 MAX_GRAM_ELEMENTS = 1 << 26
 
+# An exact solve in a precision narrower than float64 whose relative residual ‖g − vM‖/‖g‖
+# exceeds this is redone in float64.
+EXACT_RESIDUAL_LIMIT = 1e-4
+
 
 @dataclass
 class SolveResult:
@@ -109,15 +113,20 @@ def cholesky_solve_rows(gram: Tensor, rhs: Tensor, tau_prox: float) -> SolveResu
         gram: G, (groups, d, d).
         rhs: g, (groups, rows_per_group, d).
 
-    If the factorisation fails in the working precision (M is ill-conditioned in float32
-    when τθ·n·d is large), it is redone in float64.
+    If the factorisation fails in the working precision, or its residual exceeds
+    :data:`EXACT_RESIDUAL_LIMIT` (M is ill-conditioned in float32 when τθ·‖G‖ is large), the
+    whole solve is redone in float64.
     """
     shifted = shifted_gram(gram, tau_prox)
     factor, info = torch.linalg.cholesky_ex(shifted)
-    if bool((info != 0).any()):
-        factor = torch.linalg.cholesky(shifted.double()).to(shifted.dtype)
-    direction = torch.cholesky_solve(rhs.transpose(-1, -2), factor).transpose(-1, -2)
-    residual = rhs - direction @ shifted
+    if not bool((info != 0).any()):
+        direction = torch.cholesky_solve(rhs.transpose(-1, -2), factor).transpose(-1, -2)
+        residual = rhs - direction @ shifted
+        accurate = residual.norm() <= EXACT_RESIDUAL_LIMIT * rhs.norm()
+        if rhs.dtype == torch.float64 or bool(accurate):
+            return SolveResult(direction, 0, residual)
+    wide = cholesky_solve_rows(gram.double(), rhs.double(), tau_prox)
+    direction, residual = wide.direction.to(rhs.dtype), wide.residual.to(rhs.dtype)
     return SolveResult(direction, 0, residual)
 
 

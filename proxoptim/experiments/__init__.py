@@ -1,0 +1,1 @@
+"""Experiments wing: models, data, training loop, CLI. The library never imports this."""

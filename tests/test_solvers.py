@@ -1,0 +1,140 @@
+"""Batched CG, Cholesky and the cost rule on explicit SPD matrices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from layer_cases import LAYER_CASES
+from oracle import relative_error, textbook_cg
+
+from proxoptim.operators import LayerSystem, RowLayout, kind_for
+from proxoptim.solvers import (
+    MAX_GRAM_ELEMENTS,
+    batched_cg,
+    cholesky_solve_rows,
+    choose_form,
+    estimate_costs,
+    primal_operator,
+    shifted_gram,
+)
+
+
+def random_problem(groups=2, rows=5, dim=7, columns=4, seed=0, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    patches = torch.randn(groups, dim, columns, generator=generator, dtype=dtype)
+    gram = patches @ patches.transpose(1, 2)
+    rhs = torch.randn(groups, rows, dim, generator=generator, dtype=dtype)
+    return gram, rhs
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 4, 7])
+def test_batched_cg_equals_textbook_cg_row_by_row(iterations):
+    tau_prox = 0.3
+    gram, rhs = random_problem()
+    result = batched_cg(primal_operator(gram, tau_prox), rhs, iterations)
+    matrix = shifted_gram(gram, tau_prox)
+    for group in range(rhs.shape[0]):
+        for row in range(rhs.shape[1]):
+            expected = textbook_cg(matrix[group], rhs[group, row], iterations)
+            assert relative_error(result.direction[group, row], expected) <= 1e-10
+    assert result.iterations == iterations
+    true_residual = rhs - result.direction @ matrix
+    assert (result.residual - true_residual).norm() <= 1e-10 * rhs.norm()
+
+
+def test_zero_rows_stay_zero_without_nans():
+    gram, rhs = random_problem()
+    rhs[0, 2] = 0
+    rhs[1] = 0
+    result = batched_cg(primal_operator(gram, 1.0), rhs, 5)
+    assert torch.isfinite(result.direction).all()
+    assert torch.all(result.direction[0, 2] == 0) and torch.all(result.direction[1] == 0)
+
+
+def test_converged_rows_stop_moving():
+    # dim 3: CG converges in 3 iterations; more iterations must not produce 0/0.
+    gram, rhs = random_problem(dim=3, columns=2)
+    exact = cholesky_solve_rows(gram, rhs, 1.0).direction
+    result = batched_cg(primal_operator(gram, 1.0), rhs, 10)
+    assert torch.isfinite(result.direction).all()
+    assert relative_error(result.direction, exact) <= 1e-10
+
+
+def test_tolerance_stops_early_once_every_row_is_converged():
+    gram, rhs = random_problem(dim=30, columns=90)
+    result = batched_cg(primal_operator(gram, 1.0), rhs, 30, tol=1e-6)
+    assert result.iterations < 30
+    row_residual = result.residual.norm(dim=-1) / rhs.norm(dim=-1)
+    assert row_residual.max() <= 1e-6
+    loose = batched_cg(primal_operator(gram, 1.0), rhs, 30, tol=0.5)
+    assert loose.iterations < result.iterations
+
+
+def test_cholesky_equals_linalg_solve():
+    gram, rhs = random_problem(seed=3)
+    result = cholesky_solve_rows(gram, rhs, 0.05)
+    matrix = shifted_gram(gram, 0.05)
+    for group in range(gram.shape[0]):
+        expected = torch.linalg.solve(matrix[group], rhs[group].T).T
+        assert relative_error(result.direction[group], expected) <= 1e-12
+    assert result.residual.norm() <= 1e-10 * rhs.norm()
+
+
+def test_cholesky_redoes_an_inaccurate_float32_solve_in_float64():
+    # Rank-one Gram with a huge eigenvalue: G + I/τ is SPD but so ill-conditioned that a
+    # float32 Cholesky solve is off by percent.
+    vector = torch.ones(1, 40, 1, dtype=torch.float32)
+    gram = vector @ vector.transpose(1, 2) * 1e9
+    gram[0, 0, 1] += 1.0
+    gram[0, 1, 0] += 1.0
+    rhs = torch.randn(1, 3, 40)
+    result = cholesky_solve_rows(gram, rhs, 1e-3)
+    assert torch.isfinite(result.direction).all()
+    expected = torch.linalg.solve(shifted_gram(gram.double(), 1e-3)[0], rhs[0].double().T).T
+    assert relative_error(result.direction[0].double(), expected) <= 1e-5
+
+
+def _system(module, batch):
+    kind = kind_for(module)
+    layout = RowLayout(module.weight.shape, kind.groups(module), module.bias is not None)
+    x = torch.zeros(batch, *module_input_shape(module))
+    return LayerSystem(layout, [(module, kind, x)], torch.float32)
+
+
+def module_input_shape(module):
+    if isinstance(module, torch.nn.Linear):
+        return (module.in_features,)
+    return (module.in_channels, 32, 32)
+
+
+def test_cost_rule_picks_the_cheaper_form():
+    # Wide Linear, big batch, many iterations: Gram (d² per iteration) is cheaper.
+    wide = _system(torch.nn.Linear(64, 512), batch=4096)
+    assert choose_form(wide, exact=False, cg_iters=10) == "primal"
+    # Fan-in large, few rows, small batch: matrix-free products are cheaper.
+    narrow = _system(torch.nn.Linear(3072, 16), batch=64)
+    assert choose_form(narrow, exact=False, cg_iters=3) == "matrix_free"
+    costs = estimate_costs(narrow, exact=False, cg_iters=3)
+    assert costs.matrix_free < costs.primal
+    # An exact solve always needs the Gram; an explicit request wins under CG.
+    assert choose_form(narrow, exact=True, cg_iters=3) == "primal"
+    assert choose_form(wide, exact=False, cg_iters=10, requested="matrix_free") == "matrix_free"
+
+
+def test_cost_rule_never_builds_a_huge_gram_for_cg(monkeypatch):
+    monkeypatch.setattr("proxoptim.solvers.MAX_GRAM_ELEMENTS", 100)
+    wide = _system(torch.nn.Linear(64, 512), batch=4096)
+    assert choose_form(wide, exact=False, cg_iters=10) == "matrix_free"
+    assert MAX_GRAM_ELEMENTS >= 100
+
+
+@pytest.mark.parametrize("case", LAYER_CASES[:3], ids=lambda c: c.name)
+def test_cost_estimates_count_columns_rows_and_dims(case):
+    module, sample = case.make()
+    kind = kind_for(module)
+    layout = RowLayout(module.weight.shape, kind.groups(module), module.bias is not None)
+    system = LayerSystem(layout, [(module, kind, sample(3))], torch.float64)
+    n, d, m = system.num_columns, layout.row_dim, layout.rows
+    costs = estimate_costs(system, exact=False, cg_iters=2)
+    assert costs.matrix_free == 2 * 2 * n * d * m
+    assert costs.primal == n * d * d * layout.groups + 2 * m * d * d
