@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 
 from proxoptim.capture import Capture, CapturedCall
 from proxoptim.operators import LayerKind, LayerSystem, RowLayout, kind_for
-from proxoptim.solvers import FORMS, choose_form, solve
+from proxoptim.solvers import FORMS, SolveResult, choose_form, solve
 
 SOLVERS = ("cg", "exact", "none")
 SOLVER_FORMS = ("auto", *FORMS)
@@ -270,38 +270,43 @@ class ProxPropOptimizer(Optimizer):
             if index not in calls:
                 self._warn_uncaptured(layer.name)
                 continue
-            started = time.perf_counter()
-            bias = layer.bias
-            has_bias = bias is not None and bias.requires_grad
-            layout = RowLayout(weight.shape, layer.kind.groups(layer.modules[0]), has_bias)
-            dtype = torch.promote_types(weight.dtype, torch.float32)
-            bias_grad = None
-            if has_bias:
-                bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
-                bias_grad = bias_grad.to(dtype)
-            rhs = layout.to_rows(weight.grad.to(dtype), bias_grad)
-            system = LayerSystem(
-                layout, [(call.module, layer.kind, call.input) for call in calls[index]], dtype
-            )
-            exact = self.solver == "exact"
-            form = choose_form(system, exact, self.cg_iters, self.solver_form)
-            result = solve(
-                system,
-                rhs,
-                self.tau_prox,
-                exact=exact,
-                cg_iters=self.cg_iters,
-                cg_tol=self.cg_tol,
-                form=form,
-            )
-            weight_direction, bias_direction = layout.from_rows(result.direction)
-            directions[weight] = weight_direction.to(weight.dtype).contiguous()
-            if has_bias and bias.grad is not None:
-                directions[bias] = bias_direction.to(bias.dtype).contiguous()
-            stats[layer.name] = _layer_stats(
-                form, result, rhs, time.perf_counter() - started, system
-            )
+            layer_directions, stats[layer.name] = self._precondition(layer, calls[index])
+            directions.update(layer_directions)
         return directions, stats
+
+    def _precondition(
+        self, layer: _Layer, calls: list[CapturedCall]
+    ) -> tuple[dict[Tensor, Tensor], LayerStats]:
+        """v = M⁻¹g (or k CG iterations) for one layer, as {parameter: direction}."""
+        started = time.perf_counter()
+        weight, bias = layer.weight, layer.bias
+        has_bias = bias is not None and bias.requires_grad
+        layout = RowLayout(weight.shape, layer.kind.groups(layer.modules[0]), has_bias)
+        # Solve in at least float32 whatever the parameter (or autocast input) dtype.
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        bias_grad = None
+        if has_bias:
+            bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
+            bias_grad = bias_grad.to(dtype)
+        rhs = layout.to_rows(weight.grad.to(dtype), bias_grad)
+        system = LayerSystem(layout, [(c.module, layer.kind, c.input) for c in calls], dtype)
+        exact = self.solver == "exact"
+        form = choose_form(system, exact, self.cg_iters, self.solver_form)
+        result = solve(
+            system,
+            rhs,
+            self.tau_prox,
+            exact=exact,
+            cg_iters=self.cg_iters,
+            cg_tol=self.cg_tol,
+            form=form,
+        )
+        weight_direction, bias_direction = layout.from_rows(result.direction)
+        directions = {weight: weight_direction.to(weight.dtype).contiguous()}
+        if has_bias and bias.grad is not None:
+            directions[bias] = bias_direction.to(bias.dtype).contiguous()
+        seconds = time.perf_counter() - started
+        return directions, _layer_stats(form, result, rhs, seconds, system)
 
     def _warn_uncaptured(self, name: str) -> None:
         if name in self._warned_uncaptured:
@@ -316,7 +321,7 @@ class ProxPropOptimizer(Optimizer):
 
 
 def _layer_stats(
-    form: str, result: Any, rhs: Tensor, seconds: float, system: LayerSystem
+    form: str, result: SolveResult, rhs: Tensor, seconds: float, system: LayerSystem
 ) -> LayerStats:
     direction = result.direction
     rhs_norm = rhs.norm()

@@ -1,0 +1,27 @@
+"""The README's usage example and the scripts in examples/ run as written."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_usage_example_runs():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
+    assert blocks, "README.md has no python example"
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    assert namespace["opt"].last_stats["0"].iterations == 3
+
+
+def test_quickstart_runs_and_reports_both_optimizers():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py")],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    assert "backprop/Adam" in result.stdout and "proxprop-cg3/Adam" in result.stdout
