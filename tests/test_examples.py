@@ -22,6 +22,9 @@ def test_readme_usage_example_runs():
 def test_quickstart_runs_and_reports_both_optimizers():
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "quickstart.py")],
-        capture_output=True, text=True, timeout=300, check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
     )
     assert "backprop/Adam" in result.stdout and "proxprop-cg3/Adam" in result.stdout

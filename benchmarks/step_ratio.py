@@ -1,0 +1,119 @@
+"""ProxProp step time / backprop step time, measured in one process, interleaved.
+
+Every repeat times one full training step (zero_grad, forward, backward, step) of each
+method in turn on identical copies of the network, so that machine noise hits all methods
+alike; the ratio is of medians over the repeats after warm-up.
+
+    python benchmarks/step_ratio.py                       # paper MLP, Nesterov SGD, batch 500
+    python benchmarks/step_ratio.py --network cnn --optimizer adam --methods cg3,cg10
+    python benchmarks/step_ratio.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from proxoptim.experiments.models import build_model
+from proxoptim.experiments.training import Method, make_optimizer
+
+NETWORKS = {"mlp": "mlp", "cnn": "cnn", "cnn-reference": "cnn-reference"}
+
+
+def make_step(
+    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+) -> Callable[[], None]:
+    def step() -> None:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def measure(
+    network: str,
+    optimizer: str,
+    methods: list[str],
+    batch_size: int,
+    repeats: int,
+    warmup: int,
+    device: str,
+    tau_prox: float = 1.0,
+    width: float = 1.0,
+) -> dict[str, list[float]]:
+    """Seconds per step of backprop and each method, ``repeats`` interleaved samples each."""
+    torch.manual_seed(0)
+    template = build_model(network, (3, 32, 32), 10, width).to(device)
+    x = torch.rand(batch_size, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    steps = {}
+    for name in ["backprop", *methods]:
+        model = copy.deepcopy(template)
+        # A tiny learning rate keeps the weights (and so the work per step) stationary.
+        opt = make_optimizer(model, Method.parse(name), optimizer, 1e-6, tau_prox)
+        steps[name] = make_step(model, opt, x, y)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for repeat in range(warmup + repeats):
+        for name, step in steps.items():
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            step()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if repeat >= warmup:
+                times[name].append(time.perf_counter() - started)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--network", choices=sorted(NETWORKS), default="mlp")
+    parser.add_argument("--optimizer", choices=("nesterov", "adam"), default="nesterov")
+    parser.add_argument("--methods", default="cg3,exact,cg10")
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--tau-prox", type=float, default=1.0)
+    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", help="also write the raw times here")
+    args = parser.parse_args()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    times = measure(
+        args.network,
+        args.optimizer,
+        methods,
+        args.batch_size,
+        args.repeats,
+        args.warmup,
+        args.device,
+        args.tau_prox,
+        args.width,
+    )
+    baseline = statistics.median(times["backprop"])
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(
+        f"{args.network}, {args.optimizer}, batch {args.batch_size}, {device_name}, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats} after {args.warmup} warm-up"
+    )
+    print("| method | step [ms] | ratio to backprop |")
+    print("|---|---|---|")
+    for name, samples in times.items():
+        median = statistics.median(samples)
+        print(f"| {name} | {1000 * median:.1f} | {median / baseline:.2f} |")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"args": vars(args), "seconds": times}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
