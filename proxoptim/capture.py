@@ -33,29 +33,32 @@ from torch.utils.hooks import RemovableHandle
 
 @dataclass(frozen=True)
 class CapturedCall:
-    """A confirmed call: its forward-order number, the module that ran and its input
-    (None for layers tracked only for their forward order)."""
+    """A confirmed call: its forward-order number, the module that ran, its input (None
+    for layers tracked only for their forward order) and, where asked for, the gradient
+    its output received (δ, shaped like the output)."""
 
     sequence: int
     module: nn.Module
     input: Tensor | None
+    output_grad: Tensor | None = None
 
 
 class Capture:
     """Forward hooks on a set of modules, each module mapped to a layer key.
 
     Args:
-        modules: ``(key, module, keep_input)`` triples. Several modules may share a key
-            (tied weights); ``keep_input=False`` records only the forward order.
+        modules: ``(key, module, keep_input, keep_output_grad)``. Several modules may share
+            a key (tied weights); ``keep_input=False`` records only the forward order;
+            ``keep_output_grad`` also keeps δ, the gradient of the call's output.
     """
 
-    def __init__(self, modules: Iterable[tuple[Any, nn.Module, bool]]) -> None:
+    def __init__(self, modules: Iterable[tuple[Any, nn.Module, bool, bool]]) -> None:
         self._calls: dict[Any, list[CapturedCall]] = {}
         self._sequence = itertools.count()
         self._handles: list[RemovableHandle] = []
         self_ref = weakref.ref(self)
-        for key, module, keep_input in modules:
-            hook = _make_forward_hook(self_ref, key, keep_input)
+        for key, module, keep_input, keep_output_grad in modules:
+            hook = _make_forward_hook(self_ref, key, keep_input, keep_input and keep_output_grad)
             self._handles.append(module.register_forward_hook(hook))
         # The hooks hold only a weak reference to this object; once it is gone, remove them
         # so that a discarded optimizer leaves the model exactly as it found it.
@@ -90,7 +93,7 @@ def _remove_handles(handles: list[RemovableHandle]) -> None:
 
 
 def _make_forward_hook(
-    capture_ref: Callable[[], Capture | None], key: Any, keep_input: bool
+    capture_ref: Callable[[], Capture | None], key: Any, keep_input: bool, keep_output_grad: bool
 ) -> Callable[..., None]:
     def forward_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         capture = capture_ref()
@@ -101,14 +104,22 @@ def _make_forward_hook(
             return
         if not isinstance(output, Tensor) or not output.requires_grad or not args:
             return
-        call = CapturedCall(capture._next_sequence(), module, args[0] if keep_input else None)
-        output.register_hook(_make_confirm_hook(capture_ref, key, call))
+        sequence = capture._next_sequence()
+        layer_input = args[0] if keep_input else None
+        output.register_hook(
+            _make_confirm_hook(capture_ref, key, sequence, module, layer_input, keep_output_grad)
+        )
 
     return forward_hook
 
 
 def _make_confirm_hook(
-    capture_ref: Callable[[], Capture | None], key: Any, call: CapturedCall
+    capture_ref: Callable[[], Capture | None],
+    key: Any,
+    sequence: int,
+    module: nn.Module,
+    layer_input: Tensor | None,
+    keep_output_grad: bool,
 ) -> Callable[[Tensor], None]:
     confirmed = False
 
@@ -118,6 +129,7 @@ def _make_confirm_hook(
         if confirmed or capture is None:
             return
         confirmed = True
-        capture._confirm(key, call)
+        output_grad = grad if keep_output_grad else None
+        capture._confirm(key, CapturedCall(sequence, module, layer_input, output_grad))
 
     return confirm

@@ -45,6 +45,10 @@ class LayerKind:
     """
 
     module_type: type[nn.Module]
+    # Whether the dual-kernel form applies (proxoptim.dual), and with it whether solves may
+    # use δ, the gradient of the layer output.
+    supports_dual: bool = False
+    uses_output_grad: bool = False
 
     def groups(self, module: nn.Module) -> int:
         return 1
@@ -76,6 +80,8 @@ class LinearKind(LayerKind):
     """nn.Linear with any number of leading dimensions: Ũ has one column per leading index."""
 
     module_type = nn.Linear
+    supports_dual = True
+    uses_output_grad = True
 
     def prepare(self, module: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
         return x.reshape(-1, x.shape[-1]).to(dtype)
@@ -246,11 +252,12 @@ class RowLayout:
 
 @dataclass
 class Call:
-    """One confirmed forward call of a layer: the module run and its prepared input."""
+    """One confirmed forward call: the module run, its prepared input and δ (or None)."""
 
     module: nn.Module
     kind: LayerKind
     x: Tensor
+    output_grad: Tensor | None = None
 
 
 class LayerSystem:
@@ -258,23 +265,25 @@ class LayerSystem:
 
     Args:
         layout: the layer's row layout.
-        calls: ``(module, kind, raw_input)`` of every confirmed call; inputs are prepared
-            (padded, flattened, cast to ``dtype``) here.
+        calls: ``(module, kind, raw_input, output_grad)`` of every confirmed call (δ may be
+            None); inputs are prepared (padded, flattened, cast to ``dtype``) here.
         dtype: the dtype every product is computed in.
     """
 
     def __init__(
         self,
         layout: RowLayout,
-        calls: Sequence[tuple[nn.Module, LayerKind, Tensor]],
+        calls: Sequence[tuple[nn.Module, LayerKind, Tensor, Tensor | None]],
         dtype: torch.dtype,
     ) -> None:
         self.layout = layout
         self.dtype = dtype
         self.calls = [
-            Call(module, kind, kind.prepare(module, x, dtype)) for module, kind, x in calls
+            Call(module, kind, kind.prepare(module, x, dtype), output_grad)
+            for module, kind, x, output_grad in calls
         ]
         self.num_columns = sum(c.kind.num_columns(c.module, c.x) for c in self.calls)
+        self.supports_dual = all(call.kind.supports_dual for call in self.calls)
 
     def gram_apply(self, rows: Tensor) -> Tensor:
         """V ↦ V Ũ Ũᵀ = A*(A V) for rows V of shape (groups, rows_per_group, row_dim)."""

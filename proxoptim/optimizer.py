@@ -16,8 +16,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from proxoptim.capture import Capture, CapturedCall
+from proxoptim.dual import DualKernel
 from proxoptim.operators import LayerKind, LayerSystem, RowLayout, kind_for
-from proxoptim.solvers import FORMS, SolveResult, choose_form, solve
+from proxoptim.solvers import FORMS, Solution, choose_form, solve
 
 SOLVERS = ("cg", "exact", "none")
 SOLVER_FORMS = ("auto", *FORMS)
@@ -28,13 +29,16 @@ class LayerStats:
     """Diagnostics of one layer's solve in the last step.
 
     Attributes:
-        form: the solve form that ran ("matrix_free" or "primal").
+        form: the solve form that ran ("matrix_free", "primal" or "dual").
         iterations: CG iterations run (0 for an exact solve).
-        relative_residual: ‖g − M v‖ / ‖g‖ over the whole layer (CG: recurrence residual).
+        relative_residual: ‖g − M v‖ / ‖g‖ over the whole layer (CG: recurrence residual;
+            exact dual solves: measured on a sample of rows).
         cosine: ⟨v, g⟩ / (‖v‖‖g‖), the cosine between the direction and the gradient.
         seconds: wall time of the solve, including building the Gram (host time; on an
             accelerator it includes only what the host waited for).
         columns: n, the number of columns of Ũ (samples × positions over all calls).
+        output_grad_scale: s where ``.grad`` was verified to be s·δᵀŨᵀ (Linear layers:
+            the dual form then needs one large product fewer), else None.
     """
 
     form: str
@@ -43,6 +47,7 @@ class LayerStats:
     cosine: float
     seconds: float
     columns: int
+    output_grad_scale: float | None = None
 
 
 @dataclass
@@ -97,7 +102,8 @@ class ProxPropOptimizer(Optimizer):
             last in the forward pass (the paper's explicit step on the last layer, eq. 12).
         exclude: module names (as in ``model.named_modules()``; a container's name covers
             everything inside it) or module objects whose layers keep the plain gradient.
-        solver_form: ``"auto"`` (a per-layer cost rule), ``"matrix_free"`` or ``"primal"``.
+        solver_form: ``"auto"`` (a per-layer cost rule), ``"matrix_free"``, ``"primal"`` or
+            ``"dual"`` (Linear layers); a form a layer cannot use falls back to "auto" there.
         **optimizer_kwargs: passed to ``optimizer`` when it is a class.
 
     ``param_groups``, ``state`` and ``defaults`` are the inner optimizer's own objects, so
@@ -156,9 +162,10 @@ class ProxPropOptimizer(Optimizer):
         self._warned_capturable_if_run_uncaptured = True
 
         self.last_stats: dict[str, LayerStats] = {}
+        self._generators: dict[torch.device, torch.Generator] = {}
         self._warned_uncaptured: set[str] = set()
         self._capture = Capture(
-            (index, module, not layer.excluded)
+            (index, module, not layer.excluded, layer.kind.uses_output_grad)
             for index, layer in enumerate(self._layers)
             for module in layer.modules
         )
@@ -284,29 +291,50 @@ class ProxPropOptimizer(Optimizer):
         layout = RowLayout(weight.shape, layer.kind.groups(layer.modules[0]), has_bias)
         # Solve in at least float32 whatever the parameter (or autocast input) dtype.
         dtype = torch.promote_types(weight.dtype, torch.float32)
-        bias_grad = None
+        grad_weight = weight.grad.to(dtype)
+        grad_bias = None
         if has_bias:
-            bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
-            bias_grad = bias_grad.to(dtype)
-        rhs = layout.to_rows(weight.grad.to(dtype), bias_grad)
-        system = LayerSystem(layout, [(c.module, layer.kind, c.input) for c in calls], dtype)
+            grad_bias = (
+                bias.grad.to(dtype)
+                if bias.grad is not None
+                else torch.zeros_like(bias, dtype=dtype)
+            )
+        system = LayerSystem(
+            layout, [(c.module, layer.kind, c.input, c.output_grad) for c in calls], dtype
+        )
         exact = self.solver == "exact"
-        form = choose_form(system, exact, self.cg_iters, self.solver_form)
-        result = solve(
+        scale = None
+        if system.supports_dual and system.calls[0].output_grad is not None:
+            scale = DualKernel.probe_output_grad_scale(
+                system, grad_weight, grad_bias, self._probe_generator(weight.device)
+            )
+        form = choose_form(system, exact, self.cg_iters, self.solver_form, scale is not None)
+        solution = solve(
             system,
-            rhs,
+            grad_weight,
+            grad_bias,
             self.tau_prox,
             exact=exact,
             cg_iters=self.cg_iters,
             cg_tol=self.cg_tol,
             form=form,
+            output_grad_scale=scale,
         )
-        weight_direction, bias_direction = layout.from_rows(result.direction)
-        directions = {weight: weight_direction.to(weight.dtype).contiguous()}
+        directions = {weight: solution.weight.to(weight.dtype)}
         if has_bias and bias.grad is not None:
-            directions[bias] = bias_direction.to(bias.dtype).contiguous()
-        seconds = time.perf_counter() - started
-        return directions, _layer_stats(form, result, rhs, seconds, system)
+            directions[bias] = solution.bias.to(bias.dtype)
+        stats = _layer_stats(
+            form, solution, grad_weight, grad_bias, time.perf_counter() - started, system, scale
+        )
+        return directions, stats
+
+    def _probe_generator(self, device: torch.device) -> torch.Generator:
+        # A private, seeded stream: probing must never consume the user's random numbers.
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = torch.Generator(device=device).manual_seed(0x5EED)
+            self._generators[device] = generator
+        return generator
 
     def _warn_uncaptured(self, name: str) -> None:
         if name in self._warned_uncaptured:
@@ -321,22 +349,35 @@ class ProxPropOptimizer(Optimizer):
 
 
 def _layer_stats(
-    form: str, result: SolveResult, rhs: Tensor, seconds: float, system: LayerSystem
+    form: str,
+    solution: Solution,
+    grad_weight: Tensor,
+    grad_bias: Tensor | None,
+    seconds: float,
+    system: LayerSystem,
+    output_grad_scale: float | None,
 ) -> LayerStats:
-    direction = result.direction
-    rhs_norm = rhs.norm()
-    direction_norm = direction.norm()
-    inner_product = (direction * rhs).sum()
-    residual = (result.residual.norm() / rhs_norm) if rhs_norm > 0 else rhs_norm
-    denominator = rhs_norm * direction_norm
-    cosine = inner_product / denominator if denominator > 0 else denominator
+    def dot(a: Tensor, b: Tensor) -> Tensor:
+        return torch.dot(a.reshape(-1), b.reshape(-1))
+
+    pairs = [(solution.weight, grad_weight)]
+    if grad_bias is not None:
+        pairs.append((solution.bias, grad_bias))
+    grad_sq = sum(dot(g, g) for _, g in pairs)
+    direction_sq = sum(dot(v, v) for v, _ in pairs)
+    inner_product = sum(dot(v, g) for v, g in pairs)
+    values = torch.stack([grad_sq, direction_sq, inner_product]).double().tolist()
+    grad_norm, direction_norm = math.sqrt(values[0]), math.sqrt(values[1])
+    residual = float(solution.residual_norm)
+    denominator = grad_norm * direction_norm
     return LayerStats(
         form=form,
-        iterations=result.iterations,
-        relative_residual=float(residual),
-        cosine=float(cosine),
+        iterations=solution.iterations,
+        relative_residual=residual / grad_norm if grad_norm > 0 else 0.0,
+        cosine=values[2] / denominator if denominator > 0 else 0.0,
         seconds=seconds,
         columns=system.num_columns,
+        output_grad_scale=output_grad_scale,
     )
 
 

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from proxoptim.dual import DualKernel, solve_dual
 from proxoptim.operators import LayerSystem
 
-FORMS = ("matrix_free", "primal")
+FORMS = ("matrix_free", "primal", "dual")
 
 # Largest primal Gram (all groups together, in elements) the "auto" rule will build:
 # 2^26 float32 elements are 256 MiB.
@@ -152,60 +153,136 @@ def primal_operator(gram: Tensor, tau_prox: float) -> Callable[[Tensor], Tensor]
 
 @dataclass(frozen=True)
 class Costs:
-    """Flop estimates of each form for one layer (DESIGN.md §2)."""
+    """Flop estimates of each form for one layer (DESIGN.md §2); inf where inapplicable."""
 
     matrix_free: float
     primal: float
-    gram_elements: int
+    dual: float
+
+    def cheapest(self, allowed: tuple[str, ...]) -> str:
+        return min(allowed, key=lambda form: getattr(self, form))
 
 
-def estimate_costs(system: LayerSystem, exact: bool, cg_iters: int) -> Costs:
-    """Flops of each form for n columns, row dim d, m rows in total, k iterations."""
+# float64 LAPACK on n × n, in float32-GEMM-equivalent flops per n³ (measured on CPUs).
+EIGH_COST_PER_CUBE = 30.0
+INVERSE_COST_PER_CUBE = 4.0
+
+
+def estimate_costs(
+    system: LayerSystem, exact: bool, cg_iters: int, output_grad_known: bool = False
+) -> Costs:
+    """Flops of each form for n columns, row dim d, m rows in total, k iterations.
+
+    Forms whose memory (a Gram or kernel above :data:`MAX_GRAM_ELEMENTS`) or layer kind rule
+    them out cost inf; so does matrix-free for an exact solve.
+    """
     layout = system.layout
     n, d, m, groups = system.num_columns, layout.row_dim, layout.rows, layout.groups
-    matrix_free = float("inf") if exact else 2.0 * cg_iters * n * d * m
-    build = float(n) * d * d * groups
-    if exact:
-        primal = build + groups * d**3 / 3.0 + 2.0 * m * d * d
-    else:
-        primal = build + cg_iters * float(m) * d * d
-    return Costs(matrix_free, primal, groups * d * d)
+    k = cg_iters
+    matrix_free = float("inf") if exact else 4.0 * k * n * d * m
+
+    primal = 2.0 * n * d * d
+    primal += groups * d**3 / 3.0 + 4.0 * m * d * d if exact else 2.0 * k * m * d * d
+    if groups * d * d > MAX_GRAM_ELEMENTS:
+        primal = float("inf")
+
+    dual = float("inf")
+    if system.supports_dual and n * n <= MAX_GRAM_ELEMENTS:
+        dual = 2.0 * n * n * d + 2.0 * n * m * d  # the kernel and the final product
+        if not output_grad_known:
+            dual += 2.0 * n * m * d  # h = gŨ
+        if exact:
+            dual += INVERSE_COST_PER_CUBE * n**3 + 2.0 * m * n * n
+        else:
+            dual += EIGH_COST_PER_CUBE * n**3 + 4.0 * m * n * n
+    return Costs(matrix_free, primal, dual)
 
 
-def choose_form(system: LayerSystem, exact: bool, cg_iters: int, requested: str = "auto") -> str:
-    """The form to run: ``requested`` unless "auto", else the cheaper by :func:`estimate_costs`.
+def choose_form(
+    system: LayerSystem,
+    exact: bool,
+    cg_iters: int,
+    requested: str = "auto",
+    output_grad_known: bool = False,
+) -> str:
+    """The form to run for one layer.
 
-    An exact solve always needs the primal Gram. Under "auto", a primal Gram larger than
-    :data:`MAX_GRAM_ELEMENTS` is only built when nothing else can give the solve.
+    A requested form runs wherever the layer allows it (dual: Linear layers; matrix-free:
+    CG only); elsewhere, and under "auto", the cheapest by :func:`estimate_costs`.
     """
-    if exact:
-        return "primal"
-    if requested != "auto":
+    costs = estimate_costs(system, exact, cg_iters, output_grad_known)
+    if requested != "auto" and getattr(costs, requested) < float("inf"):
         return requested
-    costs = estimate_costs(system, exact, cg_iters)
-    if costs.gram_elements > MAX_GRAM_ELEMENTS:
-        return "matrix_free"
-    return "primal" if costs.primal < costs.matrix_free else "matrix_free"
+    if exact and requested == "matrix_free" and costs.primal == float("inf"):
+        return "dual" if costs.dual < float("inf") else "primal"
+    cheapest = costs.cheapest(FORMS)
+    if getattr(costs, cheapest) == float("inf"):
+        # Nothing fits the memory limit: CG runs matrix-free; an exact solve builds the Gram.
+        return "primal" if exact else "matrix_free"
+    return cheapest
+
+
+@dataclass
+class Solution:
+    """A layer's direction v = (weight, bias) and how it was obtained.
+
+    Attributes:
+        iterations: CG iterations run (0 for an exact solve).
+        residual_norm: ‖g − M v‖, 0-d (CG: by recurrence).
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+    iterations: int
+    residual_norm: Tensor
 
 
 def solve(
     system: LayerSystem,
-    rhs: Tensor,
+    grad_weight: Tensor,
+    grad_bias: Tensor | None,
     tau_prox: float,
     *,
     exact: bool,
     cg_iters: int,
     cg_tol: float | None,
     form: str,
-) -> SolveResult:
-    """v = M⁻¹g (exact) or k CG iterations on it, in the given form ("matrix_free"/"primal")."""
+    output_grad_scale: float | None = None,
+) -> Solution:
+    """v = M⁻¹g (exact) or k CG iterations on it, in the given form.
+
+    Args:
+        grad_weight, grad_bias: g, shaped like the layer's weight and bias (bias None when
+            the layer has no trainable bias).
+        form: "matrix_free", "primal" or "dual" (Linear layers).
+        output_grad_scale: for the dual form, s with .grad = s·δᵀŨᵀ, when verified.
+    """
+    if form == "dual":
+        kernel = DualKernel(system)
+        result = solve_dual(
+            kernel,
+            grad_weight,
+            grad_bias,
+            tau_prox,
+            exact=exact,
+            cg_iters=cg_iters,
+            cg_tol=cg_tol,
+            output_grad_scale=output_grad_scale,
+        )
+        return Solution(result.weight, result.bias, result.iterations, result.residual_norm)
+    layout = system.layout
+    rhs = layout.to_rows(grad_weight, grad_bias)
     if form == "primal":
         gram = system.gram()
         if exact:
-            return cholesky_solve_rows(gram, rhs, tau_prox)
-        return batched_cg(primal_operator(gram, tau_prox), rhs, cg_iters, cg_tol)
-    if form == "matrix_free":
+            rows = cholesky_solve_rows(gram, rhs, tau_prox)
+        else:
+            rows = batched_cg(primal_operator(gram, tau_prox), rhs, cg_iters, cg_tol)
+    elif form == "matrix_free":
         if exact:
-            raise ValueError("an exact solve needs the primal form")
-        return batched_cg(matrix_free_operator(system, tau_prox), rhs, cg_iters, cg_tol)
-    raise ValueError(f"unknown solve form {form!r}; expected one of {FORMS}")
+            raise ValueError("an exact solve needs the primal or dual form")
+        rows = batched_cg(matrix_free_operator(system, tau_prox), rhs, cg_iters, cg_tol)
+    else:
+        raise ValueError(f"unknown solve form {form!r}; expected one of {FORMS}")
+    weight, bias = layout.from_rows(rows.direction)
+    return Solution(weight, bias, rows.iterations, rows.residual.norm())

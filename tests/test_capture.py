@@ -12,8 +12,10 @@ from torch.utils.checkpoint import checkpoint
 from proxoptim.capture import Capture
 
 
-def tracked(*modules, keep_input=True):
-    return Capture((index, module, keep_input) for index, module in enumerate(modules))
+def tracked(*modules, keep_input=True, keep_output_grad=False):
+    return Capture(
+        (index, module, keep_input, keep_output_grad) for index, module in enumerate(modules)
+    )
 
 
 def test_calls_count_only_once_backward_reaches_them():
@@ -39,13 +41,27 @@ def test_no_grad_frozen_weight_and_inference_mode_are_ignored():
     assert capture.calls() == {}
 
 
+def test_output_gradient_is_kept_on_request():
+    layer = nn.Linear(3, 2)
+    capture = tracked(layer, keep_output_grad=True)
+    x = torch.randn(4, 3)
+    weights = torch.randn(4, 2)
+    (layer(x) * weights).sum().backward()
+    (call,) = capture.calls()[0]
+    assert torch.equal(call.output_grad, weights)
+    assert torch.allclose(call.output_grad.T @ x, layer.weight.grad)
+
+
 def test_gradient_hook_survives_inplace_activation():
     layer = nn.Linear(3, 2)
-    capture = tracked(layer)
-    out = layer(torch.randn(4, 3))
+    capture = tracked(layer, keep_output_grad=True)
+    x = torch.randn(4, 3)
+    out = layer(x)
     torch.relu_(out)
     out.sum().backward()
-    assert len(capture.calls()[0]) == 1
+    (call,) = capture.calls()[0]
+    # δ is the gradient of the layer's own output (before the in-place ReLU).
+    assert torch.allclose(call.output_grad.T @ x, layer.weight.grad)
 
 
 def test_forward_order_is_recorded():

@@ -12,6 +12,7 @@ from oracle import Recorder, flatten_pair, oracle_direction, relative_error
 from torch import nn
 
 from proxoptim import ProxPropOptimizer
+from proxoptim.solvers import FORMS
 
 TOLERANCE = 1e-8
 
@@ -33,8 +34,21 @@ def proxprop_direction(module, inputs, **kwargs):
     return direction, grad.clone(), opt
 
 
-@pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: c.name)
-@pytest.mark.parametrize("form", ["primal"])
+def forms_of(case, forms):
+    """(case, form) pairs for the forms the case's layer can use (dual: Linear only)."""
+    linear = case.name.startswith("linear")
+    return [
+        pytest.param(case, form, id=f"{case.name}-{form}")
+        for form in forms
+        if linear or form != "dual"
+    ]
+
+
+EXACT_FORMS = [p for case in LAYER_CASES for p in forms_of(case, ["primal", "dual"])]
+CG_FORMS = [p for case in LAYER_CASES for p in forms_of(case, ["matrix_free", "primal", "dual"])]
+
+
+@pytest.mark.parametrize(("case", "form"), EXACT_FORMS)
 @pytest.mark.parametrize("tau_prox", [0.05, 2.0])
 def test_exact_matches_dense_solve(case, form, tau_prox):
     module, sample = case.make()
@@ -49,8 +63,7 @@ def test_exact_matches_dense_solve(case, form, tau_prox):
     assert stats.relative_residual < 1e-10
 
 
-@pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: c.name)
-@pytest.mark.parametrize("form", ["matrix_free", "primal"])
+@pytest.mark.parametrize(("case", "form"), CG_FORMS)
 @pytest.mark.parametrize("cg_iters", [1, 3, 6])
 def test_cg_matches_textbook_cg_per_row(case, form, cg_iters):
     module, sample = case.make()
@@ -69,16 +82,20 @@ def test_several_calls_sum_into_m(case):
     """A layer called twice (weight sharing / micro-batches) contributes both inputs."""
     module, sample = case.make(seed=3)
     inputs = [sample(2), sample(1)]
-    for form in ("matrix_free", "primal"):
+    for form in ("matrix_free", "primal", "dual"):
         direction, grad, _ = proxprop_direction(
             module, inputs, solver="cg", cg_iters=4, tau_prox=1.0, solver_form=form
         )
         module.zero_grad()
         expected = oracle_direction(module, inputs, grad, 1.0, cg_iters=4)
         assert relative_error(direction, expected) <= TOLERANCE
-    direction, grad, _ = proxprop_direction(module, inputs, solver="exact", tau_prox=1.0)
-    expected = oracle_direction(module, inputs, grad, 1.0, cg_iters=None)
-    assert relative_error(direction, expected) <= TOLERANCE
+    for form in ("primal", "dual"):
+        direction, grad, _ = proxprop_direction(
+            module, inputs, solver="exact", tau_prox=1.0, solver_form=form
+        )
+        module.zero_grad()
+        expected = oracle_direction(module, inputs, grad, 1.0, cg_iters=None)
+        assert relative_error(direction, expected) <= TOLERANCE
 
 
 @pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: c.name)
@@ -86,12 +103,15 @@ def test_forms_agree_with_each_other(case):
     module, sample = case.make(seed=5)
     inputs = [sample(4)]
     results = {}
-    for form in ("matrix_free", "primal"):
-        results[form], _, _ = proxprop_direction(
+    forms = ("matrix_free", "primal", "dual") if case.name.startswith("linear") else FORMS[:2]
+    for form in forms:
+        results[form], _, opt = proxprop_direction(
             module, inputs, solver="cg", cg_iters=5, tau_prox=0.3, solver_form=form
         )
+        assert next(iter(opt.last_stats.values())).form == form
         module.zero_grad()
-    assert relative_error(results["matrix_free"], results["primal"]) <= TOLERANCE
+    for form in forms[1:]:
+        assert relative_error(results[form], results["matrix_free"]) <= TOLERANCE
 
 
 def test_cg_converges_to_exact_solution():

@@ -15,7 +15,7 @@ from proxoptim.operators import LayerSystem, LinearKind, RowLayout, kind_for
 def system_for(module, inputs):
     kind = kind_for(module)
     layout = RowLayout(module.weight.shape, kind.groups(module), module.bias is not None)
-    return layout, LayerSystem(layout, [(module, kind, x) for x in inputs], torch.float64)
+    return layout, LayerSystem(layout, [(module, kind, x, None) for x in inputs], torch.float64)
 
 
 @pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: c.name)

@@ -98,7 +98,7 @@ def _system(module, batch):
     kind = kind_for(module)
     layout = RowLayout(module.weight.shape, kind.groups(module), module.bias is not None)
     x = torch.zeros(batch, *module_input_shape(module))
-    return LayerSystem(layout, [(module, kind, x)], torch.float32)
+    return LayerSystem(layout, [(module, kind, x, None)], torch.float32)
 
 
 def module_input_shape(module):
@@ -116,9 +116,19 @@ def test_cost_rule_picks_the_cheaper_form():
     assert choose_form(narrow, exact=False, cg_iters=3) == "matrix_free"
     costs = estimate_costs(narrow, exact=False, cg_iters=3)
     assert costs.matrix_free < costs.primal
-    # An exact solve always needs the Gram; an explicit request wins under CG.
-    assert choose_form(narrow, exact=True, cg_iters=3) == "primal"
+    # An exact solve needs the Gram or the kernel: the kernel when the batch is small.
+    assert choose_form(narrow, exact=True, cg_iters=3) == "dual"
+    assert choose_form(wide, exact=True, cg_iters=3) == "primal"
+    # The paper's MLP layer at batch 500: n = 500 < d = 3073, the dual form.
+    paper = _system(torch.nn.Linear(3072, 4000), batch=500)
+    for exact, iterations in ((False, 3), (False, 10), (True, 3)):
+        assert choose_form(paper, exact=exact, cg_iters=iterations) == "dual"
+    # Convolutions have no dual form; an explicit request wins wherever it applies.
+    conv = _system(torch.nn.Conv2d(16, 20, 5, padding=2), batch=8)
+    assert estimate_costs(conv, exact=False, cg_iters=3).dual == float("inf")
+    assert choose_form(conv, exact=False, cg_iters=3, requested="dual") != "dual"
     assert choose_form(wide, exact=False, cg_iters=10, requested="matrix_free") == "matrix_free"
+    assert choose_form(wide, exact=False, cg_iters=10, requested="dual") == "dual"
 
 
 def test_cost_rule_never_builds_a_huge_gram_for_cg(monkeypatch):
@@ -133,8 +143,8 @@ def test_cost_estimates_count_columns_rows_and_dims(case):
     module, sample = case.make()
     kind = kind_for(module)
     layout = RowLayout(module.weight.shape, kind.groups(module), module.bias is not None)
-    system = LayerSystem(layout, [(module, kind, sample(3))], torch.float64)
+    system = LayerSystem(layout, [(module, kind, sample(3), None)], torch.float64)
     n, d, m = system.num_columns, layout.row_dim, layout.rows
     costs = estimate_costs(system, exact=False, cg_iters=2)
-    assert costs.matrix_free == 2 * 2 * n * d * m
-    assert costs.primal == n * d * d * layout.groups + 2 * m * d * d
+    assert costs.matrix_free == 4 * 2 * n * d * m  # k = 2 iterations of two products
+    assert costs.primal == 2 * n * d * d + 2 * 2 * m * d * d

@@ -230,6 +230,7 @@ def load_data(config: dict[str, Any]) -> Splits:
         data_dir=config["data_dir"],
         download=config["download"],
         seed=config["seed"],
+        progress=not config["quiet"],
     )
     if config.get("train_subset"):
         splits = splits.subset(train=config["train_subset"])
