@@ -88,24 +88,37 @@ class DualKernel:
 
     def expand(
         self,
-        coefficients: Tensor,
+        left: Tensor,
+        right: Tensor,
         grad_weight: Tensor,
         grad_bias: Tensor | None,
         gradient_scale: Tensor | None,
+        out: tuple[Tensor, Tensor | None] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """v = diag(gradient_scale) g + coefficients Ũᵀ; (m, n) coefficients -> (W, b)."""
-        if gradient_scale is None:
-            weight = coefficients @ self.inputs
-            bias = coefficients.sum(1) if self.has_bias else None
-            return weight, bias
-        weight = (grad_weight * gradient_scale.unsqueeze(1)).addmm_(coefficients, self.inputs)
-        bias = None
-        if self.has_bias:
-            bias = torch.addmv(grad_bias * gradient_scale, coefficients, self.ones())
-        return weight, bias
+        """v = diag(gradient_scale)·g + (left @ right) Ũᵀ for left (m, n), right (n, n).
 
-    def ones(self) -> Tensor:
-        return torch.ones(self.columns, dtype=self.inputs.dtype, device=self.inputs.device)
+        Associates the product the cheaper way: (left·right)·X costs 2mn² + 2mnd flops,
+        left·(right·X) costs 2n²d + 2mnd. ``out`` receives (W, b) when given.
+        """
+        rows, dim = left.shape[0], self.inputs.shape[1]
+        out_weight, out_bias = out if out is not None else (None, None)
+        if rows <= dim:
+            coefficients = left @ right
+            weight_part = torch.matmul(coefficients, self.inputs, out=out_weight)
+            bias_part = None
+            if self.has_bias:
+                bias_part = torch.sum(coefficients, 1, out=out_bias)
+        else:
+            weight_part = torch.matmul(left, right @ self.inputs, out=out_weight)
+            bias_part = None
+            if self.has_bias:
+                bias_part = torch.mv(left, right.sum(1), out=out_bias)
+        if gradient_scale is None:
+            return weight_part, bias_part
+        weight_part.addcmul_(grad_weight, gradient_scale.unsqueeze(1))
+        if self.has_bias:
+            bias_part.addcmul_(grad_bias, gradient_scale)
+        return weight_part, bias_part
 
     @staticmethod
     def probe_output_grad_scale(
@@ -173,17 +186,19 @@ def solve_dual(
     cg_iters: int,
     cg_tol: float | None,
     output_grad_scale: float | None,
+    out: tuple[Tensor, Tensor | None] | None = None,
 ) -> DualSolution:
     """v = M⁻¹g (``exact``) or ``cg_iters`` per-row CG iterations from v = 0, in the dual.
 
     Args:
         grad_weight: g_W, (m, d_in); grad_bias: g_b, (m,) or None.
         output_grad_scale: s when .grad is known to equal s·δᵀŨᵀ (see
-            :meth:`DualKernel.output_grad_scale`); None for the general form.
+            :meth:`DualKernel.probe_output_grad_scale`); None for the general form.
+        out: optional (W, b) buffers to write v into.
     """
     if exact:
-        return _exact(kernel, grad_weight, grad_bias, tau_prox, output_grad_scale)
-    return _cg(kernel, grad_weight, grad_bias, tau_prox, cg_iters, cg_tol, output_grad_scale)
+        return _exact(kernel, grad_weight, grad_bias, tau_prox, output_grad_scale, out)
+    return _cg(kernel, grad_weight, grad_bias, tau_prox, cg_iters, cg_tol, output_grad_scale, out)
 
 
 def _exact(
@@ -192,52 +207,53 @@ def _exact(
     grad_bias: Tensor | None,
     tau_prox: float,
     scale: float | None,
+    out: tuple[Tensor, Tensor | None] | None,
 ) -> DualSolution:
     dtype = grad_weight.dtype
     eye = torch.eye(kernel.columns, dtype=torch.float64, device=kernel.kernel.device)
     shifted = kernel.kernel.double() + eye / tau_prox
-    inverse = torch.linalg.inv(shifted)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(shifted)).to(dtype)
     if scale is not None:
         # v = s·δᵀ (I/τθ + K)⁻¹ Ũᵀ
-        coefficients = (kernel.output_grads.T @ inverse.to(dtype)) * scale
-        weight, bias = kernel.expand(coefficients, grad_weight, grad_bias, None)
-        rhs_coefficients = kernel.output_grads.T * scale
-        residual = _sampled_residual(kernel, coefficients, rhs_coefficients, shifted, None)
+        left = kernel.output_grads.T * scale
+        weight, bias = kernel.expand(left, inverse, grad_weight, grad_bias, None, out)
+        residual = _sampled_residual(kernel, left, inverse, shifted, None)
     else:
-        # v = τθ (g − h (I/τθ + K)⁻¹ Ũᵀ)
+        # v = τθ g − τθ h (I/τθ + K)⁻¹ Ũᵀ
         projected = kernel.project(grad_weight, grad_bias)
-        coefficients = (projected @ inverse.to(dtype)) * (-tau_prox)
         gradient_scale = torch.full(
             (grad_weight.shape[0],), tau_prox, dtype=dtype, device=grad_weight.device
         )
-        weight, bias = kernel.expand(coefficients, grad_weight, grad_bias, gradient_scale)
-        residual = _sampled_residual(kernel, coefficients, projected, shifted, tau_prox)
+        left = projected * (-tau_prox)
+        weight, bias = kernel.expand(left, inverse, grad_weight, grad_bias, gradient_scale, out)
+        residual = _sampled_residual(kernel, left, inverse, shifted, tau_prox)
     return DualSolution(weight, bias, 0, residual)
 
 
 def _sampled_residual(
     kernel: DualKernel,
-    coefficients: Tensor,
-    rhs: Tensor,
+    left: Tensor,
+    inverse: Tensor,
     shifted: Tensor,
     tau_prox: float | None,
 ) -> Tensor:
     """‖g − M v‖ estimated from up to RESIDUAL_SAMPLE_ROWS evenly spaced rows, scaled to all.
 
-    δ-form (``tau_prox`` None): v = cŨᵀ, g = rŨᵀ -> g − Mv = (r − c(I/τθ + K)) Ũᵀ.
-    General form: v = τθ g + cŨᵀ with c = −τθ h(I/τθ+K)⁻¹ -> g − Mv = −(τθ h + c(I/τθ + K))Ũᵀ.
+    With c = left·(I/τθ + K)⁻¹ the solve's coefficients:
+    δ-form (``tau_prox`` None): v = cŨᵀ, g = left·Ũᵀ -> g − Mv = (left − c(I/τθ + K)) Ũᵀ.
+    General form: v = τθ g + cŨᵀ, left = −τθ h -> g − Mv = (left − c(I/τθ + K)) Ũᵀ as well.
     Either way the residual is ρŨᵀ and ‖ρŨᵀ‖² = ρ K ρᵀ.
     """
-    rows = coefficients.shape[0]
+    rows = left.shape[0]
     index = torch.linspace(0, rows - 1, min(rows, RESIDUAL_SAMPLE_ROWS)).round().long()
-    index = index.to(coefficients.device)
-    sample = coefficients[index].double()
-    if tau_prox is None:
-        rho = rhs[index].double() - sample @ shifted
-    else:
-        rho = -(tau_prox * rhs[index].double() + sample @ shifted)
+    sample = left[index.to(left.device)].double()
+    rho = sample - (sample @ inverse.double()) @ shifted
     squared = (rho @ kernel.kernel.double() * rho).sum()
     return (squared.clamp_min(0) * (rows / len(index))).sqrt()
+
+
+# Rows per block in the elementwise CG: a block of vectors stays in cache across iterations.
+CG_ROW_BLOCK = 1024
 
 
 def _cg(
@@ -248,68 +264,130 @@ def _cg(
     iterations: int,
     tol: float | None,
     scale: float | None,
+    out: tuple[Tensor, Tensor | None] | None,
 ) -> DualSolution:
     """Batched per-row CG on (a, c̃) coordinates in K's eigenbasis (module docstring)."""
     dtype = grad_weight.dtype
-    eigenvalues, eigenvectors = torch.linalg.eigh(kernel.kernel.double())
+    eigenvalues, basis = torch.linalg.eigh(kernel.kernel)
     eigenvalues = eigenvalues.clamp_min(0)
-    basis = eigenvectors.to(dtype)
-    inverse_tau = 1.0 / tau_prox
-    rows = grad_weight.shape[0]
     if scale is not None:
-        # g = s·δᵀŨᵀ: r₀ = (0, s·δᵀQ) and a stays 0 throughout.
-        projected = None
-        residual_b = (kernel.output_grads.T @ basis).double() * scale
-        residual_a = None
-        gradient_sq = None
+        # g = s·δᵀŨᵀ: r₀ = (0, s·δᵀQ), a stays 0, and every quantity is a plain diagonal CG
+        # in the weighted inner product Σ λᵢ uᵢ wᵢ; it runs in the working dtype.
+        start = (kernel.output_grads.T @ basis) * scale
+        blocks = [
+            _diagonal_cg(block, eigenvalues, tau_prox, iterations, tol)
+            for block in start.split(CG_ROW_BLOCK)
+        ]
+        gradient_scale = None
     else:
+        # The general form's inner products cancel as the residual shrinks: float64.
         projected = (kernel.project(grad_weight, grad_bias) @ basis).double()
-        residual_b = torch.zeros_like(projected)
-        residual_a = torch.ones(rows, 1, dtype=torch.float64, device=projected.device)
         gradient_sq = (grad_weight.double() ** 2).sum(1, keepdim=True)
         if grad_bias is not None:
             gradient_sq += grad_bias.double().unsqueeze(1) ** 2
+        blocks = [
+            _general_cg(block, block_sq, eigenvalues.double(), tau_prox, iterations, tol)
+            for block, block_sq in zip(
+                projected.split(CG_ROW_BLOCK), gradient_sq.split(CG_ROW_BLOCK), strict=True
+            )
+        ]
+        gradient_scale = torch.cat([block[3] for block in blocks]).squeeze(1).to(dtype)
+    coefficients = torch.cat([block[0] for block in blocks]).to(dtype)
+    done = max(block[1] for block in blocks)
+    residual_sq = sum(block[2] for block in blocks)
+    weight, bias = kernel.expand(coefficients, basis.T, grad_weight, grad_bias, gradient_scale, out)
+    return DualSolution(weight, bias, done, residual_sq.double().sqrt())
 
-    def inner(a1, b1, a2, b2):
-        value = _row_dot(b1 * eigenvalues, b2)
-        if projected is not None:
-            value = value + a1 * a2 * gradient_sq + a1 * _row_dot(projected, b2)
-            value = value + a2 * _row_dot(projected, b1)
-        return value
 
-    def apply_m(a, b):
-        image_b = b * (inverse_tau + eigenvalues)
-        if projected is None:
-            return None, image_b
-        return a * inverse_tau, image_b + a * projected
+def _guarded_ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """numerator / denominator per row, 0 where the denominator is not positive (no 0/0)."""
+    return torch.where(denominator > 0, numerator / denominator, torch.zeros_like(denominator))
 
-    def axpy(alpha, xa, xb, ya, yb):
-        """x + alpha·y for (a, c̃) pairs (a may be None in the δ-form)."""
-        return (None if xa is None else xa + alpha * ya), xb + alpha * yb
 
-    solution_a = None if residual_a is None else torch.zeros_like(residual_a)
-    solution_b = torch.zeros_like(residual_b)
-    direction_a, direction_b = residual_a, residual_b
-    residual_sq = inner(residual_a, residual_b, residual_a, residual_b).clamp_min(0)
+def _diagonal_cg(
+    start: Tensor, eigenvalues: Tensor, tau_prox: float, iterations: int, tol: float | None
+) -> tuple[Tensor, int, Tensor]:
+    """CG on diag(1/τθ + λ) for each row of ``start`` (m_block, n), inner product Σ λ u w.
+
+    Returns (solution, iterations run, Σ over rows of the final squared residual norm).
+    Every temporary lives in one preallocated buffer: fresh allocations of this size cost
+    page faults on every iteration.
+    """
+    diagonal = eigenvalues + 1.0 / tau_prox
+    weighted_diagonal = eigenvalues * diagonal
+    # CG is linear in its right-hand side: run every row at unit norm and scale back, so
+    # that squared residuals of small gradients never sink into (slow) denormal floats.
+    work = torch.mul(start, start)
+    row_norm = (work @ eigenvalues).sqrt_().unsqueeze(1)
+    row_scale = torch.where(row_norm > 0, row_norm, torch.ones_like(row_norm))
+    residual = start / row_scale
+    direction = residual.clone()
+    solution = torch.zeros_like(start)
+    residual_sq = torch.mul(residual, residual, out=work) @ eigenvalues
     threshold_sq = None if tol is None else (tol * tol) * residual_sq
+    new_residual_sq = residual_sq
     done = 0
     for done in range(1, iterations + 1):
-        image_a, image_b = apply_m(direction_a, direction_b)
-        curvature = inner(direction_a, direction_b, image_a, image_b)
-        alpha = torch.where(curvature > 0, residual_sq / curvature, torch.zeros_like(curvature))
-        solution_a, solution_b = axpy(alpha, solution_a, solution_b, direction_a, direction_b)
-        residual_a, residual_b = axpy(-alpha, residual_a, residual_b, image_a, image_b)
-        new_residual_sq = inner(residual_a, residual_b, residual_a, residual_b).clamp_min(0)
-        if threshold_sq is not None and bool((new_residual_sq <= threshold_sq).all()):
+        curvature = torch.mul(direction, direction, out=work) @ weighted_diagonal
+        alpha = _guarded_ratio(residual_sq, curvature).unsqueeze(1)
+        solution.addcmul_(direction, alpha)
+        residual.addcmul_(torch.mul(direction, diagonal, out=work), alpha, value=-1)
+        new_residual_sq = torch.mul(residual, residual, out=work) @ eigenvalues
+        if done == iterations or (
+            threshold_sq is not None and bool((new_residual_sq <= threshold_sq).all())
+        ):
             break
-        if done == iterations:
-            break
-        beta = torch.where(
-            residual_sq > 0, new_residual_sq / residual_sq, torch.zeros_like(residual_sq)
-        )
-        direction_a, direction_b = axpy(beta, residual_a, residual_b, direction_a, direction_b)
+        beta = _guarded_ratio(new_residual_sq, residual_sq).unsqueeze(1)
+        direction.mul_(beta).add_(residual)
         residual_sq = new_residual_sq
-    coefficients = solution_b.to(dtype) @ basis.T
-    gradient_scale = None if solution_a is None else solution_a.squeeze(1).to(dtype)
-    weight, bias = kernel.expand(coefficients, grad_weight, grad_bias, gradient_scale)
-    return DualSolution(weight, bias, done, new_residual_sq.sum().sqrt())
+    final_residual_sq = new_residual_sq.clamp_min(0) * row_scale.squeeze(1).square()
+    return solution.mul_(row_scale), done, final_residual_sq.sum()
+
+
+def _general_cg(
+    projected: Tensor,
+    gradient_sq: Tensor,
+    eigenvalues: Tensor,
+    tau_prox: float,
+    iterations: int,
+    tol: float | None,
+) -> tuple[Tensor, int, Tensor, Tensor]:
+    """CG on x = a·g + c̃QᵀŨᵀ from r₀ = g, for rows with h̃ = gŨQ ``projected`` (float64).
+
+    Returns (c̃ of the solution, iterations run, Σ squared residual norms, a of the solution).
+    """
+    inverse_tau = 1.0 / tau_prox
+
+    def inner(a1, b1, a2, b2):
+        return (
+            _row_dot(b1 * eigenvalues, b2)
+            + a1 * a2 * gradient_sq
+            + a1 * _row_dot(projected, b2)
+            + a2 * _row_dot(projected, b1)
+        )
+
+    residual_a = torch.ones_like(gradient_sq)
+    residual_b = torch.zeros_like(projected)
+    direction_a, direction_b = residual_a, residual_b
+    solution_a, solution_b = torch.zeros_like(residual_a), torch.zeros_like(residual_b)
+    residual_sq = gradient_sq
+    threshold_sq = None if tol is None else (tol * tol) * residual_sq
+    new_residual_sq = residual_sq
+    done = 0
+    for done in range(1, iterations + 1):
+        image_a = direction_a * inverse_tau
+        image_b = direction_b * (eigenvalues + inverse_tau) + direction_a * projected
+        curvature = inner(direction_a, direction_b, image_a, image_b)
+        alpha = _guarded_ratio(residual_sq, curvature)
+        solution_a, solution_b = solution_a + alpha * direction_a, solution_b + alpha * direction_b
+        residual_a, residual_b = residual_a - alpha * image_a, residual_b - alpha * image_b
+        new_residual_sq = inner(residual_a, residual_b, residual_a, residual_b).clamp_min(0)
+        if done == iterations or (
+            threshold_sq is not None and bool((new_residual_sq <= threshold_sq).all())
+        ):
+            break
+        beta = _guarded_ratio(new_residual_sq, residual_sq)
+        direction_a = residual_a + beta * direction_a
+        direction_b = residual_b + beta * direction_b
+        residual_sq = new_residual_sq
+    return solution_b, done, new_residual_sq.sum(), solution_a

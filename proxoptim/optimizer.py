@@ -163,6 +163,7 @@ class ProxPropOptimizer(Optimizer):
 
         self.last_stats: dict[str, LayerStats] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._buffers: dict[Tensor, tuple[Tensor, Tensor | None]] = {}
         self._warned_uncaptured: set[str] = set()
         self._capture = Capture(
             (index, module, not layer.excluded, layer.kind.uses_output_grad)
@@ -319,6 +320,7 @@ class ProxPropOptimizer(Optimizer):
             cg_tol=self.cg_tol,
             form=form,
             output_grad_scale=scale,
+            out=self._direction_buffers(weight, grad_weight, grad_bias),
         )
         directions = {weight: solution.weight.to(weight.dtype)}
         if has_bias and bias.grad is not None:
@@ -327,6 +329,22 @@ class ProxPropOptimizer(Optimizer):
             form, solution, grad_weight, grad_bias, time.perf_counter() - started, system, scale
         )
         return directions, stats
+
+    def _direction_buffers(
+        self, weight: Tensor, grad_weight: Tensor, grad_bias: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """The layer's buffers for v, kept across steps: allocating a layer-sized tensor
+        every step costs page faults (CPU) or allocator churn (GPU)."""
+        buffers = self._buffers.get(weight)
+        if (
+            buffers is None
+            or not _same_layout(buffers[0], grad_weight)
+            or (buffers[1] is None) != (grad_bias is None)
+        ):
+            bias = None if grad_bias is None else torch.empty_like(grad_bias)
+            buffers = (torch.empty_like(grad_weight), bias)
+            self._buffers[weight] = buffers
+        return buffers
 
     def _probe_generator(self, device: torch.device) -> torch.Generator:
         # A private, seeded stream: probing must never consume the user's random numbers.
@@ -346,6 +364,10 @@ class ProxPropOptimizer(Optimizer):
             "or no forward ran); it gets the plain gradient. This warning is shown once.",
             stacklevel=3,
         )
+
+
+def _same_layout(buffer: Tensor, like: Tensor) -> bool:
+    return (buffer.shape, buffer.dtype, buffer.device) == (like.shape, like.dtype, like.device)
 
 
 def _layer_stats(

@@ -248,6 +248,7 @@ def solve(
     cg_tol: float | None,
     form: str,
     output_grad_scale: float | None = None,
+    out: tuple[Tensor, Tensor | None] | None = None,
 ) -> Solution:
     """v = M⁻¹g (exact) or k CG iterations on it, in the given form.
 
@@ -256,6 +257,7 @@ def solve(
             the layer has no trainable bias).
         form: "matrix_free", "primal" or "dual" (Linear layers).
         output_grad_scale: for the dual form, s with .grad = s·δᵀŨᵀ, when verified.
+        out: optional (W, b) buffers that receive v (reused across steps by the optimizer).
     """
     if form == "dual":
         kernel = DualKernel(system)
@@ -268,6 +270,7 @@ def solve(
             cg_iters=cg_iters,
             cg_tol=cg_tol,
             output_grad_scale=output_grad_scale,
+            out=out,
         )
         return Solution(result.weight, result.bias, result.iterations, result.residual_norm)
     layout = system.layout
@@ -285,4 +288,7 @@ def solve(
     else:
         raise ValueError(f"unknown solve form {form!r}; expected one of {FORMS}")
     weight, bias = layout.from_rows(rows.direction)
+    if out is not None:
+        weight = out[0].copy_(weight)
+        bias = out[1].copy_(bias) if bias is not None else None
     return Solution(weight, bias, rows.iterations, rows.residual.norm())
