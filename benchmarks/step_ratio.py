@@ -15,6 +15,8 @@ import argparse
 import copy
 import json
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -74,6 +76,66 @@ def measure(
     return times
 
 
+def peak_memory(
+    network: str,
+    optimizer: str,
+    method: str,
+    batch_size: int,
+    steps: int,
+    device: str,
+    tau_prox: float,
+    width: float,
+) -> float:
+    """Peak memory in MiB of ``steps`` training steps of one method, alone in a fresh process.
+
+    CPU: the child's peak resident set size (VmHWM; ru_maxrss would include the parent's
+    peak, which survives fork and exec), so the baseline includes the Python and torch
+    runtime, as a user's process does; CUDA: torch.cuda.max_memory_allocated.
+    """
+    command = [
+        sys.executable,
+        __file__,
+        "--network",
+        network,
+        "--optimizer",
+        optimizer,
+        "--batch-size",
+        str(batch_size),
+        "--device",
+        device,
+        "--tau-prox",
+        str(tau_prox),
+        "--width",
+        str(width),
+        "--memory-child",
+        method,
+        "--repeats",
+        str(steps),
+    ]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return float(output.strip().splitlines()[-1])
+
+
+def _memory_child(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    model = build_model(args.network, (3, 32, 32), 10, args.width).to(args.device)
+    x = torch.rand(args.batch_size, 3, 32, 32, device=args.device)
+    y = torch.randint(0, 10, (args.batch_size,), device=args.device)
+    opt = make_optimizer(
+        model, Method.parse(args.memory_child), args.optimizer, 1e-6, args.tau_prox
+    )
+    step = make_step(model, opt, x, y)
+    for _ in range(args.repeats):
+        step()
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        print(torch.cuda.max_memory_allocated() / 2**20)
+    else:
+        with open("/proc/self/status") as status:
+            peak_kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
+        print(peak_kib / 1024)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--network", choices=sorted(NETWORKS), default="mlp")
@@ -85,8 +147,17 @@ def main() -> None:
     parser.add_argument("--tau-prox", type=float, default=1.0)
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="also measure peak memory, each method in a fresh process",
+    )
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the raw times here")
     args = parser.parse_args()
+    if args.memory_child:
+        _memory_child(args)
+        return
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     times = measure(
         args.network,
@@ -105,14 +176,36 @@ def main() -> None:
         f"{args.network}, {args.optimizer}, batch {args.batch_size}, {device_name}, "
         f"{torch.get_num_threads()} threads, median of {args.repeats} after {args.warmup} warm-up"
     )
-    print("| method | step [ms] | ratio to backprop |")
-    print("|---|---|---|")
+    memory = {}
+    if args.memory:
+        for name in times:
+            memory[name] = peak_memory(
+                args.network,
+                args.optimizer,
+                name,
+                args.batch_size,
+                3,
+                args.device,
+                args.tau_prox,
+                args.width,
+            )
+    kind = "max RSS" if args.device == "cpu" else "max allocated"
+    header = "| method | step [ms] | ratio to backprop |"
+    rule = "|---|---|---|"
+    if memory:
+        header += f" peak memory ({kind}) [MiB] | memory ratio |"
+        rule += "---|---|"
+    print(header)
+    print(rule)
     for name, samples in times.items():
         median = statistics.median(samples)
-        print(f"| {name} | {1000 * median:.1f} | {median / baseline:.2f} |")
+        line = f"| {name} | {1000 * median:.1f} | {median / baseline:.2f} |"
+        if memory:
+            line += f" {memory[name]:.0f} | {memory[name] / memory['backprop']:.2f} |"
+        print(line)
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"args": vars(args), "seconds": times}, handle, indent=2)
+            json.dump({"args": vars(args), "seconds": times, "peak_mib": memory}, handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ class LayerKind:
     # use δ, the gradient of the layer output.
     supports_dual: bool = False
     uses_output_grad: bool = False
+    # Whether Ũ is an im2col matrix (copied to build the Gram; products are convolutions).
+    im2col: bool = False
 
     def groups(self, module: nn.Module) -> int:
         return 1
@@ -116,6 +118,8 @@ class ConvKind(LayerKind):
     (``padding="same"`` included, and reflect/replicate/circular modes: the padded input is
     what the weights see), so every other method runs an unpadded convolution.
     """
+
+    im2col = True
 
     def __init__(self, spatial_dims: int) -> None:
         self.spatial_dims = spatial_dims
@@ -284,6 +288,7 @@ class LayerSystem:
         ]
         self.num_columns = sum(c.kind.num_columns(c.module, c.x) for c in self.calls)
         self.supports_dual = all(call.kind.supports_dual for call in self.calls)
+        self.im2col = any(call.kind.im2col for call in self.calls)
 
     def gram_apply(self, rows: Tensor) -> Tensor:
         """V ↦ V Ũ Ũᵀ = A*(A V) for rows V of shape (groups, rows_per_group, row_dim)."""

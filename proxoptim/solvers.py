@@ -163,9 +163,15 @@ class Costs:
         return min(allowed, key=lambda form: getattr(self, form))
 
 
-# float64 LAPACK on n × n, in float32-GEMM-equivalent flops per n³ (measured on CPUs).
+# Costs in float32-GEMM-equivalent flops, calibrated on a 2-core AVX-512 CPU (they only
+# steer the choice; every form gives the same v). LAPACK on n × n, per n³:
 EIGH_COST_PER_CUBE = 30.0
 INVERSE_COST_PER_CUBE = 4.0
+# A convolution and its weight gradient run at about a third of GEMM speed for the narrow
+# channel counts where matrix-free CG competes, and building the Gram of a convolution
+# copies every im2col element once (about 600 flops' worth of time per element).
+CONV_PRODUCT_SLOWDOWN = 3.0
+IM2COL_COST_PER_ELEMENT = 600.0
 
 
 def estimate_costs(
@@ -180,8 +186,12 @@ def estimate_costs(
     n, d, m, groups = system.num_columns, layout.row_dim, layout.rows, layout.groups
     k = cg_iters
     matrix_free = float("inf") if exact else 4.0 * k * n * d * m
+    if system.im2col:
+        matrix_free *= CONV_PRODUCT_SLOWDOWN
 
     primal = 2.0 * n * d * d
+    if system.im2col:
+        primal += IM2COL_COST_PER_ELEMENT * n * d
     primal += groups * d**3 / 3.0 + 4.0 * m * d * d if exact else 2.0 * k * m * d * d
     if groups * d * d > MAX_GRAM_ELEMENTS:
         primal = float("inf")

@@ -605,3 +605,27 @@ def test_deleted_optimizer_releases_the_model():
     del model, opt
     gc.collect()
     assert model_ref() is None
+
+
+def test_layers_of_equal_shape_get_their_own_direction_buffers():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)
+    ).double()
+    opt = ProxPropOptimizer(model, Recorder)
+    for step in range(2):  # the second step reuses the buffers of the first
+        opt.zero_grad()
+        loss_of(model, *batch(step)).backward()
+        opt.step()
+    reused = opt.inner.seen[-1]
+    assert reused[model[0].weight].data_ptr() != reused[model[2].weight].data_ptr()
+    # The same step from an optimizer with fresh buffers gives the same directions.
+    opt.remove_hooks()
+    fresh = ProxPropOptimizer(model, Recorder)
+    model.zero_grad()
+    loss_of(model, *batch(1)).backward()
+    fresh.step()
+    for layer in (model[0], model[2]):
+        expected = fresh.inner.seen[-1][layer.weight]
+        assert torch.equal(reused[layer.weight], expected)
+        assert relative_error(expected, layer.weight.grad) > 1e-3

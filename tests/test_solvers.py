@@ -9,6 +9,8 @@ from oracle import relative_error, textbook_cg
 
 from proxoptim.operators import LayerSystem, RowLayout, kind_for
 from proxoptim.solvers import (
+    CONV_PRODUCT_SLOWDOWN,
+    IM2COL_COST_PER_ELEMENT,
     MAX_GRAM_ELEMENTS,
     batched_cg,
     cholesky_solve_rows,
@@ -131,6 +133,15 @@ def test_cost_rule_picks_the_cheaper_form():
     assert choose_form(wide, exact=False, cg_iters=10, requested="dual") == "dual"
 
 
+def test_cost_rule_for_the_paper_cnn():
+    """Matrix-free CG for a few iterations; the Gram pays off for many (measured on CPU)."""
+    conv1 = _system(torch.nn.Conv2d(3, 16, 5, padding=2), batch=500)
+    assert choose_form(conv1, exact=False, cg_iters=3) == "matrix_free"
+    assert choose_form(conv1, exact=False, cg_iters=10) == "primal"
+    conv2 = _system(torch.nn.Conv2d(16, 20, 5, padding=2), batch=500)
+    assert choose_form(conv2, exact=False, cg_iters=3) == "matrix_free"
+
+
 def test_cost_rule_never_builds_a_huge_gram_for_cg(monkeypatch):
     monkeypatch.setattr("proxoptim.solvers.MAX_GRAM_ELEMENTS", 100)
     wide = _system(torch.nn.Linear(64, 512), batch=4096)
@@ -146,5 +157,9 @@ def test_cost_estimates_count_columns_rows_and_dims(case):
     system = LayerSystem(layout, [(module, kind, sample(3), None)], torch.float64)
     n, d, m = system.num_columns, layout.row_dim, layout.rows
     costs = estimate_costs(system, exact=False, cg_iters=2)
-    assert costs.matrix_free == 4 * 2 * n * d * m  # k = 2 iterations of two products
-    assert costs.primal == 2 * n * d * d + 2 * 2 * m * d * d
+    conv = system.im2col
+    assert conv == case.name.startswith("conv")
+    slowdown = CONV_PRODUCT_SLOWDOWN if conv else 1.0
+    copies = IM2COL_COST_PER_ELEMENT * n * d if conv else 0.0
+    assert costs.matrix_free == slowdown * 4 * 2 * n * d * m  # k = 2 iterations, two products
+    assert costs.primal == 2 * n * d * d + copies + 2 * 2 * m * d * d

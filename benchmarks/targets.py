@@ -1,0 +1,72 @@
+"""The step-time and memory table of docs/performance.md, from one command.
+
+ProxProp step time / backprop step time (same inner optimizer, same process, interleaved,
+median of the repeats after warm-up) for the paper's MLP (Nesterov SGD) and CNN (Adam) at
+batch 500, and peak memory of each method against backprop's (each in a fresh process).
+
+    python benchmarks/targets.py                 # CPU
+    python benchmarks/targets.py --device cuda   # GPU: max_memory_allocated for memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+from step_ratio import measure, peak_memory
+
+# (network, inner optimizer, {method: target ratio}); None: no target, measured anyway.
+TABLE = [
+    ("mlp", "nesterov", {"cg3": 1.6, "exact": 1.5, "cg10": 1.7}),
+    ("cnn", "adam", {"cg3": 2.0, "cg10": 4.0}),
+]
+MEMORY_TARGET = 1.10
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-memory", action="store_true")
+    args = parser.parse_args()
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(
+        f"{device_name}, {torch.get_num_threads()} threads, torch {torch.__version__}, batch 500, "
+        f"median of {args.repeats} interleaved steps after {args.warmup} warm-up"
+    )
+    print(
+        "| network | method | step [ms] | backprop [ms] | ratio | target "
+        "| peak memory ratio | memory target |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for network, optimizer, targets in TABLE:
+        methods = list(targets)
+        times = measure(network, optimizer, methods, 500, args.repeats, args.warmup, args.device)
+        baseline = statistics.median(times["backprop"])
+        memory = {}
+        if not args.no_memory:
+            for name in ["backprop", *methods]:
+                memory[name] = peak_memory(network, optimizer, name, 500, 3, args.device, 1.0, 1.0)
+        for name in methods:
+            median = statistics.median(times[name])
+            ratio = median / baseline
+            mark = "met" if ratio <= targets[name] else "missed"
+            memory_cell = "–"
+            memory_mark = "–"
+            if memory:
+                memory_ratio = memory[name] / memory["backprop"]
+                memory_cell = (
+                    f"{memory_ratio:.2f} ({memory[name]:.0f} / {memory['backprop']:.0f} MiB)"
+                )
+                memory_mark = "met" if memory_ratio <= MEMORY_TARGET else "missed"
+            print(
+                f"| {network} ({optimizer}) | {name} | {1000 * median:.0f} | "
+                f"{1000 * baseline:.0f} | {ratio:.2f} | ≤ {targets[name]} ({mark}) | "
+                f"{memory_cell} | ≤ {MEMORY_TARGET} ({memory_mark}) |"
+            )
+
+
+if __name__ == "__main__":
+    main()
