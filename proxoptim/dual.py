@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from proxoptim.operators import LayerSystem
+from proxoptim.workspace import Workspace
 
 # Relative mismatch up to which .grad counts as a multiple of δᵀŨᵀ. Rounding in the two
 # float32 products stays near 1e-7; anything added to the gradient above this (weight
@@ -187,6 +188,7 @@ def solve_dual(
     cg_tol: float | None,
     output_grad_scale: float | None,
     out: tuple[Tensor, Tensor | None] | None = None,
+    workspace: Workspace | None = None,
 ) -> DualSolution:
     """v = M⁻¹g (``exact``) or ``cg_iters`` per-row CG iterations from v = 0, in the dual.
 
@@ -195,10 +197,23 @@ def solve_dual(
         output_grad_scale: s when .grad is known to equal s·δᵀŨᵀ (see
             :meth:`DualKernel.probe_output_grad_scale`); None for the general form.
         out: optional (W, b) buffers to write v into.
+        workspace: scratch buffers reused across calls (a private one when None).
     """
     if exact:
         return _exact(kernel, grad_weight, grad_bias, tau_prox, output_grad_scale, out)
-    return _cg(kernel, grad_weight, grad_bias, tau_prox, cg_iters, cg_tol, output_grad_scale, out)
+    if workspace is None:
+        workspace = Workspace()
+    return _cg(
+        kernel,
+        grad_weight,
+        grad_bias,
+        tau_prox,
+        cg_iters,
+        cg_tol,
+        output_grad_scale,
+        out,
+        workspace,
+    )
 
 
 def _exact(
@@ -252,7 +267,7 @@ def _sampled_residual(
     return (squared.clamp_min(0) * (rows / len(index))).sqrt()
 
 
-# Rows per block in the elementwise CG: a block of vectors stays in cache across iterations.
+# Rows per block in the general form's float64 CG (bounds its temporaries).
 CG_ROW_BLOCK = 1024
 
 
@@ -265,6 +280,7 @@ def _cg(
     tol: float | None,
     scale: float | None,
     out: tuple[Tensor, Tensor | None] | None,
+    workspace: Workspace,
 ) -> DualSolution:
     """Batched per-row CG on (a, c̃) coordinates in K's eigenbasis (module docstring)."""
     dtype = grad_weight.dtype
@@ -273,25 +289,27 @@ def _cg(
     if scale is not None:
         # g = s·δᵀŨᵀ: r₀ = (0, s·δᵀQ), a stays 0, and every quantity is a plain diagonal CG
         # in the weighted inner product Σ λᵢ uᵢ wᵢ; it runs in the working dtype.
-        start = (kernel.output_grads.T @ basis) * scale
-        blocks = [
-            _diagonal_cg(block, eigenvalues, tau_prox, iterations, tol)
-            for block in start.split(CG_ROW_BLOCK)
-        ]
-        gradient_scale = None
-    else:
-        # The general form's inner products cancel as the residual shrinks: float64.
-        projected = (kernel.project(grad_weight, grad_bias) @ basis).double()
-        gradient_sq = (grad_weight.double() ** 2).sum(1, keepdim=True)
-        if grad_bias is not None:
-            gradient_sq += grad_bias.double().unsqueeze(1) ** 2
-        blocks = [
-            _general_cg(block, block_sq, eigenvalues.double(), tau_prox, iterations, tol)
-            for block, block_sq in zip(
-                projected.split(CG_ROW_BLOCK), gradient_sq.split(CG_ROW_BLOCK), strict=True
-            )
-        ]
-        gradient_scale = torch.cat([block[3] for block in blocks]).squeeze(1).to(dtype)
+        shape = (grad_weight.shape[0], kernel.columns)
+        start = workspace.take("start", shape, basis)
+        torch.matmul(kernel.output_grads.T, basis, out=start).mul_(scale)
+        coefficients, done, residual_sq = _diagonal_cg(
+            start, eigenvalues, tau_prox, iterations, tol, workspace
+        )
+        weight, bias = kernel.expand(coefficients, basis.T, grad_weight, grad_bias, None, out)
+        return DualSolution(weight, bias, done, residual_sq.double().sqrt())
+
+    # The general form's inner products cancel as the residual shrinks: float64.
+    projected = (kernel.project(grad_weight, grad_bias) @ basis).double()
+    gradient_sq = (grad_weight.double() ** 2).sum(1, keepdim=True)
+    if grad_bias is not None:
+        gradient_sq += grad_bias.double().unsqueeze(1) ** 2
+    blocks = [
+        _general_cg(block, block_sq, eigenvalues.double(), tau_prox, iterations, tol)
+        for block, block_sq in zip(
+            projected.split(CG_ROW_BLOCK), gradient_sq.split(CG_ROW_BLOCK), strict=True
+        )
+    ]
+    gradient_scale = torch.cat([block[3] for block in blocks]).squeeze(1).to(dtype)
     coefficients = torch.cat([block[0] for block in blocks]).to(dtype)
     done = max(block[1] for block in blocks)
     residual_sq = sum(block[2] for block in blocks)
@@ -305,24 +323,30 @@ def _guarded_ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
 
 
 def _diagonal_cg(
-    start: Tensor, eigenvalues: Tensor, tau_prox: float, iterations: int, tol: float | None
+    start: Tensor,
+    eigenvalues: Tensor,
+    tau_prox: float,
+    iterations: int,
+    tol: float | None,
+    workspace: Workspace,
 ) -> tuple[Tensor, int, Tensor]:
-    """CG on diag(1/τθ + λ) for each row of ``start`` (m_block, n), inner product Σ λ u w.
+    """CG on diag(1/τθ + λ) for each row of ``start`` (m, n), inner product Σ λ u w.
 
     Returns (solution, iterations run, Σ over rows of the final squared residual norm).
-    Every temporary lives in one preallocated buffer: fresh allocations of this size cost
-    page faults on every iteration.
+    The solution is a workspace buffer, valid until the next solve; ``start`` is consumed.
     """
     diagonal = eigenvalues + 1.0 / tau_prox
     weighted_diagonal = eigenvalues * diagonal
+    residual = start
+    direction = workspace.take("direction", start.shape, start)
+    solution = workspace.take("solution", start.shape, start).zero_()
+    work = workspace.take("work", start.shape, start)
     # CG is linear in its right-hand side: run every row at unit norm and scale back, so
     # that squared residuals of small gradients never sink into (slow) denormal floats.
-    work = torch.mul(start, start)
-    row_norm = (work @ eigenvalues).sqrt_().unsqueeze(1)
+    row_norm = (torch.mul(residual, residual, out=work) @ eigenvalues).sqrt_().unsqueeze(1)
     row_scale = torch.where(row_norm > 0, row_norm, torch.ones_like(row_norm))
-    residual = start / row_scale
-    direction = residual.clone()
-    solution = torch.zeros_like(start)
+    residual.div_(row_scale)
+    direction.copy_(residual)
     residual_sq = torch.mul(residual, residual, out=work) @ eigenvalues
     threshold_sq = None if tol is None else (tol * tol) * residual_sq
     new_residual_sq = residual_sq

@@ -19,6 +19,7 @@ from proxoptim.capture import Capture, CapturedCall
 from proxoptim.dual import DualKernel
 from proxoptim.operators import LayerKind, LayerSystem, RowLayout, kind_for
 from proxoptim.solvers import FORMS, Solution, choose_form, solve
+from proxoptim.workspace import Workspace
 
 SOLVERS = ("cg", "exact", "none")
 SOLVER_FORMS = ("auto", *FORMS)
@@ -164,6 +165,7 @@ class ProxPropOptimizer(Optimizer):
         self.last_stats: dict[str, LayerStats] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
         self._buffers: dict[Tensor, tuple[Tensor, Tensor | None]] = {}
+        self._workspace = Workspace()
         self._warned_uncaptured: set[str] = set()
         self._capture = Capture(
             (index, module, not layer.excluded, layer.kind.uses_output_grad)
@@ -321,6 +323,7 @@ class ProxPropOptimizer(Optimizer):
             form=form,
             output_grad_scale=scale,
             out=self._direction_buffers(weight, grad_weight, grad_bias),
+            workspace=self._workspace,
         )
         directions = {weight: solution.weight.to(weight.dtype)}
         if has_bias and bias.grad is not None:

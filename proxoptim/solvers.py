@@ -24,6 +24,7 @@ from torch import Tensor
 
 from proxoptim.dual import DualKernel, solve_dual
 from proxoptim.operators import LayerSystem
+from proxoptim.workspace import Workspace
 
 FORMS = ("matrix_free", "primal", "dual")
 
@@ -259,6 +260,7 @@ def solve(
     form: str,
     output_grad_scale: float | None = None,
     out: tuple[Tensor, Tensor | None] | None = None,
+    workspace: Workspace | None = None,
 ) -> Solution:
     """v = M⁻¹g (exact) or k CG iterations on it, in the given form.
 
@@ -268,6 +270,7 @@ def solve(
         form: "matrix_free", "primal" or "dual" (Linear layers).
         output_grad_scale: for the dual form, s with .grad = s·δᵀŨᵀ, when verified.
         out: optional (W, b) buffers that receive v (reused across steps by the optimizer).
+        workspace: scratch buffers shared by all layers' solves.
     """
     if form == "dual":
         kernel = DualKernel(system)
@@ -281,6 +284,7 @@ def solve(
             cg_tol=cg_tol,
             output_grad_scale=output_grad_scale,
             out=out,
+            workspace=workspace,
         )
         return Solution(result.weight, result.bias, result.iterations, result.residual_norm)
     layout = system.layout
