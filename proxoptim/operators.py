@@ -138,9 +138,18 @@ class ConvKind(LayerKind):
         if any(padding):
             mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
             x = F.pad(x, padding, mode=mode)
-        return x
+        # Channels-last convolutions (and their weight gradients) run 1.5-4x faster than
+        # NCHW ones for the narrow channel counts of CG products on CPUs (oneDNN).
+        return x.contiguous(memory_format=self._memory_format)
+
+    @property
+    def _memory_format(self) -> torch.memory_format:
+        return {2: torch.channels_last, 3: torch.channels_last_3d}.get(
+            self.spatial_dims, torch.contiguous_format
+        )
 
     def forward(self, module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        weight = weight.contiguous(memory_format=self._memory_format)
         return self._conv(x, weight, bias, module.stride, 0, module.dilation, module.groups)
 
     def adjoint(
