@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every number in docs/results.md, regenerated on this machine's CPU (about an hour on 2 cores).
+# Every number in docs/results.md and docs/performance.md, regenerated on this machine's CPU
+# (about 45 minutes on 2 cores). Run it on an otherwise idle machine: timings are shared.
 # Usage: bash benchmarks/reproduce_cpu.sh [DATA_DIR]   (DATA_DIR defaults to ../shared/data)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,17 +8,23 @@ data=${1:-../shared/data}
 out=docs/results
 mkdir -p "$out"
 
+# Main job on digits (offline defaults) and the CG-iteration benchmark.
 proxoptim compare --quiet --out "$out/digits-compare"
 proxoptim sweep --quiet --out "$out/digits-table1"
 python benchmarks/cg_iterations.py | tee "$out/digits-cg-iterations.md"
 
+# Reduced paper protocols on CIFAR-10 (the shared JPEG copy).
 proxoptim compare --preset fig2 --data-dir "$data" --train-subset 5000 --epochs 10 --width 0.25 \
     --quiet --out "$out/cifar-fig2-reduced"
 proxoptim compare --preset fig3 --data-dir "$data" --train-subset 5000 --epochs 10 \
     --quiet --out "$out/cifar-fig3-reduced"
 proxoptim sweep --preset table1 --data-dir "$data" --train-subset 2000 --epochs 5 --width 0.25 \
     --quiet --out "$out/cifar-table1-reduced"
+python benchmarks/cg_iterations.py --dataset cifar10 --data-dir "$data" --train-subset 5000 \
+    --epochs 5 --width 0.25 --batch-size 500 | tee "$out/cifar-cg-iterations.md"
 
-python benchmarks/step_ratio.py --methods cg1,cg3,cg5,cg10,exact | tee "$out/step-ratio-mlp.md"
-python benchmarks/step_ratio.py --network cnn --optimizer adam --methods cg1,cg3,cg5,cg10 \
-    | tee "$out/step-ratio-cnn.md"
+# Step time and memory against backprop on the paper's networks (docs/performance.md).
+python benchmarks/targets.py --repeats 9 | tee "$out/targets-cpu.md"
+python benchmarks/profile_step.py | tee "$out/profile-mlp-cg3.md"
+python benchmarks/profile_step.py --network cnn --optimizer adam --method cg3 \
+    | tee "$out/profile-cnn-cg3.md"
