@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from proxoptim.distributed import Communicator
+
 # Gram matrices are accumulated from im2col patches in chunks of at most this many
 # elements, so that building G never materialises the whole n × d patch matrix at once.
 PATCH_CHUNK_ELEMENTS = 1 << 24
@@ -288,19 +290,28 @@ class LayerSystem:
         layout: RowLayout,
         calls: Sequence[tuple[nn.Module, LayerKind, Tensor, Tensor | None]],
         dtype: torch.dtype,
+        communicator: Communicator | None = None,
     ) -> None:
         self.layout = layout
         self.dtype = dtype
+        self.communicator = communicator
         self.calls = [
             Call(module, kind, kind.prepare(module, x, dtype), output_grad)
             for module, kind, x, output_grad in calls
         ]
         self.num_columns = sum(c.kind.num_columns(c.module, c.x) for c in self.calls)
+        if communicator is not None:
+            # Every rank must see the global n: the cost model decides identically on all.
+            columns = torch.tensor([self.num_columns], device=self.calls[0].x.device)
+            self.num_columns = int(communicator.all_reduce_(columns))
         self.supports_dual = all(call.kind.supports_dual for call in self.calls)
         self.im2col = any(call.kind.im2col for call in self.calls)
 
     def gram_apply(self, rows: Tensor) -> Tensor:
-        """V ↦ V Ũ Ũᵀ = A*(A V) for rows V of shape (groups, rows_per_group, row_dim)."""
+        """V ↦ V Ũ Ũᵀ = A*(A V) for rows V of shape (groups, rows_per_group, row_dim).
+
+        With a communicator, Ũ is the concatenation of every rank's columns (summed here).
+        """
         weight, bias = self.layout.from_rows(rows)
         total_weight = torch.zeros_like(weight)
         total_bias = torch.zeros_like(bias) if bias is not None else None
@@ -310,7 +321,10 @@ class LayerSystem:
             total_weight += grad_weight
             if total_bias is not None:
                 total_bias += grad_bias
-        return self.layout.to_rows(total_weight, total_bias)
+        product = self.layout.to_rows(total_weight, total_bias)
+        if self.communicator is not None:
+            self.communicator.all_reduce_(product)
+        return product
 
     def gram(self) -> Tensor:
         """G = Σ_calls Ũ Ũᵀ, shape (groups, row_dim, row_dim); built from patches in chunks."""
@@ -328,5 +342,7 @@ class LayerSystem:
                     gram[:, :dim, dim] += column_sums
                     gram[:, dim, :dim] += column_sums
         if layout.has_bias:
-            gram[:, dim, dim] = float(self.num_columns)
+            gram[:, dim, dim] = float(sum(c.kind.num_columns(c.module, c.x) for c in self.calls))
+        if self.communicator is not None:
+            self.communicator.all_reduce_(gram)
         return gram

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from proxoptim.capture import Capture, CapturedCall
+from proxoptim.distributed import Communicator, default_mode
 from proxoptim.dual import DualKernel
 from proxoptim.operators import LayerKind, LayerSystem, RowLayout, kind_for
 from proxoptim.solvers import FORMS, Solution, choose_form, solve
@@ -105,6 +106,11 @@ class ProxPropOptimizer(Optimizer):
             everything inside it) or module objects whose layers keep the plain gradient.
         solver_form: ``"auto"`` (a per-layer cost rule), ``"matrix_free"``, ``"primal"`` or
             ``"dual"`` (Linear layers); a form a layer cannot use falls back to "auto" there.
+        distributed: ``"global"`` (default inside an initialised process group of several
+            ranks: every rank gets the single-process direction on the concatenation of all
+            ranks' batches) or ``"local"`` (each rank's own M, directions averaged); see
+            :mod:`proxoptim.distributed`. Every rank must run the same layers each step.
+        process_group: the group to communicate over (default: the world).
         **optimizer_kwargs: passed to ``optimizer`` when it is a class.
 
     ``param_groups``, ``state`` and ``defaults`` are the inner optimizer's own objects, so
@@ -129,6 +135,8 @@ class ProxPropOptimizer(Optimizer):
         exclude_last: bool = True,
         exclude: Iterable[str | nn.Module] = (),
         solver_form: str = "auto",
+        distributed: str | None = None,
+        process_group: Any = None,
         **optimizer_kwargs: Any,
     ) -> None:
         _validate(
@@ -140,6 +148,9 @@ class ProxPropOptimizer(Optimizer):
         self.cg_tol = None if cg_tol is None else float(cg_tol)
         self.exclude_last = bool(exclude_last)
         self.solver_form = solver_form
+        self.distributed = default_mode(distributed)
+        self._communicator = Communicator(process_group) if self.distributed else None
+        model = _unwrap(model)
 
         self._layers = _find_layers(model, _resolve_exclusions(model, exclude))
         _claim(self._layers)
@@ -248,6 +259,8 @@ class ProxPropOptimizer(Optimizer):
         stats: dict[str, LayerStats] = {}
         if self.solver != "none":
             directions, stats = self._directions(self._capture.calls())
+            if self.distributed == "local" and directions:
+                _average_over_ranks(list(directions.values()), self._communicator)
 
         originals = {param: param.grad for param in directions}
         for param, direction in directions.items():
@@ -302,9 +315,14 @@ class ProxPropOptimizer(Optimizer):
                 if bias.grad is not None
                 else torch.zeros_like(bias, dtype=dtype)
             )
-        system = LayerSystem(
-            layout, [(c.module, layer.kind, c.input, c.output_grad) for c in calls], dtype
-        )
+        raw_calls = [(c.module, layer.kind, c.input, c.output_grad) for c in calls]
+        communicator = None
+        if self.distributed == "global":
+            if layer.kind.im2col:
+                communicator = self._communicator  # all-reduce the Gram or each product
+            else:
+                raw_calls = _gathered_linear_calls(raw_calls, dtype, self._communicator)
+        system = LayerSystem(layout, raw_calls, dtype, communicator)
         exact = self.solver == "exact"
         scale = None
         if system.supports_dual and system.calls[0].output_grad is not None:
@@ -367,6 +385,39 @@ class ProxPropOptimizer(Optimizer):
             "or no forward ran); it gets the plain gradient. This warning is shown once.",
             stacklevel=3,
         )
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel (names then match the
+    user's model, and the wrapper's own hooks are left alone)."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    return model.module if isinstance(model, wrappers) else model
+
+
+def _gathered_linear_calls(
+    calls: list[tuple[nn.Module, LayerKind, Tensor, Tensor | None]],
+    dtype: torch.dtype,
+    communicator: Communicator,
+) -> list[tuple[nn.Module, LayerKind, Tensor, Tensor | None]]:
+    """One call holding every rank's inputs and output gradients, stacked in rank order."""
+    module, kind = calls[0][0], calls[0][1]
+    inputs = torch.cat([x.reshape(-1, x.shape[-1]).to(dtype) for _, _, x, _ in calls])
+    grads = [g for _, _, _, g in calls]
+    output_grads = None
+    if all(g is not None for g in grads):
+        output_grads = torch.cat([g.reshape(-1, g.shape[-1]).to(dtype) for g in grads])
+        output_grads = communicator.gather_rows(output_grads)
+    return [(module, kind, communicator.gather_rows(inputs), output_grads)]
+
+
+def _average_over_ranks(tensors: list[Tensor], communicator: Communicator) -> None:
+    """Averages every tensor over ranks with one all-reduce of their concatenation."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    communicator.average_(flat)
+    offset = 0
+    for tensor in tensors:
+        tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()
 
 
 def _same_layout(buffer: Tensor, like: Tensor) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -28,3 +29,23 @@ def test_quickstart_runs_and_reports_both_optimizers():
         check=True,
     )
     assert "backprop/Adam" in result.stdout and "proxprop-cg3/Adam" in result.stdout
+
+
+def test_ddp_example_runs_under_torchrun_with_identical_replicas():
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            str(ROOT / "examples" / "ddp_train.py"),
+            "--steps",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert "replicas identical: True" in result.stdout

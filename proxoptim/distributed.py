@@ -1,0 +1,72 @@
+"""What M needs across ranks (DESIGN.md §5).
+
+Under DistributedDataParallel every rank's ``.grad`` is the average over ranks, so the
+preconditioner must describe the global batch: M = I/τθ + Σ_ranks A_r* A_r.
+
+* ``"global"``: every rank computes the direction a single process would compute on the
+  concatenation of all ranks' batches. Linear layers all-gather their inputs and output
+  gradients (the dual form then works on the global kernel; the probe sees .grad = δᵀŨᵀ/R);
+  convolutions all-reduce the primal Gram once, or every matrix-free CG product. All ranks
+  then run identical arithmetic on identical tensors, so replicas stay bit-identical.
+* ``"local"``: each rank solves with its own M and the directions are averaged with one
+  all-reduce: still a descent direction, cheaper on wide layers, a different
+  preconditioner from the single-process one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+MODES = ("global", "local")
+
+
+@dataclass(frozen=True)
+class Communicator:
+    """Collectives over one process group (SUM reductions, rank-ordered gathers)."""
+
+    group: dist.ProcessGroup | None = None
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    def all_reduce_(self, tensor: Tensor) -> Tensor:
+        """Σ over ranks, in place; every rank receives the same bytes."""
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        return tensor
+
+    def average_(self, tensor: Tensor) -> Tensor:
+        return self.all_reduce_(tensor).div_(self.world_size)
+
+    def gather_rows(self, tensor: Tensor) -> Tensor:
+        """The ranks' ``tensor`` (n_r, ...) stacked in rank order (n_r may differ)."""
+        rows = torch.tensor([tensor.shape[0]], device=tensor.device)
+        all_rows = [torch.zeros_like(rows) for _ in range(self.world_size)]
+        dist.all_gather(all_rows, rows, group=self.group)
+        sizes = [int(r) for r in all_rows]
+        padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous(), group=self.group)
+        return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
+
+
+def default_mode(requested: str | None) -> str | None:
+    """The mode to run: ``requested``, else "global" inside an initialised process group of
+    more than one rank, else None (single process)."""
+    if requested is not None:
+        if requested not in MODES:
+            raise ValueError(f"unknown distributed mode {requested!r}; pass one of {MODES}")
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(
+                f"distributed={requested!r} needs an initialised process group: call "
+                "torch.distributed.init_process_group first (or leave distributed=None)"
+            )
+        return requested
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return "global"
+    return None

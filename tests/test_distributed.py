@@ -1,0 +1,104 @@
+"""Real multi-process DistributedDataParallel runs (gloo on CPU) against one process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from distributed_worker import PER_RANK, make_model, optimizer_for, train
+from oracle import relative_error
+
+from proxoptim import ProxPropOptimizer
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_ranks(tmp_path: Path, world_size: int, mode: str, steps: int, solver: str = "cg"):
+    port = str(free_port())
+    processes = []
+    for rank in range(world_size):
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            OMP_NUM_THREADS="1",
+        )
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, str(WORKER), str(tmp_path), mode, str(steps), solver],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    for process in processes:
+        output, _ = process.communicate(timeout=240)
+        assert process.returncode == 0, output
+    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world_size)]
+
+
+def single_process(world_size: int, steps: int, solver: str = "cg"):
+    model = make_model()
+    opt = optimizer_for(model, solver=solver)
+    train(model, opt, steps, world_size)
+    return opt.inner.seen[0], [p.detach() for p in model.parameters()], opt
+
+
+@pytest.mark.parametrize(("world_size", "solver"), [(2, "cg"), (3, "cg"), (2, "exact")])
+def test_global_mode_equals_one_process_on_the_concatenated_batch(tmp_path, world_size, solver):
+    ranks = run_ranks(tmp_path, world_size, "global", steps=6, solver=solver)
+    expected, expected_params, opt = single_process(world_size, steps=6, solver=solver)
+    assert {"0", "3", "5"} <= set(opt.last_stats)  # conv, and Linear layers preconditioned
+    for result in ranks:
+        for direction, reference in zip(result["directions"], expected, strict=True):
+            assert relative_error(direction, reference) <= 1e-6
+        assert result["forms"] == {name: s.form for name, s in opt.last_stats.items()}
+    # Replicas stay bit-identical, and on the single-process trajectory.
+    for result in ranks[1:]:
+        for mine, theirs in zip(result["parameters"], ranks[0]["parameters"], strict=True):
+            assert torch.equal(mine, theirs)
+    for mine, reference in zip(ranks[0]["parameters"], expected_params, strict=True):
+        assert relative_error(mine, reference) <= 1e-6
+
+
+def test_local_mode_averages_per_rank_directions(tmp_path):
+    ranks = run_ranks(tmp_path, 2, "local", steps=4)
+    for result in ranks[1:]:
+        for mine, theirs in zip(result["parameters"], ranks[0]["parameters"], strict=True):
+            assert torch.equal(mine, theirs)
+        for mine, theirs in zip(result["directions"], ranks[0]["directions"], strict=True):
+            assert torch.equal(mine, theirs)
+    # A different preconditioner from the global one, and still a descent direction.
+    global_directions, _, _ = single_process(2, steps=1)
+    gradients, _, _ = single_process(2, steps=1, solver="none")
+    local = ranks[0]["directions"]
+    assert any(
+        relative_error(mine, reference) > 1e-6
+        for mine, reference in zip(local, global_directions, strict=True)
+    )
+    assert sum(float((v * g).sum()) for v, g in zip(local, gradients, strict=True)) > 0
+
+
+def test_distributed_modes_need_a_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match="init_process_group"):
+        ProxPropOptimizer(make_model(), torch.optim.SGD, lr=0.1, distributed="global")
+    with pytest.raises(ValueError, match="distributed mode"):
+        ProxPropOptimizer(make_model(), torch.optim.SGD, lr=0.1, distributed="everywhere")
+    assert ProxPropOptimizer(make_model(), torch.optim.SGD, lr=0.1).distributed is None
+    assert PER_RANK >= 1
