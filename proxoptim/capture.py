@@ -14,12 +14,15 @@ the weight gradient). Only when backward reaches the output does the call count
 * a gradient hook registered before an in-place op on the output (``ReLU(inplace=True)``)
   still fires with the gradient of the layer's own output.
 
-Each confirmed call also records its position in the forward order, which the optimizer
-uses to find the output layer.
+Each confirmed call also records the order in which backward reached it: the output layer
+is the first (its output gradient is the first backward computes). Forward order would
+mislead under reentrant activation checkpointing, whose recomputation runs the
+checkpointed layers again, during backward, after the head.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import weakref
 from collections.abc import Callable, Iterable
@@ -34,13 +37,15 @@ from torch.utils.hooks import RemovableHandle
 @dataclass(frozen=True)
 class CapturedCall:
     """A confirmed call: its forward-order number, the module that ran, its input (None
-    for layers tracked only for their forward order) and, where asked for, the gradient
-    its output received (δ, shaped like the output)."""
+    for layers tracked only for their order) and, where asked for, the gradient its output
+    received (δ, shaped like the output); ``confirmation`` numbers the calls in the order
+    backward reached them."""
 
     sequence: int
     module: nn.Module
     input: Tensor | None
     output_grad: Tensor | None = None
+    confirmation: int = 0
 
 
 class Capture:
@@ -55,6 +60,7 @@ class Capture:
     def __init__(self, modules: Iterable[tuple[Any, nn.Module, bool, bool]]) -> None:
         self._calls: dict[Any, list[CapturedCall]] = {}
         self._sequence = itertools.count()
+        self._confirmations = itertools.count()
         self._handles: list[RemovableHandle] = []
         self_ref = weakref.ref(self)
         for key, module, keep_input, keep_output_grad in modules:
@@ -81,6 +87,7 @@ class Capture:
         return self._finalizer.alive
 
     def _confirm(self, key: Any, call: CapturedCall) -> None:
+        call = dataclasses.replace(call, confirmation=next(self._confirmations))
         self._calls.setdefault(key, []).append(call)
 
     def _next_sequence(self) -> int:

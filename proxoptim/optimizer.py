@@ -280,7 +280,8 @@ class ProxPropOptimizer(Optimizer):
         """v for every layer to precondition, keyed by parameter, and per-layer stats."""
         output_layer = None
         if self.exclude_last and calls:
-            output_layer = max(calls, key=lambda key: max(call.sequence for call in calls[key]))
+            # The layer backward reached first: the one that ran last in the forward pass.
+            output_layer = min(calls, key=lambda key: min(call.confirmation for call in calls[key]))
         stepped = {param for group in self.inner.param_groups for param in group["params"]}
         directions: dict[Tensor, Tensor] = {}
         stats: dict[str, LayerStats] = {}
@@ -388,10 +389,15 @@ class ProxPropOptimizer(Optimizer):
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel (names then match the
-    user's model, and the wrapper's own hooks are left alone)."""
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    return model.module if isinstance(model, wrappers) else model
+    """The module inside DistributedDataParallel / DataParallel / torch.compile (names then
+    match the user's model, and the wrappers' own hooks are left alone)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # torch.compile's OptimizedModule
+        else:
+            return model
 
 
 def _gathered_linear_calls(

@@ -64,12 +64,13 @@ def test_gradient_hook_survives_inplace_activation():
     assert torch.allclose(call.output_grad.T @ x, layer.weight.grad)
 
 
-def test_forward_order_is_recorded():
+def test_forward_and_backward_order_are_recorded():
     first, second = nn.Linear(3, 3), nn.Linear(3, 1)
     capture = tracked(first, second)
     second(first(torch.randn(2, 3))).sum().backward()
     calls = capture.calls()
     assert calls[0][0].sequence < calls[1][0].sequence
+    assert calls[1][0].confirmation < calls[0][0].confirmation  # backward reaches `second` first
 
 
 def test_keep_input_false_records_order_only():

@@ -49,3 +49,37 @@ def test_ddp_example_runs_under_torchrun_with_identical_replicas():
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert "replicas identical: True" in result.stdout
+
+
+def test_resnet18_example_swaps_only_the_optimizer():
+    shared = ROOT.parent / "shared" / "data"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "resnet18_cifar10.py"),
+            "--data-dir",
+            str(shared),
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--train-subset",
+            "32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    assert "Adam " in result.stdout and "ProxProp(Adam), cg3" in result.stdout
+
+
+def test_amp_example_runs_with_grad_scaler():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "amp_train.py"), "--steps", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert "cosine(v, g) of layer 0" in result.stdout
