@@ -8,6 +8,8 @@ preconditioner must describe the global batch: M = I/τθ + Σ_ranks A_r* A_r.
   gradients (the dual form then works on the global kernel; the probe sees .grad = δᵀŨᵀ/R);
   convolutions all-reduce the primal Gram once, or every matrix-free CG product. All ranks
   then run identical arithmetic on identical tensors, so replicas stay bit-identical.
+  Linear layers, whose solve needs no further communication once gathered, are spread
+  over the ranks round-robin and their directions broadcast from the rank that solved.
 * ``"local"``: each rank solves with its own M and the directions are averaged with one
   all-reduce: still a descent direction, cheaper on wide layers, a different
   preconditioner from the single-process one.
@@ -33,6 +35,19 @@ class Communicator:
     @property
     def world_size(self) -> int:
         return dist.get_world_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    def broadcast_(self, tensor: Tensor, source: int) -> Tensor:
+        """``tensor`` of the rank ``source`` (its rank within the group), in place."""
+        dist.broadcast(
+            tensor,
+            dist.get_global_rank(self.group, source) if self.group else source,
+            group=self.group,
+        )
+        return tensor
 
     def all_reduce_(self, tensor: Tensor) -> Tensor:
         """Σ over ranks, in place; every rank receives the same bytes."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -285,6 +286,7 @@ class ProxPropOptimizer(Optimizer):
         stepped = {param for group in self.inner.param_groups for param in group["params"]}
         directions: dict[Tensor, Tensor] = {}
         stats: dict[str, LayerStats] = {}
+        spread: list[tuple[int, _Layer, dict[Tensor, Tensor]]] = []
         for index, layer in enumerate(self._layers):
             weight = layer.weight
             if layer.excluded or index == output_layer:
@@ -294,14 +296,27 @@ class ProxPropOptimizer(Optimizer):
             if index not in calls:
                 self._warn_uncaptured(layer.name)
                 continue
-            layer_directions, stats[layer.name] = self._precondition(layer, calls[index])
+            owner = None
+            if self.distributed == "global" and not layer.kind.im2col:
+                owner = len(spread) % self._communicator.world_size
+            layer_directions, layer_stats = self._precondition(layer, calls[index], owner)
+            if owner is not None:
+                spread.append((owner, layer, layer_directions))
+            if layer_stats is not None:
+                stats[layer.name] = layer_stats
             directions.update(layer_directions)
-        return directions, stats
+        for owner, layer, layer_directions in spread:
+            for direction in layer_directions.values():
+                self._communicator.broadcast_(direction, owner)
+            stats[layer.name] = _broadcast_stats(stats.get(layer.name), owner, self._communicator)
+        return {param: v.to(param.dtype) for param, v in directions.items()}, stats
 
     def _precondition(
-        self, layer: _Layer, calls: list[CapturedCall]
-    ) -> tuple[dict[Tensor, Tensor], LayerStats]:
-        """v = M⁻¹g (or k CG iterations) for one layer, as {parameter: direction}."""
+        self, layer: _Layer, calls: list[CapturedCall], owner: int | None = None
+    ) -> tuple[dict[Tensor, Tensor], LayerStats | None]:
+        """v = M⁻¹g (or k CG iterations) for one layer, as {parameter: direction} in the
+        solve dtype. With an ``owner`` rank, only that rank solves: the others take part in
+        the gathers and return the buffers the owner's direction will be broadcast into."""
         started = time.perf_counter()
         weight, bias = layer.weight, layer.bias
         has_bias = bias is not None and bias.requires_grad
@@ -324,6 +339,12 @@ class ProxPropOptimizer(Optimizer):
             else:
                 raw_calls = _gathered_linear_calls(raw_calls, dtype, self._communicator)
         system = LayerSystem(layout, raw_calls, dtype, communicator)
+        buffers = self._direction_buffers(weight, grad_weight, grad_bias)
+        if owner is not None and owner != self._communicator.rank:
+            waiting = {weight: buffers[0]}
+            if has_bias and bias.grad is not None:
+                waiting[bias] = buffers[1]
+            return waiting, None
         exact = self.solver == "exact"
         scale = None
         if system.supports_dual and system.calls[0].output_grad is not None:
@@ -341,12 +362,12 @@ class ProxPropOptimizer(Optimizer):
             cg_tol=self.cg_tol,
             form=form,
             output_grad_scale=scale,
-            out=self._direction_buffers(weight, grad_weight, grad_bias),
+            out=buffers,
             workspace=self._workspace,
         )
-        directions = {weight: solution.weight.to(weight.dtype)}
+        directions = {weight: solution.weight}
         if has_bias and bias.grad is not None:
-            directions[bias] = solution.bias.to(bias.dtype)
+            directions[bias] = solution.bias
         stats = _layer_stats(
             form, solution, grad_weight, grad_bias, time.perf_counter() - started, system, scale
         )
@@ -424,6 +445,39 @@ def _average_over_ranks(tensors: list[Tensor], communicator: Communicator) -> No
     for tensor in tensors:
         tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
         offset += tensor.numel()
+
+
+def _broadcast_stats(
+    stats: LayerStats | None, owner: int, communicator: Communicator
+) -> LayerStats:
+    """The owner rank's LayerStats on every rank (one small broadcast)."""
+    packed = torch.full((7,), math.nan, dtype=torch.float64)
+    if stats is not None:
+        scale = math.nan if stats.output_grad_scale is None else stats.output_grad_scale
+        packed = torch.tensor(
+            [
+                FORMS.index(stats.form),
+                stats.iterations,
+                stats.relative_residual,
+                stats.cosine,
+                stats.seconds,
+                stats.columns,
+                scale,
+            ],
+            dtype=torch.float64,
+        )
+    if dist.get_backend(communicator.group) == "nccl":
+        packed = packed.cuda()
+    values = communicator.broadcast_(packed, owner).tolist()
+    return LayerStats(
+        form=FORMS[int(values[0])],
+        iterations=int(values[1]),
+        relative_residual=values[2],
+        cosine=values[3],
+        seconds=values[4],
+        columns=int(values[5]),
+        output_grad_scale=None if math.isnan(values[6]) else values[6],
+    )
 
 
 def _same_layout(buffer: Tensor, like: Tensor) -> bool:
