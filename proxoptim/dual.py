@@ -227,7 +227,11 @@ def _exact(
     dtype = grad_weight.dtype
     eye = torch.eye(kernel.columns, dtype=torch.float64, device=kernel.kernel.device)
     shifted = kernel.kernel.double() + eye / tau_prox
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(shifted)).to(dtype)
+    factor, info = torch.linalg.cholesky_ex(shifted)
+    if bool(info != 0):
+        # Not positive definite in float64: non-finite inputs; the optimizer names it.
+        factor = torch.full_like(shifted, float("nan"))
+    inverse = torch.cholesky_inverse(factor).to(dtype)
     if scale is not None:
         # v = s·δᵀ (I/τθ + K)⁻¹ Ũᵀ
         left = kernel.output_grads.T * scale

@@ -24,6 +24,7 @@ from proxoptim.solvers import FORMS, Solution, choose_form, solve
 from proxoptim.workspace import Workspace
 
 SOLVERS = ("cg", "exact", "none")
+NONFINITE = ("raise", "skip")
 SOLVER_FORMS = ("auto", *FORMS)
 
 
@@ -107,6 +108,10 @@ class ProxPropOptimizer(Optimizer):
             everything inside it) or module objects whose layers keep the plain gradient.
         solver_form: ``"auto"`` (a per-layer cost rule), ``"matrix_free"``, ``"primal"`` or
             ``"dual"`` (Linear layers); a form a layer cannot use falls back to "auto" there.
+        nonfinite: ``"raise"``: a NaN/inf in a gradient, a captured input or a solve raises
+            ``FloatingPointError`` naming the layer and the quantity, before anything is
+            written; ``"skip"``: the step is skipped with a warning and counted in
+            ``skipped_steps``.
         distributed: ``"global"`` (default inside an initialised process group of several
             ranks: every rank gets the single-process direction on the concatenation of all
             ranks' batches) or ``"local"`` (each rank's own M, directions averaged); see
@@ -136,6 +141,7 @@ class ProxPropOptimizer(Optimizer):
         exclude_last: bool = True,
         exclude: Iterable[str | nn.Module] = (),
         solver_form: str = "auto",
+        nonfinite: str = "raise",
         distributed: str | None = None,
         process_group: Any = None,
         **optimizer_kwargs: Any,
@@ -143,6 +149,10 @@ class ProxPropOptimizer(Optimizer):
         _validate(
             model, optimizer, tau_prox, solver, cg_iters, cg_tol, solver_form, optimizer_kwargs
         )
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"unknown nonfinite policy {nonfinite!r}; pass one of {NONFINITE}")
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
         self.tau_prox = float(tau_prox)
         self.solver = solver
         self.cg_iters = int(cg_iters)
@@ -154,6 +164,7 @@ class ProxPropOptimizer(Optimizer):
         model = _unwrap(model)
 
         self._layers = _find_layers(model, _resolve_exclusions(model, exclude))
+        self._parameter_names = {param: name for name, param in model.named_parameters()}
         _claim(self._layers)
         if isinstance(optimizer, Optimizer):
             inner = optimizer
@@ -231,7 +242,45 @@ class ProxPropOptimizer(Optimizer):
         return self.inner.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state_dict)
+        """Loads the inner optimizer's state, after checking it fits this model.
+
+        Raises ValueError naming the mismatch (group count, group sizes, a state tensor whose
+        shape differs from its parameter's) and leaves this optimizer as it was.
+        """
+        self._check_state_dict(state_dict)
+        try:
+            self.inner.load_state_dict(state_dict)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
+            raise ValueError(f"could not load the optimizer state_dict: {error}") from error
+
+    def _check_state_dict(self, state_dict: Any) -> None:
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError(
+                "load_state_dict expects what state_dict() returned: a dict with 'state' and "
+                f"'param_groups', got {type(state_dict).__name__}"
+                + (f" with keys {sorted(state_dict)}" if isinstance(state_dict, dict) else "")
+            )
+        saved_groups, groups = state_dict["param_groups"], self.inner.param_groups
+        if len(saved_groups) != len(groups):
+            raise ValueError(
+                f"the state_dict has {len(saved_groups)} parameter group(s), this optimizer "
+                f"{len(groups)}: was it saved for a different model or optimizer?"
+            )
+        for number, (saved, group) in enumerate(zip(saved_groups, groups, strict=True)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"parameter group {number} of the state_dict holds "
+                    f"{len(saved['params'])} parameters, this optimizer's "
+                    f"{len(group['params'])}: it was saved for a different model"
+                )
+            for saved_id, param in zip(saved["params"], group["params"], strict=True):
+                for key, value in state_dict["state"].get(saved_id, {}).items():
+                    if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
+                        name = self._parameter_names.get(param, f"parameter {saved_id}")
+                        raise ValueError(
+                            f"state {key!r} of {name!r} has shape {tuple(value.shape)} in the "
+                            f"state_dict but the parameter has {tuple(param.shape)}"
+                        )
 
     def remove_hooks(self) -> None:
         """Detaches ProxProp from the model (idempotent); later steps use the plain gradient."""
@@ -258,10 +307,23 @@ class ProxPropOptimizer(Optimizer):
 
         directions: dict[Tensor, Tensor] = {}
         stats: dict[str, LayerStats] = {}
+        calls = self._capture.calls()
         if self.solver != "none":
-            directions, stats = self._directions(self._capture.calls())
+            directions, stats = self._directions(calls)
             if self.distributed == "local" and directions:
                 _average_over_ranks(list(directions.values()), self._communicator)
+        problem = self._nonfinite_problem(directions, stats, calls)
+        if problem is not None:
+            if self.nonfinite == "raise":
+                raise FloatingPointError(
+                    f"ProxProp: {problem}; parameters, gradients and optimizer state are "
+                    "unchanged (pass nonfinite='skip' to skip such steps instead)"
+                )
+            warnings.warn(f"ProxProp: {problem}; step skipped", stacklevel=2)
+            self.skipped_steps += 1
+            self.last_stats = {}
+            self._capture.clear()
+            return loss
 
         originals = {param: param.grad for param in directions}
         for param, direction in directions.items():
@@ -397,6 +459,51 @@ class ProxPropOptimizer(Optimizer):
             self._generators[device] = generator
         return generator
 
+    def _nonfinite_problem(
+        self,
+        directions: dict[Tensor, Tensor],
+        stats: dict[str, LayerStats],
+        calls: dict[int, list[CapturedCall]],
+    ) -> str | None:
+        """What is non-finite, naming the layer and the quantity, or None.
+
+        The common case costs nothing beyond the statistics already computed (a NaN or inf
+        in g or v makes its cosine or residual non-finite) plus one finiteness check of the
+        gradients ProxProp did not touch; the culprit is looked for only on failure.
+        """
+        for index, layer in enumerate(self._layers):
+            layer_stats = stats.get(layer.name)
+            if layer_stats is None or (
+                math.isfinite(layer_stats.cosine) and math.isfinite(layer_stats.relative_residual)
+            ):
+                continue
+            for param in (layer.weight, layer.bias):
+                if param is not None and param.grad is not None and not _finite(param.grad):
+                    return (
+                        f"non-finite gradient of {self._parameter_names.get(param, layer.name)!r}"
+                    )
+            for call in calls.get(index, []):
+                if call.input is not None and not _finite(call.input):
+                    return f"non-finite captured input of layer {layer.name!r}"
+            for param in (layer.weight, layer.bias):
+                if param in directions and not _finite(directions[param]):
+                    return (
+                        f"the solve for layer {layer.name!r} produced a non-finite direction "
+                        f"(tau_prox={self.tau_prox} may be too large for its inputs)"
+                    )
+        untouched = [
+            param
+            for group in self.inner.param_groups
+            for param in group["params"]
+            if param.grad is not None and param not in directions
+        ]
+        if untouched and not bool(
+            torch.stack([torch.isfinite(p.grad).all() for p in untouched]).all()
+        ):
+            culprit = next(p for p in untouched if not _finite(p.grad))
+            return f"non-finite gradient of {self._parameter_names.get(culprit, 'a parameter')!r}"
+        return None
+
     def _warn_uncaptured(self, name: str) -> None:
         if name in self._warned_uncaptured:
             return
@@ -480,6 +587,10 @@ def _broadcast_stats(
     )
 
 
+def _finite(tensor: Tensor) -> bool:
+    return bool(torch.isfinite(tensor).all())
+
+
 def _same_layout(buffer: Tensor, like: Tensor) -> bool:
     return (buffer.shape, buffer.dtype, buffer.device) == (like.shape, like.dtype, like.device)
 
@@ -509,8 +620,9 @@ def _layer_stats(
     return LayerStats(
         form=form,
         iterations=solution.iterations,
-        relative_residual=residual / grad_norm if grad_norm > 0 else 0.0,
-        cosine=values[2] / denominator if denominator > 0 else 0.0,
+        # NaN stays NaN (the non-finite check reads these); only 0/0 becomes 0.
+        relative_residual=residual / grad_norm if grad_norm != 0 else 0.0,
+        cosine=values[2] / denominator if denominator != 0 else 0.0,
         seconds=seconds,
         columns=system.num_columns,
         output_grad_scale=output_grad_scale,

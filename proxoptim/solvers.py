@@ -127,6 +127,12 @@ def cholesky_solve_rows(gram: Tensor, rhs: Tensor, tau_prox: float) -> SolveResu
         accurate = residual.norm() <= EXACT_RESIDUAL_LIMIT * rhs.norm()
         if rhs.dtype == torch.float64 or bool(accurate):
             return SolveResult(direction, 0, residual)
+    if rhs.dtype == torch.float64:
+        # M is not numerically positive definite even in float64: only non-finite inputs
+        # (or a τθ so large that I/τθ vanishes against a singular G) get here. Report it
+        # as a non-finite direction, which the optimizer's checks name.
+        nan = torch.full_like(rhs, float("nan"))
+        return SolveResult(nan, 0, nan)
     wide = cholesky_solve_rows(gram.double(), rhs.double(), tau_prox)
     direction, residual = wide.direction.to(rhs.dtype), wide.residual.to(rhs.dtype)
     return SolveResult(direction, 0, residual)

@@ -1,0 +1,198 @@
+"""Bad numbers and failures at every stage never corrupt the model or the optimizer."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+from oracle import Recorder
+from torch import nn
+
+from proxoptim import ProxPropOptimizer
+
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def batch():
+    generator = torch.Generator().manual_seed(1)
+    return torch.rand(10, 6, generator=generator), torch.randint(0, 3, (10,), generator=generator)
+
+
+def trained(optimizer=torch.optim.Adam, **kwargs):
+    """A model and a ProxProp(Adam) after two steps, with a third backward done."""
+    model = make_model()
+    opt = ProxPropOptimizer(model, optimizer, lr=1e-2, **kwargs)
+    x, y = batch()
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        if _ < 2:
+            opt.step()
+    return model, opt
+
+
+def snapshot(model, opt):
+    return (
+        copy.deepcopy(model.state_dict()),
+        {name: p.grad.clone() for name, p in model.named_parameters()},
+        copy.deepcopy(opt.state_dict()),
+    )
+
+
+def assert_unchanged(model, opt, before):
+    params, grads, state = before
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, params[name]), name
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[name]) or (
+            torch.isnan(p.grad).any() and torch.equal(p.grad.isnan(), grads[name].isnan())
+        ), name
+    assert str(opt.state_dict()) == str(state)
+
+
+@pytest.mark.parametrize(
+    ("poison", "message"),
+    [
+        (lambda m: m[0].weight.grad.__setitem__((0, 0), float("nan")), "gradient of '0.weight'"),
+        (lambda m: m[2].bias.grad.__setitem__(0, float("inf")), "gradient of '2.bias'"),
+        (lambda m: m[4].weight.grad.__setitem__((0, 0), float("nan")), "gradient of '4.weight'"),
+    ],
+)
+def test_nonfinite_gradients_raise_and_change_nothing(poison, message):
+    model, opt = trained()
+    poison(model)
+    before = snapshot(model, opt)
+    with pytest.raises(FloatingPointError, match=message):
+        opt.step()
+    assert_unchanged(model, opt, before)
+
+
+def test_nonfinite_captured_input_is_named():
+    model = make_model()
+    opt = ProxPropOptimizer(model, torch.optim.SGD, lr=0.1)
+    x, y = batch()
+    hidden = torch.tanh(model[0](x)).detach()
+    hidden[0, 0] = float("nan")
+    out = model[4](torch.tanh(model[2](hidden)))
+    loss = nn.functional.cross_entropy(out, y)
+    loss.backward()
+    for p in model.parameters():  # keep every gradient finite: only the input is bad
+        if p.grad is not None:
+            torch.nan_to_num_(p.grad, nan=0.0)
+    with pytest.raises(FloatingPointError, match="captured input of layer '2'"):
+        opt.step()
+
+
+def test_nonfinite_solve_is_named():
+    model = make_model()
+    opt = ProxPropOptimizer(model, torch.optim.SGD, lr=0.1, tau_prox=1e300, solver="exact")
+    model.double()
+    x, y = batch()
+    (nn.functional.cross_entropy(model(x.double() * 1e200), y) * 1e300).backward()
+    for p in model.parameters():
+        torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+    with pytest.raises(FloatingPointError, match="produced a non-finite direction"):
+        opt.step()
+
+
+def test_skip_policy_warns_counts_and_keeps_training():
+    model, opt = trained(nonfinite="skip")
+    model[0].weight.grad[0, 0] = float("nan")
+    before = snapshot(model, opt)
+    with pytest.warns(UserWarning, match="step skipped"):
+        opt.step()
+    assert opt.skipped_steps == 1 and opt.last_stats == {}
+    assert_unchanged(model, opt, before)
+    x, y = batch()
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert opt.skipped_steps == 1 and set(opt.last_stats) == {"0", "2"}
+
+
+def test_bad_nonfinite_policy():
+    with pytest.raises(ValueError, match="nonfinite"):
+        ProxPropOptimizer(make_model(), torch.optim.SGD, lr=0.1, nonfinite="ignore")
+
+
+@pytest.mark.parametrize(
+    "stage",
+    [
+        "proxoptim.optimizer.LayerSystem",  # reading the captured inputs
+        "proxoptim.optimizer.choose_form",  # the cost model
+        "proxoptim.optimizer.solve",  # the solve
+        "proxoptim.optimizer._layer_stats",  # the checks
+    ],
+)
+def test_failure_at_each_stage_leaves_everything_as_it_was(monkeypatch, stage):
+    model, opt = trained()
+    before = snapshot(model, opt)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError(f"{stage} failed")
+
+    monkeypatch.setattr(stage, broken)
+    with pytest.raises(RuntimeError, match="failed"):
+        opt.step()
+    assert_unchanged(model, opt, before)
+    monkeypatch.undo()
+    opt.step()  # the captured inputs survived: the step can be retried
+    assert set(opt.last_stats) == {"0", "2"}
+
+
+def test_failing_inner_step_puts_the_gradients_back(monkeypatch):
+    model, opt = trained()
+    before = snapshot(model, opt)
+
+    def explode(closure=None):
+        raise RuntimeError("inner failed")
+
+    monkeypatch.setattr(opt.inner, "step", explode)
+    with pytest.raises(RuntimeError, match="inner failed"):
+        opt.step()
+    assert_unchanged(model, opt, before)
+
+
+def test_captured_tensors_are_released_after_step():
+    model = make_model()
+    opt = ProxPropOptimizer(model, torch.optim.SGD, lr=0.1)
+    x, y = batch()
+    x = x.clone()
+    reference = weakref.ref(x)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    del x
+    gc.collect()
+    assert reference() is None
+
+
+def test_zero_grad_between_forward_and_backward_still_counts_the_call():
+    model = make_model()
+    opt = ProxPropOptimizer(model, Recorder)
+    x, y = batch()
+    loss = nn.functional.cross_entropy(model(x), y)
+    opt.zero_grad()  # clears earlier captures; this forward is confirmed by its backward
+    loss.backward()
+    opt.step()
+    assert opt.last_stats["0"].columns == 10
+
+
+def test_load_state_dict_mismatch_raises_value_error_and_keeps_the_optimizer():
+    model, opt = trained()
+    good = copy.deepcopy(opt.state_dict())
+    other = ProxPropOptimizer(nn.Sequential(nn.Linear(6, 3)), torch.optim.Adam, lr=1e-2)
+    with pytest.raises(ValueError, match="parameter group"):
+        opt.load_state_dict(other.state_dict())
+    with pytest.raises(ValueError, match="state_dict"):
+        opt.load_state_dict({"state": {}})
+    with pytest.raises(ValueError, match="state_dict"):
+        opt.load_state_dict("not a dict")
+    assert str(opt.state_dict()) == str(good)
+    opt.step()  # still usable
+    opt.load_state_dict(good)
