@@ -222,7 +222,10 @@ def train(
                 loss.backward()
                 finite = math.isfinite(loss.item())
                 if finite:
-                    opt.step()
+                    try:
+                        opt.step()
+                    except FloatingPointError:  # ProxProp refused a non-finite step
+                        finite = False
                 _synchronize(device)
                 step_time = time.perf_counter() - began
                 if not finite:
