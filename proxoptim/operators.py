@@ -24,7 +24,7 @@ This module knows nothing about optimizers or solvers; it only evaluates A, A* a
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +53,10 @@ class LayerKind:
     uses_output_grad: bool = False
     # Whether Ũ is an im2col matrix (copied to build the Gram; products are convolutions).
     im2col: bool = False
+    # Whether :meth:`patches` exists (the primal Gram needs it; matrix-free CG does not).
+    has_patches: bool = True
+    # The weight axis indexing output units (see RowLayout).
+    rows_axis: int = 0
 
     def groups(self, module: nn.Module) -> int:
         return 1
@@ -205,7 +209,111 @@ class ConvKind(LayerKind):
             )
 
 
+class FunctionalKind(LayerKind):
+    """A user layer given by its map z = ``forward(module, x, weight, bias)``, linear in
+    (weight, bias): A* comes from autograd, so only matrix-free CG (and, for exact solves,
+    CG run to convergence) is available.
+
+    Args:
+        module_type: the module class (its instances must keep ``weight`` and ``bias``
+            parameters; ``bias`` may be None).
+        forward: z for given parameters; must be linear in them for a fixed input.
+        rows_axis: the weight axis that indexes output units / channels.
+        groups: groups of output units with their own inputs (as in grouped convolutions).
+        columns: n for the cost model and statistics (default: the batch size).
+    """
+
+    has_patches = False
+
+    def __init__(
+        self,
+        module_type: type[nn.Module],
+        forward: Callable[[nn.Module, Tensor, Tensor, Tensor | None], Tensor],
+        rows_axis: int = 0,
+        groups: Callable[[nn.Module], int] | None = None,
+        columns: Callable[[nn.Module, Tensor], int] | None = None,
+    ) -> None:
+        self.module_type = module_type
+        self.rows_axis = rows_axis
+        self._forward = forward
+        self._groups = groups
+        self._columns = columns
+
+    def groups(self, module: nn.Module) -> int:
+        return 1 if self._groups is None else self._groups(module)
+
+    def prepare(self, module: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
+        return x.to(dtype)
+
+    def forward(self, module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return self._forward(module, x, weight, bias)
+
+    def adjoint(
+        self, module: nn.Module, x: Tensor, grad_output: Tensor, weight_shape: torch.Size
+    ) -> tuple[Tensor, Tensor]:
+        # The map is linear in θ, so its vector-Jacobian product at θ = 0 is A*.
+        with torch.enable_grad():
+            weight = torch.zeros(weight_shape, dtype=x.dtype, device=x.device, requires_grad=True)
+            rows = weight_shape[self.rows_axis]
+            bias = torch.zeros(rows, dtype=x.dtype, device=x.device, requires_grad=True)
+            use_bias = module.bias is not None
+            output = self._forward(module, x, weight, bias if use_bias else None)
+            inputs = (weight, bias) if use_bias else (weight,)
+            grads = torch.autograd.grad(output, inputs, grad_output, allow_unused=True)
+        grad_bias = grads[1] if use_bias else torch.zeros_like(bias)
+        return grads[0], grad_bias
+
+    def num_columns(self, module: nn.Module, x: Tensor) -> int:
+        return x.shape[0] if self._columns is None else self._columns(module, x)
+
+
 _REGISTRY: list[LayerKind] = [LinearKind(), ConvKind(1), ConvKind(2), ConvKind(3)]
+
+
+def register_layer(
+    module_type: type[nn.Module],
+    forward: Callable[[nn.Module, Tensor, Tensor, Tensor | None], Tensor] | LayerKind,
+    *,
+    rows_axis: int = 0,
+) -> LayerKind:
+    """Teaches ProxProp a layer that is linear in its parameters.
+
+    Args:
+        module_type: the module class; instances need a ``weight`` parameter (and ``bias``,
+            possibly None), and the class must not be one ProxProp already knows.
+        forward: ``forward(module, x, weight, bias) -> z`` computing the layer's output for
+            given parameters, or a ready :class:`LayerKind`.
+        rows_axis: the weight axis that indexes output units (1 for ConvTranspose).
+
+    Returns the kind registered. Optimizers built afterwards hook the new layers; an
+    exact solve on them runs CG to convergence (they have no Gram).
+
+    Example::
+
+        register_layer(nn.ConvTranspose2d, lambda m, x, w, b: F.conv_transpose2d(
+            x, w, b, m.stride, m.padding, m.output_padding, m.groups, m.dilation),
+            rows_axis=1)
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise ValueError(f"register_layer needs an nn.Module subclass, got {module_type!r}")
+    if any(kind.module_type is module_type for kind in _REGISTRY):
+        raise ValueError(f"{module_type.__name__} is already registered")
+    kind = (
+        forward
+        if isinstance(forward, LayerKind)
+        else FunctionalKind(module_type, forward, rows_axis=rows_axis)
+    )
+    _REGISTRY.insert(0, kind)
+    return kind
+
+
+def unregister_layer(module_type: type[nn.Module]) -> None:
+    """Removes a kind added by :func:`register_layer` (built-in kinds stay)."""
+    _REGISTRY[:] = [
+        kind
+        for kind in _REGISTRY
+        if kind.module_type is not module_type or isinstance(kind, (LinearKind, ConvKind))
+    ]
 
 
 def kind_for(module: nn.Module) -> LayerKind | None:
@@ -228,23 +336,28 @@ def kind_for(module: nn.Module) -> LayerKind | None:
 
 @dataclass(frozen=True)
 class RowLayout:
-    """How a layer's (W, b) map to rows ``(groups, rows_per_group, row_dim)``."""
+    """How a layer's (W, b) map to rows ``(groups, rows_per_group, row_dim)``.
+
+    ``rows_axis`` is the weight axis that indexes output units (0 for Linear and ConvNd;
+    1 for ConvTranspose, whose weight is (C_in, C_out, k...)).
+    """
 
     weight_shape: torch.Size
     groups: int
     has_bias: bool
+    rows_axis: int = 0
 
     @property
     def rows(self) -> int:
-        return self.weight_shape[0]
+        return self.weight_shape[self.rows_axis]
 
     @property
     def rows_per_group(self) -> int:
-        return self.weight_shape[0] // self.groups
+        return self.rows // self.groups
 
     @property
     def weight_row_dim(self) -> int:
-        return math.prod(self.weight_shape[1:])
+        return math.prod(self.weight_shape) // self.rows
 
     @property
     def row_dim(self) -> int:
@@ -252,6 +365,7 @@ class RowLayout:
 
     def to_rows(self, weight: Tensor, bias: Tensor | None) -> Tensor:
         """(W: weight_shape, b: (out,)) -> rows (groups, rows_per_group, row_dim)."""
+        weight = weight.movedim(self.rows_axis, 0) if self.rows_axis else weight
         weight_rows = weight.reshape(self.groups, self.rows_per_group, self.weight_row_dim)
         if not self.has_bias:
             return weight_rows
@@ -260,7 +374,13 @@ class RowLayout:
 
     def from_rows(self, rows: Tensor) -> tuple[Tensor, Tensor | None]:
         """rows -> (W, b or None); the inverse of :meth:`to_rows`."""
-        weight = rows[..., : self.weight_row_dim].reshape(self.weight_shape)
+        weight = rows[..., : self.weight_row_dim]
+        if self.rows_axis:
+            moved = list(self.weight_shape)
+            moved.insert(0, moved.pop(self.rows_axis))
+            weight = weight.reshape(moved).movedim(0, self.rows_axis)
+        else:
+            weight = weight.reshape(self.weight_shape)
         bias = rows[..., self.weight_row_dim].reshape(-1) if self.has_bias else None
         return weight, bias
 
@@ -306,6 +426,7 @@ class LayerSystem:
             self.num_columns = int(communicator.all_reduce_(columns))
         self.supports_dual = all(call.kind.supports_dual for call in self.calls)
         self.im2col = any(call.kind.im2col for call in self.calls)
+        self.has_patches = all(call.kind.has_patches for call in self.calls)
 
     def gram_apply(self, rows: Tensor) -> Tensor:
         """V ↦ V Ũ Ũᵀ = A*(A V) for rows V of shape (groups, rows_per_group, row_dim).

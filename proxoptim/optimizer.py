@@ -189,7 +189,7 @@ class ProxPropOptimizer(Optimizer):
         self._generators: dict[torch.device, torch.Generator] = {}
         self._buffers: dict[Tensor, tuple[Tensor, Tensor | None]] = {}
         self._workspace = Workspace()
-        self._warned_uncaptured: set[str] = set()
+        self._warned: set[tuple[str, str]] = set()
         self._capture = Capture(
             (index, module, not layer.excluded, layer.kind.uses_output_grad)
             for index, layer in enumerate(self._layers)
@@ -382,7 +382,9 @@ class ProxPropOptimizer(Optimizer):
         started = time.perf_counter()
         weight, bias = layer.weight, layer.bias
         has_bias = bias is not None and bias.requires_grad
-        layout = RowLayout(weight.shape, layer.kind.groups(layer.modules[0]), has_bias)
+        layout = RowLayout(
+            weight.shape, layer.kind.groups(layer.modules[0]), has_bias, layer.kind.rows_axis
+        )
         # Solve in at least float32 whatever the parameter (or autocast input) dtype.
         dtype = torch.promote_types(weight.dtype, torch.float32)
         grad_weight = weight.grad.to(dtype)
@@ -414,6 +416,13 @@ class ProxPropOptimizer(Optimizer):
                 system, grad_weight, grad_bias, self._probe_generator(weight.device)
             )
         form = choose_form(system, exact, self.cg_iters, self.solver_form, scale is not None)
+        if exact and form == "matrix_free":
+            self._warn_once(
+                layer.name,
+                f"ProxProp: layer {layer.name!r} has no Gram within the memory limit "
+                f"(d = {layout.row_dim}{'' if system.has_patches else ', no patches'}): its "
+                "exact solve runs CG to convergence instead. This warning is shown once.",
+            )
         solution = solve(
             system,
             grad_weight,
@@ -505,15 +514,18 @@ class ProxPropOptimizer(Optimizer):
         return None
 
     def _warn_uncaptured(self, name: str) -> None:
-        if name in self._warned_uncaptured:
-            return
-        self._warned_uncaptured.add(name)
-        warnings.warn(
+        self._warn_once(
+            name,
             f"ProxProp: layer {name!r} has a gradient but no captured input since the last "
             "step (its forward ran under no_grad, its weight is used outside its forward, "
             "or no forward ran); it gets the plain gradient. This warning is shown once.",
-            stacklevel=3,
         )
+
+    def _warn_once(self, name: str, message: str) -> None:
+        if (name, message) in self._warned:
+            return
+        self._warned.add((name, message))
+        warnings.warn(message, stacklevel=4)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

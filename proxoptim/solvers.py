@@ -158,6 +158,17 @@ def primal_operator(gram: Tensor, tau_prox: float) -> Callable[[Tensor], Tensor]
     return apply_m
 
 
+# An exact solve without a Gram or kernel runs CG until every row's relative residual is
+# below this (per dtype), for at most EXACT_CG_MAX_ITERATIONS iterations.
+EXACT_CG_TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-6}
+EXACT_CG_MAX_ITERATIONS = 1000
+
+
+def exact_cg_budget(row_dim: int, dtype: torch.dtype) -> tuple[int, float]:
+    """(iterations, tolerance) for an exact solve by CG on rows of dimension ``row_dim``."""
+    return min(2 * row_dim, EXACT_CG_MAX_ITERATIONS), EXACT_CG_TOLERANCE.get(dtype, 1e-3)
+
+
 @dataclass(frozen=True)
 class Costs:
     """Flop estimates of each form for one layer (DESIGN.md §2); inf where inapplicable."""
@@ -200,7 +211,7 @@ def estimate_costs(
     if system.im2col:
         primal += IM2COL_COST_PER_ELEMENT * n * d
     primal += groups * d**3 / 3.0 + 4.0 * m * d * d if exact else 2.0 * k * m * d * d
-    if groups * d * d > MAX_GRAM_ELEMENTS:
+    if groups * d * d > MAX_GRAM_ELEMENTS or not system.has_patches:
         primal = float("inf")
 
     dual = float("inf")
@@ -224,18 +235,19 @@ def choose_form(
 ) -> str:
     """The form to run for one layer.
 
-    A requested form runs wherever the layer allows it (dual: Linear layers; matrix-free:
-    CG only); elsewhere, and under "auto", the cheapest by :func:`estimate_costs`.
+    A requested form runs wherever the layer allows it (dual: Linear layers; primal: layers
+    with patches whose Gram fits the memory limit); elsewhere, and under "auto", the
+    cheapest by :func:`estimate_costs`. An exact solve with neither a Gram nor a kernel
+    available runs "matrix_free" CG to convergence.
     """
     costs = estimate_costs(system, exact, cg_iters, output_grad_known)
     if requested != "auto" and getattr(costs, requested) < float("inf"):
         return requested
-    if exact and requested == "matrix_free" and costs.primal == float("inf"):
-        return "dual" if costs.dual < float("inf") else "primal"
     cheapest = costs.cheapest(FORMS)
     if getattr(costs, cheapest) == float("inf"):
-        # Nothing fits the memory limit: CG runs matrix-free; an exact solve builds the Gram.
-        return "primal" if exact else "matrix_free"
+        # No Gram or kernel fits (or the layer has none): CG runs matrix-free, and an exact
+        # solve becomes CG run to convergence (see :func:`solve`).
+        return "matrix_free"
     return cheapest
 
 
@@ -303,8 +315,10 @@ def solve(
             rows = batched_cg(primal_operator(gram, tau_prox), rhs, cg_iters, cg_tol)
     elif form == "matrix_free":
         if exact:
-            raise ValueError("an exact solve needs the primal or dual form")
-        rows = batched_cg(matrix_free_operator(system, tau_prox), rhs, cg_iters, cg_tol)
+            iterations, tol = exact_cg_budget(layout.row_dim, rhs.dtype)
+        else:
+            iterations, tol = cg_iters, cg_tol
+        rows = batched_cg(matrix_free_operator(system, tau_prox), rhs, iterations, tol)
     else:
         raise ValueError(f"unknown solve form {form!r}; expected one of {FORMS}")
     weight, bias = layout.from_rows(rows.direction)

@@ -46,14 +46,14 @@ def dense_m(module: nn.Module, inputs: Sequence[Tensor], tau_prox: float) -> Ten
     return torch.eye(jac.shape[1], dtype=jac.dtype) / tau_prox + jac.T @ jac
 
 
-def row_indices(module: nn.Module) -> list[Tensor]:
-    """Indices into θ of each output unit/channel's row [W_j flattened, b_j]."""
-    out = module.weight.shape[0]
-    per_row = module.weight[0].numel()
+def row_indices(module: nn.Module, rows_axis: int = 0) -> list[Tensor]:
+    """Indices into θ of each output unit/channel's row [W_j flattened, b_j]; the unit
+    indexes weight axis ``rows_axis`` (1 for ConvTranspose)."""
+    positions = torch.arange(module.weight.numel()).reshape(module.weight.shape)
     weight_numel = module.weight.numel()
     rows = []
-    for j in range(out):
-        index = list(range(j * per_row, (j + 1) * per_row))
+    for j in range(module.weight.shape[rows_axis]):
+        index = positions.select(rows_axis, j).flatten().tolist()
         if module.bias is not None:
             index.append(weight_numel + j)
         rows.append(torch.tensor(index))
@@ -79,14 +79,19 @@ def textbook_cg(matrix: Tensor, rhs: Tensor, iterations: int) -> Tensor:
 
 
 def oracle_direction(
-    module: nn.Module, inputs: Sequence[Tensor], grad: Tensor, tau_prox: float, cg_iters: int | None
+    module: nn.Module,
+    inputs: Sequence[Tensor],
+    grad: Tensor,
+    tau_prox: float,
+    cg_iters: int | None,
+    rows_axis: int = 0,
 ) -> Tensor:
     """The flat direction: M⁻¹g (cg_iters=None) or per-row textbook CG with k iterations."""
     matrix = dense_m(module, inputs, tau_prox)
     if cg_iters is None:
         return torch.linalg.solve(matrix, grad)
     direction = torch.zeros_like(grad)
-    for index in row_indices(module):
+    for index in row_indices(module, rows_axis):
         block = matrix[index][:, index]
         direction[index] = textbook_cg(block, grad[index], cg_iters)
     return direction
