@@ -629,3 +629,20 @@ def test_layers_of_equal_shape_get_their_own_direction_buffers():
         expected = fresh.inner.seen[-1][layer.weight]
         assert torch.equal(reused[layer.weight], expected)
         assert relative_error(expected, layer.weight.grad) > 1e-3
+
+
+def test_multihead_attention_out_proj_gets_the_plain_gradient_with_a_warning():
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(8, 2, batch_first=True)
+    head = nn.Linear(8, 3)
+    model = nn.ModuleDict({"attention": attention, "head": head})
+    opt = ProxPropOptimizer(model, Recorder, exclude_last=False)
+    x = torch.rand(4, 5, 8)
+    hidden, _ = attention(x, x, x)
+    head(hidden).sum().backward()
+    with pytest.warns(UserWarning, match="'attention.out_proj' has a gradient but no captured"):
+        opt.step()
+    seen = opt.inner.seen[-1]
+    assert torch.equal(seen[attention.out_proj.weight], attention.out_proj.weight.grad)
+    assert torch.equal(seen[attention.in_proj_weight], attention.in_proj_weight.grad)
+    assert set(opt.last_stats) == {"head"}
