@@ -28,3 +28,6 @@ python benchmarks/targets.py --repeats 9 | tee "$out/targets-cpu.md"
 python benchmarks/profile_step.py | tee "$out/profile-mlp-cg3.md"
 python benchmarks/profile_step.py --network cnn --optimizer adam --method cg3 \
     | tee "$out/profile-cnn-cg3.md"
+
+# Memory of an exact step on a wide network (docs/reliability.md).
+python benchmarks/resnet_exact_memory.py --batch-size 32 | tee "$out/resnet18-exact-memory.md"
