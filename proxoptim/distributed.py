@@ -18,6 +18,7 @@ preconditioner must describe the global batch: M = I/τθ + Σ_ranks A_r* A_r.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -85,3 +86,30 @@ def default_mode(requested: str | None) -> str | None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return "global"
     return None
+
+
+def gathered_linear_calls(
+    calls: list[tuple[Any, Any, Tensor, Tensor | None]],
+    dtype: torch.dtype,
+    communicator: Communicator,
+) -> list[tuple[Any, Any, Tensor, Tensor | None]]:
+    """One call holding every rank's Linear-layer inputs and output gradients, stacked in
+    rank order: ``(module, kind, input, output_grad)`` tuples in, one tuple out."""
+    module, kind = calls[0][0], calls[0][1]
+    inputs = torch.cat([x.reshape(-1, x.shape[-1]).to(dtype) for _, _, x, _ in calls])
+    grads = [g for _, _, _, g in calls]
+    output_grads = None
+    if all(g is not None for g in grads):
+        output_grads = torch.cat([g.reshape(-1, g.shape[-1]).to(dtype) for g in grads])
+        output_grads = communicator.gather_rows(output_grads)
+    return [(module, kind, communicator.gather_rows(inputs), output_grads)]
+
+
+def average_over_ranks(tensors: list[Tensor], communicator: Communicator) -> None:
+    """Averages every tensor over ranks with one all-reduce of their concatenation."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    communicator.average_(flat)
+    offset = 0
+    for tensor in tensors:
+        tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()

@@ -5,10 +5,8 @@ from __future__ import annotations
 import math
 import time
 import warnings
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,64 +15,22 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from proxoptim.capture import Capture, CapturedCall
-from proxoptim.distributed import Communicator, default_mode
+from proxoptim.distributed import (
+    Communicator,
+    average_over_ranks,
+    default_mode,
+    gathered_linear_calls,
+)
 from proxoptim.dual import DualKernel
-from proxoptim.operators import LayerKind, LayerSystem, RowLayout, kind_for
-from proxoptim.solvers import FORMS, Solution, choose_form, solve
+from proxoptim.layers import Layer, adopt, claim, find_layers, release, resolve_exclusions, unwrap
+from proxoptim.operators import LayerSystem, RowLayout
+from proxoptim.solvers import FORMS, choose_form, solve
+from proxoptim.stats import LayerStats, layer_stats, pack, unpack
 from proxoptim.workspace import Workspace
 
 SOLVERS = ("cg", "exact", "none")
 NONFINITE = ("raise", "skip")
 SOLVER_FORMS = ("auto", *FORMS)
-
-
-@dataclass(frozen=True)
-class LayerStats:
-    """Diagnostics of one layer's solve in the last step.
-
-    Attributes:
-        form: the solve form that ran ("matrix_free", "primal" or "dual").
-        iterations: CG iterations run (0 for an exact solve).
-        relative_residual: ‖g − M v‖ / ‖g‖ over the whole layer (CG: recurrence residual;
-            exact dual solves: measured on a sample of rows).
-        cosine: ⟨v, g⟩ / (‖v‖‖g‖), the cosine between the direction and the gradient.
-        seconds: wall time of the solve, including building the Gram (host time; on an
-            accelerator it includes only what the host waited for).
-        columns: n, the number of columns of Ũ (samples × positions over all calls).
-        output_grad_scale: s where ``.grad`` was verified to be s·δᵀŨᵀ (Linear layers:
-            the dual form then needs one large product fewer), else None.
-    """
-
-    form: str
-    iterations: int
-    relative_residual: float
-    cosine: float
-    seconds: float
-    columns: int
-    output_grad_scale: float | None = None
-
-
-@dataclass
-class _Layer:
-    """One preconditioned parameter pair (W, b); several modules may share it."""
-
-    name: str
-    kind: LayerKind
-    modules: list[nn.Module]
-    excluded: bool
-
-    @property
-    def weight(self) -> nn.Parameter:
-        return self.modules[0].weight
-
-    @property
-    def bias(self) -> nn.Parameter | None:
-        return self.modules[0].bias
-
-
-# Modules currently tracked by a live ProxPropOptimizer (weakly, both ways), so that a second
-# one on the same model fails loudly instead of capturing every input twice.
-_OWNERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref[Capture]] = weakref.WeakKeyDictionary()
 
 
 class ProxPropOptimizer(Optimizer):
@@ -161,11 +117,11 @@ class ProxPropOptimizer(Optimizer):
         self.solver_form = solver_form
         self.distributed = default_mode(distributed)
         self._communicator = Communicator(process_group) if self.distributed else None
-        model = _unwrap(model)
+        model = unwrap(model)
 
-        self._layers = _find_layers(model, _resolve_exclusions(model, exclude))
+        self._layers = find_layers(model, resolve_exclusions(model, exclude))
         self._parameter_names = {param: name for name, param in model.named_parameters()}
-        _claim(self._layers)
+        claim(self._layers)
         if isinstance(optimizer, Optimizer):
             inner = optimizer
         else:
@@ -195,9 +151,7 @@ class ProxPropOptimizer(Optimizer):
             for index, layer in enumerate(self._layers)
             for module in layer.modules
         )
-        for layer in self._layers:
-            for module in layer.modules:
-                _OWNERS[module] = weakref.ref(self._capture)
+        adopt(self._layers, self._capture)
 
     # The inner optimizer's containers, always read through so that load_state_dict on the
     # inner optimizer (which may rebind them) can never leave us holding stale copies.
@@ -285,11 +239,7 @@ class ProxPropOptimizer(Optimizer):
     def remove_hooks(self) -> None:
         """Detaches ProxProp from the model (idempotent); later steps use the plain gradient."""
         self._capture.remove()
-        for layer in self._layers:
-            for module in layer.modules:
-                owner = _OWNERS.get(module)
-                if owner is not None and owner() is self._capture:
-                    del _OWNERS[module]
+        release(self._layers, self._capture)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -311,7 +261,7 @@ class ProxPropOptimizer(Optimizer):
         if self.solver != "none":
             directions, stats = self._directions(calls)
             if self.distributed == "local" and directions:
-                _average_over_ranks(list(directions.values()), self._communicator)
+                average_over_ranks(list(directions.values()), self._communicator)
         problem = self._nonfinite_problem(directions, stats, calls)
         if problem is not None:
             if self.nonfinite == "raise":
@@ -348,7 +298,7 @@ class ProxPropOptimizer(Optimizer):
         stepped = {param for group in self.inner.param_groups for param in group["params"]}
         directions: dict[Tensor, Tensor] = {}
         stats: dict[str, LayerStats] = {}
-        spread: list[tuple[int, _Layer, dict[Tensor, Tensor]]] = []
+        spread: list[tuple[int, Layer, dict[Tensor, Tensor]]] = []
         for index, layer in enumerate(self._layers):
             weight = layer.weight
             if layer.excluded or index == output_layer:
@@ -370,11 +320,14 @@ class ProxPropOptimizer(Optimizer):
         for owner, layer, layer_directions in spread:
             for direction in layer_directions.values():
                 self._communicator.broadcast_(direction, owner)
-            stats[layer.name] = _broadcast_stats(stats.get(layer.name), owner, self._communicator)
+            packed = pack(stats.get(layer.name))
+            if dist.get_backend(self._communicator.group) == "nccl":
+                packed = packed.cuda()
+            stats[layer.name] = unpack(self._communicator.broadcast_(packed, owner))
         return {param: v.to(param.dtype) for param, v in directions.items()}, stats
 
     def _precondition(
-        self, layer: _Layer, calls: list[CapturedCall], owner: int | None = None
+        self, layer: Layer, calls: list[CapturedCall], owner: int | None = None
     ) -> tuple[dict[Tensor, Tensor], LayerStats | None]:
         """v = M⁻¹g (or k CG iterations) for one layer, as {parameter: direction} in the
         solve dtype. With an ``owner`` rank, only that rank solves: the others take part in
@@ -401,7 +354,7 @@ class ProxPropOptimizer(Optimizer):
             if layer.kind.im2col:
                 communicator = self._communicator  # all-reduce the Gram or each product
             else:
-                raw_calls = _gathered_linear_calls(raw_calls, dtype, self._communicator)
+                raw_calls = gathered_linear_calls(raw_calls, dtype, self._communicator)
         system = LayerSystem(layout, raw_calls, dtype, communicator)
         buffers = self._direction_buffers(weight, grad_weight, grad_bias)
         if owner is not None and owner != self._communicator.rank:
@@ -439,7 +392,7 @@ class ProxPropOptimizer(Optimizer):
         directions = {weight: solution.weight}
         if has_bias and bias.grad is not None:
             directions[bias] = solution.bias
-        stats = _layer_stats(
+        stats = layer_stats(
             form, solution, grad_weight, grad_bias, time.perf_counter() - started, system, scale
         )
         return directions, stats
@@ -528,117 +481,12 @@ class ProxPropOptimizer(Optimizer):
         warnings.warn(message, stacklevel=4)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel / torch.compile (names then
-    match the user's model, and the wrappers' own hooks are left alone)."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod  # torch.compile's OptimizedModule
-        else:
-            return model
-
-
-def _gathered_linear_calls(
-    calls: list[tuple[nn.Module, LayerKind, Tensor, Tensor | None]],
-    dtype: torch.dtype,
-    communicator: Communicator,
-) -> list[tuple[nn.Module, LayerKind, Tensor, Tensor | None]]:
-    """One call holding every rank's inputs and output gradients, stacked in rank order."""
-    module, kind = calls[0][0], calls[0][1]
-    inputs = torch.cat([x.reshape(-1, x.shape[-1]).to(dtype) for _, _, x, _ in calls])
-    grads = [g for _, _, _, g in calls]
-    output_grads = None
-    if all(g is not None for g in grads):
-        output_grads = torch.cat([g.reshape(-1, g.shape[-1]).to(dtype) for g in grads])
-        output_grads = communicator.gather_rows(output_grads)
-    return [(module, kind, communicator.gather_rows(inputs), output_grads)]
-
-
-def _average_over_ranks(tensors: list[Tensor], communicator: Communicator) -> None:
-    """Averages every tensor over ranks with one all-reduce of their concatenation."""
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    communicator.average_(flat)
-    offset = 0
-    for tensor in tensors:
-        tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
-        offset += tensor.numel()
-
-
-def _broadcast_stats(
-    stats: LayerStats | None, owner: int, communicator: Communicator
-) -> LayerStats:
-    """The owner rank's LayerStats on every rank (one small broadcast)."""
-    packed = torch.full((7,), math.nan, dtype=torch.float64)
-    if stats is not None:
-        scale = math.nan if stats.output_grad_scale is None else stats.output_grad_scale
-        packed = torch.tensor(
-            [
-                FORMS.index(stats.form),
-                stats.iterations,
-                stats.relative_residual,
-                stats.cosine,
-                stats.seconds,
-                stats.columns,
-                scale,
-            ],
-            dtype=torch.float64,
-        )
-    if dist.get_backend(communicator.group) == "nccl":
-        packed = packed.cuda()
-    values = communicator.broadcast_(packed, owner).tolist()
-    return LayerStats(
-        form=FORMS[int(values[0])],
-        iterations=int(values[1]),
-        relative_residual=values[2],
-        cosine=values[3],
-        seconds=values[4],
-        columns=int(values[5]),
-        output_grad_scale=None if math.isnan(values[6]) else values[6],
-    )
-
-
 def _finite(tensor: Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
 def _same_layout(buffer: Tensor, like: Tensor) -> bool:
     return (buffer.shape, buffer.dtype, buffer.device) == (like.shape, like.dtype, like.device)
-
-
-def _layer_stats(
-    form: str,
-    solution: Solution,
-    grad_weight: Tensor,
-    grad_bias: Tensor | None,
-    seconds: float,
-    system: LayerSystem,
-    output_grad_scale: float | None,
-) -> LayerStats:
-    def dot(a: Tensor, b: Tensor) -> Tensor:
-        return torch.dot(a.reshape(-1), b.reshape(-1))
-
-    pairs = [(solution.weight, grad_weight)]
-    if grad_bias is not None:
-        pairs.append((solution.bias, grad_bias))
-    grad_sq = sum(dot(g, g) for _, g in pairs)
-    direction_sq = sum(dot(v, v) for v, _ in pairs)
-    inner_product = sum(dot(v, g) for v, g in pairs)
-    values = torch.stack([grad_sq, direction_sq, inner_product]).double().tolist()
-    grad_norm, direction_norm = math.sqrt(values[0]), math.sqrt(values[1])
-    residual = float(solution.residual_norm)
-    denominator = grad_norm * direction_norm
-    return LayerStats(
-        form=form,
-        iterations=solution.iterations,
-        # NaN stays NaN (the non-finite check reads these); only 0/0 becomes 0.
-        relative_residual=residual / grad_norm if grad_norm != 0 else 0.0,
-        cosine=values[2] / denominator if denominator != 0 else 0.0,
-        seconds=seconds,
-        columns=system.num_columns,
-        output_grad_scale=output_grad_scale,
-    )
 
 
 def _validate(
@@ -702,74 +550,3 @@ def _validate(
             "solver='exact' needs the primal Gram; use solver_form='auto' or 'primal', or "
             "solver='cg' with cg_tol for an iterative solve"
         )
-
-
-def _resolve_exclusions(model: nn.Module, exclude: Iterable[str | nn.Module]) -> set[nn.Module]:
-    """Every module covered by ``exclude`` (names cover the named module and its children)."""
-    if isinstance(exclude, (str, nn.Module)):
-        exclude = [exclude]
-    named = dict(model.named_modules())
-    in_model = {id(module) for module in named.values()}
-    excluded: set[nn.Module] = set()
-    for item in exclude:
-        if isinstance(item, nn.Module):
-            matches = [m for m in item.modules() if id(m) in in_model]
-            if not matches:
-                raise ValueError(
-                    f"exclude: module {type(item).__name__} is not part of the model; pass a "
-                    "submodule of the model or its name from model.named_modules()"
-                )
-        elif isinstance(item, str):
-            if item not in named:
-                close = [name for name in named if name and (item in name or name in item)]
-                hint = f" (did you mean one of {close[:5]}?)" if close else ""
-                raise ValueError(
-                    f"exclude: no module named {item!r} in the model{hint}; pass names as "
-                    "listed by model.named_modules(), or the module objects themselves"
-                )
-            matches = list(named[item].modules())
-        else:
-            raise ValueError(
-                f"exclude takes module names or nn.Module objects, got {type(item).__name__}"
-            )
-        excluded.update(matches)
-    return excluded
-
-
-def _find_layers(model: nn.Module, excluded: set[nn.Module]) -> list[_Layer]:
-    """The supported layers of ``model`` in registration order, tied weights merged."""
-    layers: list[_Layer] = []
-    by_weight: dict[int, _Layer] = {}
-    for name, module in model.named_modules():
-        kind = kind_for(module)
-        if kind is None:
-            continue
-        layer = by_weight.get(id(module.weight))
-        if layer is None:
-            layer = _Layer(name, kind, [module], module in excluded)
-            by_weight[id(module.weight)] = layer
-            layers.append(layer)
-            continue
-        first = layer.modules[0]
-        if type(module) is not type(first) or module.bias is not first.bias:
-            warnings.warn(
-                f"ProxProp: {name!r} shares its weight with {layer.name!r} but not its kind or "
-                "bias; both get the plain gradient",
-                stacklevel=3,
-            )
-            layer.excluded = True
-        layer.modules.append(module)
-        layer.excluded = layer.excluded or module in excluded
-    return layers
-
-
-def _claim(layers: list[_Layer]) -> None:
-    for layer in layers:
-        for module in layer.modules:
-            owner = _OWNERS.get(module)
-            capture = owner() if owner is not None else None
-            if capture is not None and capture.attached:
-                raise ValueError(
-                    f"layer {layer.name!r} is already tracked by another ProxPropOptimizer; "
-                    "call remove_hooks() on that one first (two would capture every input twice)"
-                )

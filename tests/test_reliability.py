@@ -127,7 +127,7 @@ def test_bad_nonfinite_policy():
         "proxoptim.optimizer.LayerSystem",  # reading the captured inputs
         "proxoptim.optimizer.choose_form",  # the cost model
         "proxoptim.optimizer.solve",  # the solve
-        "proxoptim.optimizer._layer_stats",  # the checks
+        "proxoptim.optimizer.layer_stats",  # the checks
     ],
 )
 def test_failure_at_each_stage_leaves_everything_as_it_was(monkeypatch, stage):

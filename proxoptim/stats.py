@@ -1,0 +1,103 @@
+"""Per-layer diagnostics of a step: what ProxProp reports in ``last_stats``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from proxoptim.operators import LayerSystem
+from proxoptim.solvers import FORMS, Solution
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Diagnostics of one layer's solve in the last step.
+
+    Attributes:
+        form: the solve form that ran ("matrix_free", "primal" or "dual").
+        iterations: CG iterations run (0 for an exact solve).
+        relative_residual: ‖g − M v‖ / ‖g‖ over the whole layer (CG: recurrence residual;
+            exact dual solves: measured on a sample of rows).
+        cosine: ⟨v, g⟩ / (‖v‖‖g‖), the cosine between the direction and the gradient.
+        seconds: wall time of the solve, including building the Gram (host time; on an
+            accelerator it includes only what the host waited for).
+        columns: n, the number of columns of Ũ (samples × positions over all calls).
+        output_grad_scale: s where ``.grad`` was verified to be s·δᵀŨᵀ (Linear layers:
+            the dual form then needs one large product fewer), else None.
+    """
+
+    form: str
+    iterations: int
+    relative_residual: float
+    cosine: float
+    seconds: float
+    columns: int
+    output_grad_scale: float | None = None
+
+
+def layer_stats(
+    form: str,
+    solution: Solution,
+    grad_weight: Tensor,
+    grad_bias: Tensor | None,
+    seconds: float,
+    system: LayerSystem,
+    output_grad_scale: float | None,
+) -> LayerStats:
+    def dot(a: Tensor, b: Tensor) -> Tensor:
+        return torch.dot(a.reshape(-1), b.reshape(-1))
+
+    pairs = [(solution.weight, grad_weight)]
+    if grad_bias is not None:
+        pairs.append((solution.bias, grad_bias))
+    grad_sq = sum(dot(g, g) for _, g in pairs)
+    direction_sq = sum(dot(v, v) for v, _ in pairs)
+    inner_product = sum(dot(v, g) for v, g in pairs)
+    values = torch.stack([grad_sq, direction_sq, inner_product]).double().tolist()
+    grad_norm, direction_norm = math.sqrt(values[0]), math.sqrt(values[1])
+    residual = float(solution.residual_norm)
+    denominator = grad_norm * direction_norm
+    return LayerStats(
+        form=form,
+        iterations=solution.iterations,
+        # NaN stays NaN (the non-finite check reads these); only 0/0 becomes 0.
+        relative_residual=residual / grad_norm if grad_norm != 0 else 0.0,
+        cosine=values[2] / denominator if denominator != 0 else 0.0,
+        seconds=seconds,
+        columns=system.num_columns,
+        output_grad_scale=output_grad_scale,
+    )
+
+
+def pack(stats: LayerStats | None) -> Tensor:
+    """LayerStats as 7 float64 numbers (NaN when None), for a broadcast."""
+    if stats is None:
+        return torch.full((7,), math.nan, dtype=torch.float64)
+    scale = math.nan if stats.output_grad_scale is None else stats.output_grad_scale
+    values = [
+        FORMS.index(stats.form),
+        stats.iterations,
+        stats.relative_residual,
+        stats.cosine,
+        stats.seconds,
+        stats.columns,
+        scale,
+    ]
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def unpack(packed: Tensor) -> LayerStats:
+    """The inverse of :func:`pack`."""
+    values = packed.tolist()
+    return LayerStats(
+        form=FORMS[int(values[0])],
+        iterations=int(values[1]),
+        relative_residual=values[2],
+        cosine=values[3],
+        seconds=values[4],
+        columns=int(values[5]),
+        output_grad_scale=None if math.isnan(values[6]) else values[6],
+    )
