@@ -1,0 +1,208 @@
+"""The prepared device check: CUDA correctness and the GPU figures, in one short run.
+
+    python benchmarks/gpu_check.py                 # on a machine with a GPU
+    python benchmarks/gpu_check.py --device cpu    # dry run of the same code on the CPU
+
+1. Directions on the device (float32) against a float64 CPU reference, per layer, for the
+   paper MLP and CNN, every solve form.
+2. bf16 autocast (and, on CUDA, fp16 autocast with a GradScaler) directions against fp32.
+3. Host-device synchronisations inside a fixed-iteration step (CUDA sync debug mode).
+4. The step-time / memory table of benchmarks/targets.py, and ResNet-18 step times.
+
+Prints everything as Markdown; exits non-zero if a correctness check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+import torchvision
+from step_ratio import measure
+from torch import nn
+
+from proxoptim import ProxPropOptimizer
+from proxoptim.experiments.models import build_model
+
+
+class Recorder(torch.optim.Optimizer):
+    def __init__(self, params):
+        super().__init__(params, {})
+        self.seen = {}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.seen = {
+            p: p.grad.detach().double().cpu().clone()
+            for g in self.param_groups
+            for p in g["params"]
+            if p.grad is not None
+        }
+
+
+def directions(model, x, y, autocast_dtype=None, scaler=None, **kwargs):
+    """{parameter index: direction (float64, CPU)} of one step."""
+    opt = ProxPropOptimizer(model, Recorder, **kwargs)
+    device = x.device.type
+    with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        loss = nn.functional.cross_entropy(model(x), y)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+    else:
+        loss.backward()
+        opt.step()
+    params = list(model.parameters())
+    result = {i: opt.inner.seen[p] for i, p in enumerate(params) if p in opt.inner.seen}
+    forms = {name: s.form for name, s in opt.last_stats.items()}
+    opt.remove_hooks()
+    model.zero_grad()
+    return result, forms
+
+
+def cosine(a, b):
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+def correctness(device: str) -> bool:
+    ok = True
+    print("## Directions on the device against a float64 CPU reference\n")
+    print("| network | solver | form | worst relative error | worst cosine |")
+    print("|---|---|---|---|---|")
+    for network, batch in (("mlp", 64), ("cnn", 32)):
+        torch.manual_seed(0)
+        reference_model = build_model(network, (3, 32, 32), 10).double()
+        x = torch.rand(batch, 3, 32, 32, dtype=torch.float64)
+        y = torch.randint(0, 10, (batch,))
+        forms = ["matrix_free", "primal"] + (["dual"] if network == "mlp" else [])
+        for solver, form in [("cg", f) for f in forms] + [("exact", "auto")]:
+            expected, _ = directions(
+                copy.deepcopy(reference_model), x, y, solver=solver, solver_form=form
+            )
+            model = copy.deepcopy(reference_model).float().to(device)
+            actual, used = directions(
+                model, x.float().to(device), y.to(device), solver=solver, solver_form=form
+            )
+            errors = [
+                float((actual[i] - expected[i]).norm() / expected[i].norm()) for i in expected
+            ]
+            cosines = [cosine(actual[i], expected[i]) for i in expected]
+            ok &= max(errors) <= 1e-2 and min(cosines) >= 0.9999
+            print(
+                f"| {network} | {solver} | {sorted(set(used.values()))} | "
+                f"{max(errors):.2e} | {min(cosines):.6f} |"
+            )
+
+    print("\n## Mixed precision against fp32 on the device (paper MLP, batch 64)\n")
+    print("| autocast | cosine of the whole direction to fp32 | worst single tensor |")
+    print("|---|---|---|")
+    torch.manual_seed(0)
+    model = build_model("mlp", (3, 32, 32), 10).to(device)
+    x = torch.rand(64, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (64,), device=device)
+    full, _ = directions(model, x, y)
+    cases = [("bf16", torch.bfloat16, None)]
+    if device.startswith("cuda"):
+        cases.append(("fp16 + GradScaler", torch.float16, torch.amp.GradScaler("cuda")))
+    for label, dtype, scaler in cases:
+        mixed, _ = directions(model, x, y, autocast_dtype=dtype, scaler=scaler)
+        whole = cosine(
+            torch.cat([mixed[i].flatten() for i in full]),
+            torch.cat([full[i].flatten() for i in full]),
+        )
+        worst = min(cosine(mixed[i], full[i]) for i in full)
+        ok &= whole >= 0.99
+        print(f"| {label} | {whole:.5f} | {worst:.5f} |")
+    return ok
+
+
+def synchronisations(device: str) -> None:
+    if not device.startswith("cuda"):
+        return
+    print("\n## Host-device synchronisations in one cg3 step (paper MLP)\n")
+    torch.manual_seed(0)
+    model = build_model("mlp", (3, 32, 32), 10).to(device)
+    x = torch.rand(500, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (500,), device=device)
+    opt = ProxPropOptimizer(model, torch.optim.SGD, lr=1e-6, momentum=0.9, nesterov=True)
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        opt.step()
+        torch.cuda.set_sync_debug_mode("default")
+    places = sorted({str(w.filename).rsplit("/", 1)[-1] + ":" + str(w.lineno) for w in caught})
+    print(f"{len(caught)} synchronising calls, at: {', '.join(places) or 'none'}")
+
+
+def timings(device: str, repeats: int) -> None:
+    print("\n## Step time against backprop (same process, interleaved, batch 500)\n")
+    print("| network | method | step [ms] | backprop [ms] | ratio |")
+    print("|---|---|---|---|---|")
+    for network, optimizer, methods in (
+        ("mlp", "nesterov", ["cg3", "exact", "cg10"]),
+        ("cnn", "adam", ["cg3", "cg10"]),
+    ):
+        times = measure(network, optimizer, methods, 500, repeats, 2, device)
+        base = statistics.median(times["backprop"])
+        for name in methods:
+            median = statistics.median(times[name])
+            print(
+                f"| {network} | {name} | {1000 * median:.1f} | {1000 * base:.1f} | "
+                f"{median / base:.2f} |"
+            )
+
+    print("\n## ResNet-18 (torchvision, 32×32 inputs, batch 128, Adam)\n")
+    print("| method | step [ms] |")
+    print("|---|---|")
+    torch.manual_seed(0)
+    template = torchvision.models.resnet18(num_classes=10).to(device)
+    x = torch.rand(128, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (128,), device=device)
+    for name in ("backprop", "cg3"):
+        model = copy.deepcopy(template)
+        if name == "backprop":
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        else:
+            opt = ProxPropOptimizer(model, torch.optim.Adam, lr=1e-3, cg_iters=3)
+        samples = []
+        for step in range(2 + repeats):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if step >= 2:
+                samples.append(time.perf_counter() - started)
+        print(f"| {name} | {1000 * statistics.median(samples):.1f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(f"# Device check: {name}, torch {torch.__version__}\n")
+    ok = correctness(args.device)
+    synchronisations(args.device)
+    timings(args.device, args.repeats)
+    print(f"\ncorrectness checks: {'passed' if ok else 'FAILED'}")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
