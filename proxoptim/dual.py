@@ -234,9 +234,10 @@ def _exact(
     inverse = torch.cholesky_inverse(factor).to(dtype)
     if scale is not None:
         # v = s·δᵀ (I/τθ + K)⁻¹ Ũᵀ
-        left = kernel.output_grads.T * scale
-        weight, bias = kernel.expand(left, inverse, grad_weight, grad_bias, None, out)
-        residual = _sampled_residual(kernel, left, inverse, shifted, None)
+        # The scalar goes into the n×n factor, not into the m×n δᵀ.
+        left = kernel.output_grads.T
+        weight, bias = kernel.expand(left, inverse * scale, grad_weight, grad_bias, None, out)
+        residual = _sampled_residual(kernel, left, inverse, shifted, scale)
     else:
         # v = τθ g − τθ h (I/τθ + K)⁻¹ Ũᵀ
         projected = kernel.project(grad_weight, grad_bias)
@@ -245,7 +246,7 @@ def _exact(
         )
         left = projected * (-tau_prox)
         weight, bias = kernel.expand(left, inverse, grad_weight, grad_bias, gradient_scale, out)
-        residual = _sampled_residual(kernel, left, inverse, shifted, tau_prox)
+        residual = _sampled_residual(kernel, left, inverse, shifted)
     return DualSolution(weight, bias, 0, residual)
 
 
@@ -254,18 +255,18 @@ def _sampled_residual(
     left: Tensor,
     inverse: Tensor,
     shifted: Tensor,
-    tau_prox: float | None,
+    scale: float = 1.0,
 ) -> Tensor:
     """‖g − M v‖ estimated from up to RESIDUAL_SAMPLE_ROWS evenly spaced rows, scaled to all.
 
-    With c = left·(I/τθ + K)⁻¹ the solve's coefficients:
-    δ-form (``tau_prox`` None): v = cŨᵀ, g = left·Ũᵀ -> g − Mv = (left − c(I/τθ + K)) Ũᵀ.
-    General form: v = τθ g + cŨᵀ, left = −τθ h -> g − Mv = (left − c(I/τθ + K)) Ũᵀ as well.
+    With ℓ = scale·left and c = ℓ(I/τθ + K)⁻¹ the solve's coefficients:
+    δ-form: v = cŨᵀ, g = ℓŨᵀ -> g − Mv = (ℓ − c(I/τθ + K)) Ũᵀ.
+    General form: v = τθ g + cŨᵀ, ℓ = −τθ h -> g − Mv = (ℓ − c(I/τθ + K)) Ũᵀ as well.
     Either way the residual is ρŨᵀ and ‖ρŨᵀ‖² = ρ K ρᵀ.
     """
     rows = left.shape[0]
     index = torch.linspace(0, rows - 1, min(rows, RESIDUAL_SAMPLE_ROWS)).round().long()
-    sample = left[index.to(left.device)].double()
+    sample = left[index.to(left.device)].double() * scale
     rho = sample - (sample @ inverse.double()) @ shifted
     squared = (rho @ kernel.kernel.double() * rho).sum()
     return (squared.clamp_min(0) * (rows / len(index))).sqrt()
