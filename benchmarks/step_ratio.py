@@ -50,8 +50,15 @@ def measure(
     device: str,
     tau_prox: float = 1.0,
     width: float = 1.0,
+    block: int = 1,
 ) -> dict[str, list[float]]:
-    """Seconds per step of backprop and each method, ``repeats`` interleaved samples each."""
+    """Seconds per step of backprop and each method, ``repeats`` interleaved samples each.
+
+    ``block`` > 1 runs each method for ``block`` consecutive steps per turn and times the
+    steps after the first of each turn: methods still alternate, but each timed step finds
+    its own data in cache, as in a real training run (strict alternation, ``block=1``,
+    evicts every method's working set between its steps).
+    """
     torch.manual_seed(0)
     template = build_model(network, (3, 32, 32), 10, width).to(device)
     x = torch.rand(batch_size, 3, 32, 32, device=device)
@@ -63,16 +70,19 @@ def measure(
         opt = make_optimizer(model, Method.parse(name), optimizer, 1e-6, tau_prox)
         steps[name] = make_step(model, opt, x, y)
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for repeat in range(warmup + repeats):
+    turns = warmup + -(-repeats // max(block - 1, 1)) if block > 1 else warmup + repeats
+    for turn in range(turns):
         for name, step in steps.items():
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            step()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            if repeat >= warmup:
-                times[name].append(time.perf_counter() - started)
+            for position in range(block):
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                started = time.perf_counter()
+                step()
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                timed = turn >= warmup and (block == 1 or position > 0)
+                if timed and len(times[name]) < repeats:
+                    times[name].append(time.perf_counter() - started)
     return times
 
 

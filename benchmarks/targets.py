@@ -30,11 +30,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument(
+        "--block",
+        type=int,
+        default=1,
+        help="consecutive steps per method and turn (timing all but the first); 1 = strict "
+        "alternation",
+    )
     args = parser.parse_args()
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(
         f"{device_name}, {torch.get_num_threads()} threads, torch {torch.__version__}, batch 500, "
-        f"median of {args.repeats} interleaved steps after {args.warmup} warm-up"
+        f"median of {args.repeats} interleaved steps after {args.warmup} warm-up, "
+        f"{'strict alternation' if args.block == 1 else f'turns of {args.block} steps'}"
     )
     print(
         "| network | method | step [ms] | backprop [ms] | ratio | target "
@@ -43,7 +51,16 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for network, optimizer, targets in TABLE:
         methods = list(targets)
-        times = measure(network, optimizer, methods, 500, args.repeats, args.warmup, args.device)
+        times = measure(
+            network,
+            optimizer,
+            methods,
+            500,
+            args.repeats,
+            args.warmup,
+            args.device,
+            block=args.block,
+        )
         baseline = statistics.median(times["backprop"])
         memory = {}
         if not args.no_memory:
