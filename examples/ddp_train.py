@@ -1,7 +1,7 @@
 """ProxProp under DistributedDataParallel.
 
-    torchrun --nproc_per_node=2 examples/ddp_train.py            # CPU (gloo)
-    torchrun --nproc_per_node=2 examples/ddp_train.py --steps 20 --mode local
+    torchrun --standalone --nproc_per_node=2 examples/ddp_train.py            # CPU (gloo)
+    torchrun --standalone --nproc_per_node=2 examples/ddp_train.py --steps 20 --mode local
 
 Every rank trains on its own shard of each batch; with ``--mode global`` (the default)
 ProxProp gives every rank the direction one process would compute on the whole batch, so
