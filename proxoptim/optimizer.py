@@ -57,7 +57,8 @@ class ProxPropOptimizer(Optimizer):
             (M⁻¹g by Cholesky) or ``"none"`` (the plain gradient; the inner optimizer's own
             trajectory).
         cg_iters: k ≥ 1, the number of CG iterations (the most, when ``cg_tol`` is set).
-        cg_tol: optional early stop once every row has ‖r_j‖ ≤ cg_tol·‖g_j‖.
+        cg_tol: optional early stop once every row has ‖r_j‖ ≤ cg_tol·‖g_j‖ (the dual form
+            checks rows in blocks of 1024, stopping each block once all its rows have).
         exclude_last: keep the plain gradient on the output layer, the hooked layer that ran
             last in the forward pass (the paper's explicit step on the last layer, eq. 12).
         exclude: module names (as in ``model.named_modules()``; a container's name covers
