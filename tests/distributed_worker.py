@@ -1,8 +1,9 @@
 """One rank of the multi-process tests in test_distributed.py (run as a script).
 
-Usage: python distributed_worker.py OUT_DIR MODE STEPS, with RANK, WORLD_SIZE, MASTER_ADDR
-and MASTER_PORT set. Trains a small Conv + Linear model wrapped in DDP (gloo, float64) with
-ProxProp and saves the first step's directions and the final parameters.
+Usage: python distributed_worker.py OUT_DIR MODE STEPS SOLVER [bare], with RANK,
+WORLD_SIZE, MASTER_ADDR and MASTER_PORT set ("bare": ProxProp on the module inside DDP).
+Trains a small Conv + Linear model wrapped in DDP (gloo, float64) with ProxProp and saves
+the first step's directions and the final parameters.
 """
 
 from __future__ import annotations
@@ -74,10 +75,12 @@ def optimizer_for(model, **kwargs):
 
 def main() -> None:
     out_dir, mode, steps, solver = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    bare = len(sys.argv) > 5 and sys.argv[5] == "bare"
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     model = nn.parallel.DistributedDataParallel(make_model())
-    opt = optimizer_for(model, distributed=mode, solver=solver)
+    # ProxProp on the DDP wrapper, or on the bare module inside it: the same layers.
+    opt = optimizer_for(model.module if bare else model, distributed=mode, solver=solver)
     assert opt.distributed == mode
     train(model, opt, steps, world_size, rank)
     torch.save(

@@ -25,7 +25,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_ranks(tmp_path: Path, world_size: int, mode: str, steps: int, solver: str = "cg"):
+def run_ranks(
+    tmp_path: Path, world_size: int, mode: str, steps: int, solver: str = "cg", bare: bool = False
+):
     port = str(free_port())
     processes = []
     for rank in range(world_size):
@@ -39,7 +41,8 @@ def run_ranks(tmp_path: Path, world_size: int, mode: str, steps: int, solver: st
         )
         processes.append(
             subprocess.Popen(
-                [sys.executable, str(WORKER), str(tmp_path), mode, str(steps), solver],
+                [sys.executable, str(WORKER), str(tmp_path), mode, str(steps), solver]
+                + (["bare"] if bare else []),
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -59,9 +62,13 @@ def single_process(world_size: int, steps: int, solver: str = "cg"):
     return opt.inner.seen[0], [p.detach() for p in model.parameters()], opt
 
 
-@pytest.mark.parametrize(("world_size", "solver"), [(2, "cg"), (3, "cg"), (2, "exact")])
-def test_global_mode_equals_one_process_on_the_concatenated_batch(tmp_path, world_size, solver):
-    ranks = run_ranks(tmp_path, world_size, "global", steps=6, solver=solver)
+@pytest.mark.parametrize(
+    ("world_size", "solver", "bare"), [(2, "cg", False), (3, "cg", False), (2, "exact", True)]
+)
+def test_global_mode_equals_one_process_on_the_concatenated_batch(
+    tmp_path, world_size, solver, bare
+):
+    ranks = run_ranks(tmp_path, world_size, "global", steps=6, solver=solver, bare=bare)
     expected, expected_params, opt = single_process(world_size, steps=6, solver=solver)
     assert {"0", "3", "5"} <= set(opt.last_stats)  # conv, and Linear layers preconditioned
     for result in ranks:
