@@ -32,39 +32,33 @@ from proxoptim.experiments.plots import format_loss, plot_curves, plot_sweep
 from proxoptim.experiments.training import OPTIMIZERS, Method, RunResult, train
 
 # What each command runs with no flags: an offline comparison on digits.
+_OFFLINE = {
+    "dataset": "digits",
+    "data_dir": "data",
+    "model": "mlp",
+    "width": 0.1,
+    "optimizer": "nesterov",
+    "momentum": 0.95,
+    "batch_size": 100,
+    "train_subset": None,
+    "seed": 0,
+    "device": "cpu",
+}
 BASE = {
     "compare": {
-        "dataset": "digits",
-        "data_dir": "data",
-        "model": "mlp",
-        "width": 0.1,
-        "optimizer": "nesterov",
-        "momentum": 0.95,
+        **_OFFLINE,
         "methods": "backprop,cg3,cg10,exact",
         "lr_backprop": 0.05,
         "lr_proxprop": 1.0,
         "tau_prox": 0.05,
         "epochs": 50,
-        "batch_size": 100,
-        "train_subset": None,
-        "seed": 0,
-        "device": "cpu",
     },
     "sweep": {
-        "dataset": "digits",
-        "data_dir": "data",
-        "model": "mlp",
-        "width": 0.1,
-        "optimizer": "nesterov",
-        "momentum": 0.95,
+        **_OFFLINE,
         "methods": "backprop,cg1,cg3,cg5",
         "lrs": "50,10,5,1,0.5,0.1,0.05,5e-3,5e-4",
         "tau_prox": 1.0,
         "epochs": 10,
-        "batch_size": 100,
-        "train_subset": None,
-        "seed": 0,
-        "device": "cpu",
     },
 }
 
