@@ -304,6 +304,18 @@ def _percent(value: float) -> str:
     return "–" if not math.isfinite(value) else f"{100 * value:.2f}%"
 
 
+def _provenance(command: str, config: dict[str, Any], splits: Splits) -> dict[str, Any]:
+    """What every results file starts with: the command, when, the configuration, the
+    versions and the data it ran on."""
+    return {
+        "command": command,
+        "created": datetime.now(timezone.utc).isoformat(),
+        "config": config,
+        "versions": versions(),
+        "dataset": _describe(splits, config),
+    }
+
+
 def run_compare(config: dict[str, Any]) -> Path:
     splits = load_data(config)
     out = _output_dir(config, "compare")
@@ -313,11 +325,7 @@ def run_compare(config: dict[str, Any]) -> Path:
         runs.append(_run(config, splits, method, lr, label=f"{method} lr={lr:g}"))
     title = f"{config['model']} on {splits.name}, {config['optimizer']}, τθ={config['tau_prox']:g}"
     results = {
-        "command": "compare",
-        "created": datetime.now(timezone.utc).isoformat(),
-        "config": config,
-        "versions": versions(),
-        "dataset": _describe(splits, config),
+        **_provenance("compare", config, splits),
         "runs": [run.to_json() for run in runs],
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -354,11 +362,7 @@ def run_sweep(config: dict[str, Any]) -> Path:
     )
     (out / "table.md").write_text(caption + "\n\n" + table + "\n")
     results = {
-        "command": "sweep",
-        "created": datetime.now(timezone.utc).isoformat(),
-        "config": config,
-        "versions": versions(),
-        "dataset": _describe(splits, config),
+        **_provenance("sweep", config, splits),
         "lrs": lrs,
         "methods": methods,
         "final_train_loss": {m: [final[m][lr] for lr in lrs] for m in methods},
