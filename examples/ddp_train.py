@@ -64,6 +64,7 @@ def main() -> None:
         print(
             f"{world_size} ranks, mode={args.mode}, forms {forms}, replicas identical: {identical}"
         )
+    dist.barrier()  # no rank tears its connections down while another still uses them
     dist.destroy_process_group()
     if not identical:
         raise SystemExit("replicas diverged")

@@ -91,6 +91,7 @@ def main() -> None:
         },
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
+    dist.barrier()  # no rank tears its connections down while another still uses them
     dist.destroy_process_group()
 
 
