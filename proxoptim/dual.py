@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from proxoptim.operators import LayerSystem
+from proxoptim.rowwise import guarded_ratio, row_dot
 from proxoptim.workspace import Workspace
 
 # Relative mismatch up to which .grad counts as a multiple of δᵀŨᵀ. Rounding in the two
@@ -171,10 +172,6 @@ def _fitted_scale(probed_grad: Tensor, probed_delta: Tensor) -> float | None:
 
 def _stack(parts: list[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def _row_dot(a: Tensor, b: Tensor) -> Tensor:
-    return (a * b).sum(-1, keepdim=True)
 
 
 def solve_dual(
@@ -335,11 +332,6 @@ def _cg(
     return DualSolution(weight, bias, done, residual_sq.double().sqrt())
 
 
-def _guarded_ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
-    """numerator / denominator per row, 0 where the denominator is not positive (no 0/0)."""
-    return torch.where(denominator > 0, numerator / denominator, torch.zeros_like(denominator))
-
-
 def _diagonal_cg(
     start: Tensor,
     solution: Tensor,
@@ -372,7 +364,7 @@ def _diagonal_cg(
     done = 0
     for done in range(1, iterations + 1):
         curvature = torch.mul(direction, direction, out=work) @ weighted_diagonal
-        alpha = _guarded_ratio(residual_sq, curvature).unsqueeze(1)
+        alpha = guarded_ratio(residual_sq, curvature).unsqueeze(1)
         solution.addcmul_(direction, alpha)
         residual.addcmul_(torch.mul(direction, diagonal, out=work), alpha, value=-1)
         new_residual_sq = torch.mul(residual, residual, out=work) @ eigenvalues
@@ -380,7 +372,7 @@ def _diagonal_cg(
             threshold_sq is not None and bool((new_residual_sq <= threshold_sq).all())
         ):
             break
-        beta = _guarded_ratio(new_residual_sq, residual_sq).unsqueeze(1)
+        beta = guarded_ratio(new_residual_sq, residual_sq).unsqueeze(1)
         direction.mul_(beta).add_(residual)
         residual_sq = new_residual_sq
     solution.mul_(row_scale)
@@ -403,10 +395,10 @@ def _general_cg(
 
     def inner(a1, b1, a2, b2):
         return (
-            _row_dot(b1 * eigenvalues, b2)
+            row_dot(b1 * eigenvalues, b2)
             + a1 * a2 * gradient_sq
-            + a1 * _row_dot(projected, b2)
-            + a2 * _row_dot(projected, b1)
+            + a1 * row_dot(projected, b2)
+            + a2 * row_dot(projected, b1)
         )
 
     residual_a = torch.ones_like(gradient_sq)
@@ -421,7 +413,7 @@ def _general_cg(
         image_a = direction_a * inverse_tau
         image_b = direction_b * (eigenvalues + inverse_tau) + direction_a * projected
         curvature = inner(direction_a, direction_b, image_a, image_b)
-        alpha = _guarded_ratio(residual_sq, curvature)
+        alpha = guarded_ratio(residual_sq, curvature)
         solution_a, solution_b = solution_a + alpha * direction_a, solution_b + alpha * direction_b
         residual_a, residual_b = residual_a - alpha * image_a, residual_b - alpha * image_b
         new_residual_sq = inner(residual_a, residual_b, residual_a, residual_b).clamp_min(0)
@@ -429,7 +421,7 @@ def _general_cg(
             threshold_sq is not None and bool((new_residual_sq <= threshold_sq).all())
         ):
             break
-        beta = _guarded_ratio(new_residual_sq, residual_sq)
+        beta = guarded_ratio(new_residual_sq, residual_sq)
         direction_a = residual_a + beta * direction_a
         direction_b = residual_b + beta * direction_b
         residual_sq = new_residual_sq

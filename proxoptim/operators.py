@@ -419,10 +419,12 @@ class LayerSystem:
             Call(module, kind, kind.prepare(module, x, dtype), output_grad)
             for module, kind, x, output_grad in calls
         ]
-        self.num_columns = sum(c.kind.num_columns(c.module, c.x) for c in self.calls)
+        # This process's n; num_columns becomes the global n under a communicator.
+        self.local_columns = sum(c.kind.num_columns(c.module, c.x) for c in self.calls)
+        self.num_columns = self.local_columns
         if communicator is not None:
             # Every rank must see the global n: the cost model decides identically on all.
-            columns = torch.tensor([self.num_columns], device=self.calls[0].x.device)
+            columns = torch.tensor([self.local_columns], device=self.calls[0].x.device)
             self.num_columns = int(communicator.all_reduce_(columns))
         self.supports_dual = all(call.kind.supports_dual for call in self.calls)
         self.im2col = any(call.kind.im2col for call in self.calls)
@@ -463,7 +465,7 @@ class LayerSystem:
                     gram[:, :dim, dim] += column_sums
                     gram[:, dim, :dim] += column_sums
         if layout.has_bias:
-            gram[:, dim, dim] = float(sum(c.kind.num_columns(c.module, c.x) for c in self.calls))
+            gram[:, dim, dim] = float(self.local_columns)
         if self.communicator is not None:
             self.communicator.all_reduce_(gram)
         return gram

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from proxoptim.dual import DualKernel, solve_dual
 from proxoptim.operators import LayerSystem
+from proxoptim.rowwise import guarded_ratio, row_dot
 from proxoptim.workspace import Workspace
 
 FORMS = ("matrix_free", "primal", "dual")
@@ -52,10 +53,6 @@ class SolveResult:
     residual: Tensor
 
 
-def _row_dot(a: Tensor, b: Tensor) -> Tensor:
-    return (a * b).sum(-1, keepdim=True)
-
-
 def batched_cg(
     apply_m: Callable[[Tensor], Tensor],
     rhs: Tensor,
@@ -80,23 +77,21 @@ def batched_cg(
     solution = torch.zeros_like(rhs)
     residual = rhs.clone()
     direction = residual.clone()
-    residual_sq = _row_dot(residual, residual)
+    residual_sq = row_dot(residual, residual)
     threshold_sq = None if tol is None else (tol * tol) * residual_sq
     done = 0
     for done in range(1, iterations + 1):
         m_direction = apply_m(direction)
-        curvature = _row_dot(direction, m_direction)
-        alpha = torch.where(curvature > 0, residual_sq / curvature, torch.zeros_like(curvature))
+        curvature = row_dot(direction, m_direction)
+        alpha = guarded_ratio(residual_sq, curvature)
         solution.add_(alpha * direction)
         residual.sub_(alpha * m_direction)
-        new_residual_sq = _row_dot(residual, residual)
+        new_residual_sq = row_dot(residual, residual)
         if threshold_sq is not None and bool((new_residual_sq <= threshold_sq).all()):
             break
         if done == iterations:
             break
-        beta = torch.where(
-            residual_sq > 0, new_residual_sq / residual_sq, torch.zeros_like(residual_sq)
-        )
+        beta = guarded_ratio(new_residual_sq, residual_sq)
         direction = residual + beta * direction
         residual_sq = new_residual_sq
     return SolveResult(solution, done, residual)

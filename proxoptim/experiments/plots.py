@@ -43,11 +43,7 @@ def plot_curves(runs: Sequence[RunResult], path: str | Path, title: str = "") ->
         axis.legend()
     if title:
         figure.suptitle(title)
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(plt, figure, path)
 
 
 def plot_sweep(
@@ -79,6 +75,10 @@ def plot_sweep(
     axis.legend(title="× = diverged")
     if title:
         axis.set_title(title)
+    return _save(plt, figure, path)
+
+
+def _save(plt, figure, path: str | Path) -> Path:
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=110)
