@@ -31,11 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from proxoptim.conv_gram import conv_gram, conv_gram_cost
 from proxoptim.distributed import Communicator
 
 # Gram matrices are accumulated from im2col patches in chunks of at most this many
 # elements, so that building G never materialises the whole n × d patch matrix at once.
 PATCH_CHUNK_ELEMENTS = 1 << 24
+
+# Building a Gram from im2col patches copies every patch element once; on a 2-core AVX-512
+# CPU that takes about as long as 600 float32-GEMM flops per element.
+IM2COL_COST_PER_ELEMENT = 600.0
 
 
 class LayerKind:
@@ -82,6 +87,15 @@ class LayerKind:
     def num_columns(self, module: nn.Module, x: Tensor) -> int:
         """n: the number of columns of Ũ this call contributes (samples × positions)."""
         raise NotImplementedError
+
+    def correlation_gram(self, module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(G without the bias row and column, patch sums), both per group, built without
+        im2col; None where the layer has no such structure (see proxoptim.conv_gram)."""
+        return None
+
+    def correlation_gram_cost(self, module: nn.Module, x: Tensor) -> float:
+        """Estimated cost of :meth:`correlation_gram` (inf where it returns None)."""
+        return float("inf")
 
 
 class LinearKind(LayerKind):
@@ -177,6 +191,45 @@ class ConvKind(LayerKind):
 
     def num_columns(self, module: nn.Module, x: Tensor) -> int:
         return x.shape[0] * math.prod(self._output_size(module, x))
+
+    def _correlation_geometry(
+        self, module: nn.Module, x: Tensor
+    ) -> tuple[Tensor, tuple[tuple[int, int], ...]] | None:
+        """(the unpadded input, zero padding per dim) of a stride-1 convolution, else None.
+
+        Zero padding is cropped back off the prepared input (it is implied by the
+        correlation form); other padding modes keep their padded values as the input.
+        """
+        if any(stride != 1 for stride in module.stride):
+            return None
+        dims = self.spatial_dims
+        if module.padding_mode != "zeros":
+            return x, ((0, 0),) * dims
+        reversed_padding = module._reversed_padding_repeated_twice
+        padding = tuple(
+            (reversed_padding[2 * (dims - 1 - j)], reversed_padding[2 * (dims - 1 - j) + 1])
+            for j in range(dims)
+        )
+        core = x
+        for j, (before, after) in enumerate(padding):
+            core = core.narrow(2 + j, before, core.shape[2 + j] - before - after)
+        return core, padding
+
+    def correlation_gram(self, module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        geometry = self._correlation_geometry(module, x)
+        if geometry is None:
+            return None
+        core, padding = geometry
+        return conv_gram(core, module.kernel_size, module.dilation, padding, module.groups)
+
+    def correlation_gram_cost(self, module: nn.Module, x: Tensor) -> float:
+        geometry = self._correlation_geometry(module, x)
+        if geometry is None:
+            return float("inf")
+        core, padding = geometry
+        return conv_gram_cost(
+            tuple(core.shape), module.kernel_size, module.dilation, padding, module.groups
+        )
 
     def patches(self, module: nn.Module, x: Tensor) -> Iterator[Tensor]:
         # Generic N-d im2col with Tensor.unfold: one window per output position and
@@ -422,13 +475,22 @@ class LayerSystem:
         # This process's n; num_columns becomes the global n under a communicator.
         self.local_columns = sum(c.kind.num_columns(c.module, c.x) for c in self.calls)
         self.num_columns = self.local_columns
-        if communicator is not None:
-            # Every rank must see the global n: the cost model decides identically on all.
-            columns = torch.tensor([self.local_columns], device=self.calls[0].x.device)
-            self.num_columns = int(communicator.all_reduce_(columns))
         self.supports_dual = all(call.kind.supports_dual for call in self.calls)
         self.im2col = any(call.kind.im2col for call in self.calls)
         self.has_patches = all(call.kind.has_patches for call in self.calls)
+        self._sources: list[tuple[bool, float]] | None = None
+        self._gram_cost = self._local_gram_cost()
+        if communicator is not None:
+            # Every rank must see the global n and Gram cost: the cost model then decides
+            # identically on all of them.
+            totals = torch.tensor(
+                [float(self.local_columns), self._gram_cost],
+                dtype=torch.float64,
+                device=self.calls[0].x.device,
+            )
+            communicator.all_reduce_(totals)
+            self.num_columns = round(float(totals[0]))
+            self._gram_cost = float(totals[1])
 
     def gram_apply(self, rows: Tensor) -> Tensor:
         """V ↦ V Ũ Ũᵀ = A*(A V) for rows V of shape (groups, rows_per_group, row_dim).
@@ -449,15 +511,57 @@ class LayerSystem:
             self.communicator.all_reduce_(product)
         return product
 
+    def _gram_sources(self) -> list[tuple[bool, float]]:
+        """Per call: (whether its Gram comes from correlations, the cost of building it).
+
+        Each call's Gram is built the cheaper way: from correlations of the input (stride-1
+        convolutions, proxoptim.conv_gram) or from im2col patches in chunks (2·n·d² flops
+        plus the copy).
+        """
+        if self._sources is None:
+            dim = self.layout.weight_row_dim
+            groups = self.layout.groups
+            sources = []
+            for call in self.calls:
+                columns = call.kind.num_columns(call.module, call.x)
+                patches = 2.0 * groups * columns * dim * dim
+                if call.kind.im2col:
+                    patches += IM2COL_COST_PER_ELEMENT * groups * columns * dim
+                correlation = call.kind.correlation_gram_cost(call.module, call.x)
+                sources.append((correlation < patches, min(correlation, patches)))
+            self._sources = sources
+        return self._sources
+
+    def _local_gram_cost(self) -> float:
+        if not self.has_patches:
+            return float("inf")
+        return sum(cost for _, cost in self._gram_sources())
+
+    def gram_cost(self) -> float:
+        """Estimated cost of :meth:`gram` in float32-GEMM flops, summed over ranks under a
+        communicator (inf for layers without patches)."""
+        return self._gram_cost
+
     def gram(self) -> Tensor:
-        """G = Σ_calls Ũ Ũᵀ, shape (groups, row_dim, row_dim); built from patches in chunks."""
+        """G = Σ_calls Ũ Ũᵀ, shape (groups, row_dim, row_dim); built from patches in chunks
+        or from correlations of the input, whichever :meth:`gram_cost` finds cheaper."""
         layout = self.layout
         dim = layout.weight_row_dim
         device = self.calls[0].x.device
         gram = torch.zeros(
             layout.groups, layout.row_dim, layout.row_dim, dtype=self.dtype, device=device
         )
-        for call in self.calls:
+        for call, (from_correlation, _) in zip(self.calls, self._gram_sources(), strict=True):
+            correlation = (
+                call.kind.correlation_gram(call.module, call.x) if from_correlation else None
+            )
+            if correlation is not None:
+                weight_gram, patch_sums = correlation
+                gram[:, :dim, :dim] += weight_gram
+                if layout.has_bias:
+                    gram[:, :dim, dim] += patch_sums
+                    gram[:, dim, :dim] += patch_sums
+                continue
             for patch in call.kind.patches(call.module, call.x):
                 gram[:, :dim, :dim].baddbmm_(patch.transpose(1, 2), patch)
                 if layout.has_bias:

@@ -181,10 +181,8 @@ class Costs:
 EIGH_COST_PER_CUBE = 30.0
 INVERSE_COST_PER_CUBE = 4.0
 # A convolution and its weight gradient (channels-last) run at about 60% of GEMM speed for the
-# channel counts where matrix-free CG competes, and building the Gram of a convolution
-# copies every im2col element once (about 600 flops' worth of time per element).
+# channel counts where matrix-free CG competes.
 CONV_PRODUCT_SLOWDOWN = 1.7
-IM2COL_COST_PER_ELEMENT = 600.0
 
 
 def estimate_costs(
@@ -202,9 +200,7 @@ def estimate_costs(
     if system.im2col:
         matrix_free *= CONV_PRODUCT_SLOWDOWN
 
-    primal = 2.0 * n * d * d
-    if system.im2col:
-        primal += IM2COL_COST_PER_ELEMENT * n * d
+    primal = system.gram_cost()
     primal += groups * d**3 / 3.0 + 4.0 * m * d * d if exact else 2.0 * k * m * d * d
     if groups * d * d > MAX_GRAM_ELEMENTS or not system.has_patches:
         primal = float("inf")
