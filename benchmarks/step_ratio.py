@@ -28,6 +28,12 @@ from proxoptim.experiments.training import Method, make_optimizer
 
 NETWORKS = {"mlp": "mlp", "cnn": "cnn", "cnn-reference": "cnn-reference"}
 
+# The pseudo-method "floor": backprop plus, for every Linear layer ProxProp would
+# precondition (all but the output layer), one product of the weight gradient's size
+# (coefficients (m, n) times the captured input (n, d), into a kept buffer): the least work
+# any dual-form ProxProp step adds (docs/performance.md, "The floor").
+FLOOR = "floor"
+
 
 def make_step(
     model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
@@ -35,6 +41,35 @@ def make_step(
     def step() -> None:
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def make_floor_step(
+    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+) -> Callable[[], None]:
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)][:-1]
+    if not linears or any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()):
+        raise ValueError("the floor is defined for networks of Linear layers only")
+    inputs: dict[nn.Module, torch.Tensor] = {}
+    for module in linears:
+        module.register_forward_hook(
+            lambda module, args, output: inputs.__setitem__(module, args[0].detach())
+        )
+    generator = torch.Generator(device=x.device).manual_seed(0)
+    coefficients = {
+        module: torch.randn(module.out_features, x.shape[0], generator=generator, device=x.device)
+        for module in linears
+    }
+    buffers = {module: torch.empty_like(module.weight) for module in linears}
+
+    def step() -> None:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        for module in linears:
+            batch_input = inputs[module].reshape(x.shape[0], -1)
+            torch.mm(coefficients[module], batch_input, out=buffers[module])
         opt.step()
 
     return step
@@ -67,8 +102,9 @@ def measure(
     for name in ["backprop", *methods]:
         model = copy.deepcopy(template)
         # A tiny learning rate keeps the weights (and so the work per step) stationary.
-        opt = make_optimizer(model, Method.parse(name), optimizer, 1e-6, tau_prox)
-        steps[name] = make_step(model, opt, x, y)
+        method = Method.parse("backprop" if name == FLOOR else name)
+        opt = make_optimizer(model, method, optimizer, 1e-6, tau_prox)
+        steps[name] = (make_floor_step if name == FLOOR else make_step)(model, opt, x, y)
     times: dict[str, list[float]] = {name: [] for name in steps}
     turns = warmup + -(-repeats // max(block - 1, 1)) if block > 1 else warmup + repeats
     for turn in range(turns):

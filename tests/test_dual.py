@@ -8,6 +8,7 @@ from oracle import Recorder, flatten_pair, oracle_direction, relative_error
 from torch import nn
 
 from proxoptim import ProxPropOptimizer
+from proxoptim.dual import SYMMETRIC_KERNEL_MIN_COLUMNS, symmetric_product
 
 TOLERANCE = 1e-8
 
@@ -131,3 +132,11 @@ def test_exact_dual_residual_is_reported():
     layer.zero_grad()
     _, _, general = step_with(layer, x, weights, lambda m: m.weight.grad.add_(1.0))
     assert general.output_grad_scale is None and 0 <= general.relative_residual < 1e-10
+
+
+@pytest.mark.parametrize("columns", [3, SYMMETRIC_KERNEL_MIN_COLUMNS + 1])
+def test_kernel_is_x_xt_and_exactly_symmetric(columns):
+    inputs = torch.randn(columns, 7, dtype=torch.float64)
+    kernel = symmetric_product(inputs)
+    assert relative_error(kernel, inputs @ inputs.T) <= 1e-14
+    assert torch.equal(kernel, kernel.T)
