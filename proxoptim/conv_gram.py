@@ -103,6 +103,14 @@ def _runs(indices: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
+def _neighbourhood(axis: AxisGeometry) -> list[int]:
+    """The image indices within the kernel's span of an edge index, ascending."""
+    near: set[int] = set()
+    for start, stop in _runs(axis.edges):
+        near.update(range(max(0, start - axis.span), min(axis.size, stop + axis.span)))
+    return sorted(near)
+
+
 def _edge_correlation(x: Tensor, axes: list[AxisGeometry], held: tuple[int, ...]) -> Tensor:
     """Σ_e excluded[a, e] Φ_S(e; Δ) for S = ``held`` (0-based spatial dims), every a and Δ.
 
@@ -120,6 +128,11 @@ def _edge_correlation(x: Tensor, axes: list[AxisGeometry], held: tuple[int, ...]
     dims = len(axes)
     free = [j for j in range(dims) if j not in held]
     lengths = [_fft_length(axes[j].size + axes[j].span) for j in free]
+    # Along a held dim only the neighbourhoods of its edges enter: drop the other indices
+    # before transforming (on large inputs most of the image).
+    kept = {j: _neighbourhood(axes[j]) for j in held}
+    for j in held:
+        x = x.index_select(3 + j, torch.tensor(kept[j], device=x.device))
     slab = _spectrum_slab(x, axes, free, held, lengths)
     groups, channels = x.shape[1:3]
     frequencies = tuple(slab.shape[2 : 2 + len(free)])
@@ -135,7 +148,7 @@ def _edge_correlation(x: Tensor, axes: list[AxisGeometry], held: tuple[int, ...]
         device=x.device,
     )
     for combination in itertools.product(*[_runs(axes[j].edges) for j in held]):
-        lags = _run_product(slab, axes, held, combination, complex_valued=bool(free))
+        lags = _run_product(slab, axes, held, combination, kept, complex_valued=bool(free))
         target = phi
         for position, ((start, stop), j) in enumerate(zip(combination, held, strict=True)):
             offset = axes[j].edges.index(start)
@@ -189,10 +202,12 @@ def _run_product(
     axes: list[AxisGeometry],
     held: tuple[int, ...],
     combination: tuple[tuple[int, int], ...],
+    kept: dict[int, list[int]],
     complex_valued: bool,
 ) -> Tensor:
     """Σ_n conj(x̂[run e]) x̂[e + δΔ] for one run [start, stop) per held dim.
 
+    ``slab`` holds, along each held dim j, only the image indices ``kept[j]``.
     Returns (G, freqs..., runs..., C, lags..., C').
     """
     held_axis = slab.dim() - 2 - len(held)
@@ -202,8 +217,9 @@ def _run_product(
         low = max(0, start - axes[j].span)
         high = min(axes[j].size, stop + axes[j].span)
         shifts.append(start - low)
-        first = first.narrow(held_axis + position, start, stop - start)
-        second = second.narrow(held_axis + position, low, high - low)
+        # [low, high) is kept whole, so it is contiguous among the kept indices.
+        first = first.narrow(held_axis + position, kept[j].index(start), stop - start)
+        second = second.narrow(held_axis + position, kept[j].index(low), high - low)
     groups, channels, parts = slab.shape[1], slab.shape[-1], slab.shape[-2]
     frequencies = slab.shape[2:held_axis]
     sites = groups * math.prod(frequencies)
@@ -316,7 +332,8 @@ def conv_gram(
         )
     ]
     group_channels = channels // groups
-    grouped = x.reshape(batch, groups, group_channels, *x.shape[2:])
+    # One contiguous copy up front: a cropped or channels-last input slows every FFT.
+    grouped = x.contiguous().reshape(batch, groups, group_channels, *x.shape[2:])
     kernels = [axis.kernel for axis in axes]
     # Lag index b − a + (k − 1) for every pair of offsets, per dim: (k, k).
     lag_index = [
