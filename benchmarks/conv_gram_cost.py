@@ -1,13 +1,14 @@
-"""What a convolution's Gram costs, per layer of the paper CNN, against matrix-free CG.
+"""What a convolution's Gram costs, per layer, against im2col and matrix-free CG.
 
-For each convolution of the paper's CNN (batch 500 by default) this times, interleaved in
-one process, the correlation-form Gram (proxoptim.conv_gram), the im2col Gram (patches in
-chunks, as LayerSystem builds it for strided convolutions) and one matrix-free CG product
-(a convolution and its weight gradient), and prints the cost model's estimates beside
-them. A cg_k solve costs one Gram (any k) or k matrix-free products.
+For each stride-1 convolution of the paper's CNN (batch 500) and of torchvision's
+ResNet-18 at 224×224 (batch 32) this times, interleaved in one process, the
+correlation-form Gram (proxoptim.conv_gram), the im2col Gram (patches in chunks) and one
+matrix-free CG product (a convolution and its weight gradient), and prints the cost
+model's ratios beside the measured ones. A cg_k solve costs one Gram (any k) or k
+matrix-free products; the cost model picks.
 
     python benchmarks/conv_gram_cost.py
-    python benchmarks/conv_gram_cost.py --batch-size 128 --skip-im2col
+    python benchmarks/conv_gram_cost.py --network paper --skip-im2col
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from proxoptim.operators import LayerSystem, RowLayout, kind_for
+from proxoptim.operators import IM2COL_COST_PER_ELEMENT, LayerSystem, RowLayout, kind_for
 from proxoptim.solvers import estimate_costs
 
-# (in channels, out channels, input size) of the paper CNN's 5×5, padding-2 convolutions.
-PAPER_CNN = [(3, 16, 32), (16, 20, 16), (20, 20, 8)]
+# (in channels, out channels, input size, kernel, padding, batch)
+LAYERS = {
+    "paper": [(3, 16, 32, 5, 2, 500), (16, 20, 16, 5, 2, 500), (20, 20, 8, 5, 2, 500)],
+    "resnet18": [(c, c, size, 3, 1, 32) for c, size in ((64, 56), (128, 28), (256, 14), (512, 7))],
+}
 
 
 def median_ms(functions: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -41,22 +45,25 @@ def median_ms(functions: dict[str, Callable[[], object]], repeats: int) -> dict[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--network", choices=(*LAYERS, "all"), default="all")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--skip-im2col", action="store_true", help="the slowest column")
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(f"CPU, {torch.get_num_threads()} threads, batch {args.batch_size}, medians [ms]")
+    print(f"CPU, {torch.get_num_threads()} threads, medians of {args.repeats} [ms]")
     print(
-        "| layer | correlation Gram | im2col Gram | one matrix-free product "
-        "| Gram / product (measured) | (cost model) |"
+        "| layer | batch | correlation Gram | im2col Gram | one matrix-free product "
+        "| correlation / product (measured, model) | correlation / im2col (measured, model) |"
     )
-    print("|---|---|---|---|---|---|")
-    for in_channels, out_channels, size in PAPER_CNN:
-        module = nn.Conv2d(in_channels, out_channels, 5, padding=2)
+    print("|---|---|---|---|---|---|---|")
+    networks = list(LAYERS) if args.network == "all" else [args.network]
+    for in_channels, out_channels, size, kernel, padding, batch in (
+        layer for network in networks for layer in LAYERS[network]
+    ):
+        module = nn.Conv2d(in_channels, out_channels, kernel, padding=padding)
         kind = kind_for(module)
         layout = RowLayout(module.weight.shape, 1, True)
-        x = torch.rand(args.batch_size, in_channels, size, size)
+        x = torch.rand(batch, in_channels, size, size)
         system = LayerSystem(layout, [(module, kind, x, None)], torch.float32)
         rows = layout.to_rows(module.weight.detach(), module.bias.detach())
 
@@ -73,13 +80,22 @@ def main() -> None:
             functions["im2col"] = im2col
         functions["product"] = lambda system=system, rows=rows: system.gram_apply(rows)
         times = median_ms(functions, args.repeats)
-        system._sources = None
-        modelled = system.gram_cost() / estimate_costs(system, exact=False, cg_iters=1).matrix_free
-        im2col_cell = "–" if args.skip_im2col else f"{times['im2col']:.1f}"
+        correlation_cost = kind.correlation_gram_cost(module, system.calls[0].x)
+        columns, dim = system.num_columns, in_channels * kernel * kernel
+        im2col_cost = 2.0 * columns * dim * dim + IM2COL_COST_PER_ELEMENT * columns * dim
+        product_cost = estimate_costs(system, exact=False, cg_iters=1).matrix_free
+        im2col_cell, versus_im2col = "–", "–"
+        if not args.skip_im2col:
+            im2col_cell = f"{times['im2col']:.1f}"
+            versus_im2col = (
+                f"{times['correlation'] / times['im2col']:.2f}, "
+                f"{correlation_cost / im2col_cost:.2f}"
+            )
         print(
-            f"| conv {in_channels}→{out_channels} on {size}×{size} | {times['correlation']:.1f} | "
-            f"{im2col_cell} | {times['product']:.1f} | "
-            f"{times['correlation'] / times['product']:.2f} | {modelled:.2f} |"
+            f"| conv {in_channels}→{out_channels} {kernel}×{kernel} on {size}×{size} | {batch} | "
+            f"{times['correlation']:.1f} | {im2col_cell} | {times['product']:.1f} | "
+            f"{times['correlation'] / times['product']:.2f}, "
+            f"{correlation_cost / product_cost:.2f} | {versus_im2col} |"
         )
 
 

@@ -112,18 +112,22 @@ def _neighbourhood(axis: AxisGeometry) -> list[int]:
 
 
 def _edge_correlation(x: Tensor, axes: list[AxisGeometry], held: tuple[int, ...]) -> Tensor:
-    """Σ_e excluded[a, e] Φ_S(e; Δ) for S = ``held`` (0-based spatial dims), every a and Δ.
+    """The Gram term Σ_e excluded[a, e] Φ_S(e; b − a) for S = ``held`` (0-based dims).
 
     Args:
         x: (n, groups, C_g, L_1..L_D).
 
     Returns:
-        (groups, C_g, a_1..a_D, lag_1..lag_D, C_g): a_j of size k_j for held dims and 1
-        for free ones (the term does not depend on it), lag_j of size 2k_j − 1.
+        ((a_1, b_1), ..., (a_D, b_D), groups, C_g, C_g): one axis of k_j² offset pairs per
+        spatial dim (a view with that axis order).
 
-    Free dims are summed by FFT (every lag at once). Along a held dim, each run of edge
-    indices is paired with every index within the kernel's span of it (a contiguous slab,
-    so no gather of shifted copies), and the lags are read off the small product.
+    Free dims are summed by FFT: the batch-summed cross-spectra are taken back to the
+    (2k − 1) lags that matter by a small DFT matrix, a chunk of frequencies at a time, so
+    no full inverse transform (all lags, all channel pairs) is ever held. Along a held
+    dim, each run of edge indices is paired with every index within the kernel's span of
+    it (a contiguous slab, so no gather of shifted copies), and the lags are read off the
+    small product. Channel pairs stay the trailing (contiguous) axes throughout, so every
+    step on the small axes is one pass of a plain matrix product or gather.
     """
     dims = len(axes)
     free = [j for j in range(dims) if j not in held]
@@ -135,45 +139,47 @@ def _edge_correlation(x: Tensor, axes: list[AxisGeometry], held: tuple[int, ...]
         x = x.index_select(3 + j, torch.tensor(kept[j], device=x.device))
     slab = _spectrum_slab(x, axes, free, held, lengths)
     groups, channels = x.shape[1:3]
-    frequencies = tuple(slab.shape[2 : 2 + len(free)])
-    # Φ: (G, freqs..., C, lags (held)..., C', edges (held)...), edges last for the masks.
-    phi = torch.empty(
-        groups,
-        *frequencies,
-        channels,
-        *[2 * axes[j].kernel - 1 for j in held],
-        channels,
-        *[len(axes[j].edges) for j in held],
-        dtype=torch.promote_types(slab.dtype, torch.complex64) if free else slab.dtype,
-        device=x.device,
-    )
+    # (lags of the free dims, frequencies, re/im of first, re/im of second)
+    to_lags = _lag_transform(axes, free, lengths, slab.dtype, slab.device)
+    # Φ: ((edge_j, lag_j) per held dim..., lags (free), G, C, C')
+    pairs = [size for j in held for size in (len(axes[j].edges), 2 * axes[j].kernel - 1)]
+    phi = slab.new_empty(*pairs, to_lags.shape[0], groups, channels, channels)
     for combination in itertools.product(*[_runs(axes[j].edges) for j in held]):
-        lags = _run_product(slab, axes, held, combination, kept, complex_valued=bool(free))
         target = phi
         for position, ((start, stop), j) in enumerate(zip(combination, held, strict=True)):
-            offset = axes[j].edges.index(start)
-            target = target.narrow(phi.dim() - len(held) + position, offset, stop - start)
-        # lags: (G, freqs..., runs..., C, lags..., C'): runs go last
-        runs = tuple(range(1 + len(free), 1 + len(free) + len(held)))
-        target.copy_(lags.movedim(runs, tuple(range(lags.dim() - len(held), lags.dim()))))
-    phi = _contract_edges(phi, [axes[j].excluded(x.dtype, x.device) for j in held])
-    if free:
-        free_axes = list(range(1, 1 + len(free)))
-        phi = torch.fft.irfftn(phi, s=lengths, dim=free_axes)
-        for j, axis, length in zip(free, free_axes, lengths, strict=True):
-            lag = torch.arange(-(axes[j].kernel - 1), axes[j].kernel, device=x.device)
-            phi = phi.index_select(axis, (lag * axes[j].dilation) % length)
-    # (G, lags (free)..., C, lags (held)..., C', a (held)...) -> (G, C, a..., lags..., C')
-    channel_axis = 1 + len(free)
-    second_channel_axis = channel_axis + 1 + len(held)
-    offset_axes = [second_channel_axis + 1 + position for position in range(len(held))]
-    lag_axes = [
-        channel_axis + 1 + held.index(j) if j in held else 1 + free.index(j) for j in range(dims)
-    ]
-    phi = phi.permute(0, channel_axis, *offset_axes, *lag_axes, second_channel_axis)
-    for j in free:
-        phi = phi.unsqueeze(2 + j)
-    return phi
+            target = target.narrow(2 * position, axes[j].edges.index(start), stop - start)
+        _run_correlation(slab, axes, held, combination, kept, to_lags, out=target)
+    for position, j in enumerate(held):
+        # (edge, lag) -> (a, b): Σ_e excluded[a, e] Φ(e, b − a); one (k² × E·(2k − 1))
+        # product per combination of the pairs before it.
+        transfer = _held_transfer(axes[j], phi.dtype, phi.device)
+        leading = phi.shape[:position]
+        source = phi.reshape(math.prod(leading), transfer.shape[1], -1)
+        contracted = phi.new_empty(source.shape[0], transfer.shape[0], source.shape[2])
+        for index in range(source.shape[0]):
+            torch.mm(transfer, source[index], out=contracted[index])
+        phi = contracted.reshape(*leading, transfer.shape[0], *phi.shape[position + 2 :])
+    # Free dims: lag -> (a, b), a gather of lag b − a + k − 1.
+    count = len(held)
+    phi = phi.reshape(*phi.shape[:count], *[2 * axes[j].kernel - 1 for j in free], *phi.shape[-3:])
+    for position, j in enumerate(free):
+        kernel = axes[j].kernel
+        offsets = torch.arange(kernel, device=phi.device)
+        lag = (offsets[None, :] - offsets[:, None] + kernel - 1).reshape(-1)
+        phi = phi.index_select(count + position, lag)
+    order = [held.index(j) if j in held else count + free.index(j) for j in range(dims)]
+    return phi.permute(*order, dims, dims + 1, dims + 2)
+
+
+def _held_transfer(axis: AxisGeometry, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """T[(a, b), (e, l)] = excluded[a, e]·[l = b − a + k − 1]: (k², len(edges)·(2k − 1))."""
+    kernel, lags = axis.kernel, 2 * axis.kernel - 1
+    mask = axis.excluded(dtype, device)
+    transfer = torch.zeros(kernel, kernel, mask.shape[1], lags, dtype=dtype, device=device)
+    for a in range(kernel):
+        for b in range(kernel):
+            transfer[a, b, :, b - a + kernel - 1] = mask[a]
+    return transfer.reshape(kernel * kernel, -1)
 
 
 def _spectrum_slab(
@@ -197,20 +203,67 @@ def _spectrum_slab(
     return spectrum.permute(0, 1, *spatial, spectrum.dim() - 1, 2).contiguous()
 
 
-def _run_product(
+def _lag_transform(
+    axes: list[AxisGeometry],
+    free: list[int],
+    lengths: list[int],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Tensor:
+    """The real matrix taking batch-summed cross-spectra to correlations at the lags used.
+
+    For free dims with FFT lengths N_j (a real FFT along the last), the correlation at
+    shift s = δΔ is Σ_f w_f Re(Φ(f) e^{iθ}), θ = 2π Σ_j f_j s_j / N_j, w_f = 1/ΠN_j (doubled
+    for the half-spectrum bins whose mirror image is not stored). With Φ = Σ conj(a)·b:
+    Re Φ = P₀₀ + P₁₁ and Im Φ = P₀₁ − P₁₀, P_pq the product of part p of a and part q of b.
+
+    Returns (Π(2k_j − 1), Π frequencies, 2, 2); (1, 1, 1, 1) of ones without free dims.
+    """
+    if not free:
+        return torch.ones(1, 1, 1, 1, dtype=dtype, device=device)
+    grids = []
+    for position, (j, length) in enumerate(zip(free, lengths, strict=True)):
+        last = position == len(free) - 1
+        frequencies = torch.arange(length // 2 + 1 if last else length, dtype=torch.float64)
+        shifts = torch.arange(-(axes[j].kernel - 1), axes[j].kernel, dtype=torch.float64)
+        grids.append(torch.outer(shifts * axes[j].dilation, frequencies) * (2 * math.pi / length))
+    angle = grids[0]
+    for grid in grids[1:]:
+        angle = (angle[:, None, :, None] + grid[None, :, None, :]).reshape(
+            angle.shape[0] * grid.shape[0], angle.shape[1] * grid.shape[1]
+        )
+    last_length = lengths[-1]
+    weight = torch.full((last_length // 2 + 1,), 2.0, dtype=torch.float64)
+    weight[0] = 1.0
+    if last_length % 2 == 0:
+        weight[-1] = 1.0
+    weight = weight.repeat(math.prod(lengths[:-1])) / math.prod(lengths)
+    cosine, sine = torch.cos(angle) * weight, torch.sin(angle) * weight
+    transform = torch.stack([torch.stack([cosine, -sine], -1), torch.stack([sine, cosine], -1)], -2)
+    return transform.to(dtype=dtype, device=device)
+
+
+# The largest batched product (elements) formed at once; frequencies are taken in chunks
+# below it, so the correlation form's memory stays a few times the input's.
+PRODUCT_CHUNK_ELEMENTS = 1 << 22
+
+
+def _run_correlation(
     slab: Tensor,
     axes: list[AxisGeometry],
     held: tuple[int, ...],
     combination: tuple[tuple[int, int], ...],
     kept: dict[int, list[int]],
-    complex_valued: bool,
-) -> Tensor:
-    """Σ_n conj(x̂[run e]) x̂[e + δΔ] for one run [start, stop) per held dim.
+    to_lags: Tensor,
+    out: Tensor,
+) -> None:
+    """Σ_n conj(x̂[e]) x̂[e + δΔ] for one run [start, stop) per held dim, at every lag.
 
-    ``slab`` holds, along each held dim j, only the image indices ``kept[j]``.
-    Returns (G, freqs..., runs..., C, lags..., C').
+    ``slab`` (n, G, freqs..., held..., re/im, C) holds, along each held dim j, only the
+    image indices ``kept[j]``. Writes ``out``: ((run_j, lag_j)..., lags (free), G, C, C').
     """
-    held_axis = slab.dim() - 2 - len(held)
+    count = len(held)
+    held_axis = slab.dim() - 2 - count
     first, second = slab, slab
     shifts = []
     for position, (j, (start, stop)) in enumerate(zip(held, combination, strict=True)):
@@ -220,49 +273,43 @@ def _run_product(
         # [low, high) is kept whole, so it is contiguous among the kept indices.
         first = first.narrow(held_axis + position, kept[j].index(start), stop - start)
         second = second.narrow(held_axis + position, kept[j].index(low), high - low)
-    groups, channels, parts = slab.shape[1], slab.shape[-1], slab.shape[-2]
-    frequencies = slab.shape[2:held_axis]
-    sites = groups * math.prod(frequencies)
-    # (n, G, freqs..., rows...) -> (G·freqs, rows, n): Σ_n over one stride.
-    first_mat = first.movedim(0, -1).reshape(sites, -1, first.shape[0])
-    second_mat = second.movedim(0, -1).reshape(sites, -1, second.shape[0])
-    product = torch.bmm(first_mat, second_mat.transpose(1, 2)).reshape(
-        groups,
-        *frequencies,
-        *first.shape[held_axis : held_axis + len(held)],
-        parts,
-        channels,
-        *second.shape[held_axis : held_axis + len(held)],
-        parts,
-        channels,
-    )
-    first_part = held_axis - 1 + len(held)
-    second_part = first_part + 2 + len(held)
-    if complex_valued:
-        # conj(a)·b = (Re a Re b + Im a Im b) + i(Re a Im b − Im a Re b)
-        real_real, real_imag = product.select(first_part, 0).unbind(second_part - 1)
-        imag_real, imag_imag = product.select(first_part, 1).unbind(second_part - 1)
-        product = torch.complex(real_real + imag_imag, real_imag - imag_real)
-    else:
-        product = product.squeeze(second_part).squeeze(first_part)
-    return _lags_from_neighbours(product, held, axes, shifts, held_axis - 1)
-
-
-def _contract_edges(phi: Tensor, masks: list[Tensor]) -> Tensor:
-    """(..., E_1..E_h) -> (..., a_1..a_h) by Σ_e excluded_j[a, e] over each trailing edge axis.
-
-    For offset a that is the sum over the image indices its window leaves out.
-    """
-    masks = [mask.to(phi.dtype) for mask in masks]
-    if len(masks) == 1:
-        return phi @ masks[0].T
-    if len(masks) == 2:
-        return masks[0] @ (phi @ masks[1].T)
-    if masks:
-        edges, offsets = "xyz"[: len(masks)], "abc"[: len(masks)]
-        operands = ",".join(f"{a}{e}" for a, e in zip(offsets, edges, strict=True))
-        return torch.einsum(f"...{edges},{operands}->...{offsets}", phi, *masks)
-    return phi
+    batch, groups = slab.shape[:2]
+    parts, channels = slab.shape[-2], slab.shape[-1]
+    # One frequency axis: (n, G, F, rows...)
+    first = first.reshape(batch, groups, -1, *first.shape[held_axis:])
+    second = second.reshape(batch, groups, -1, *second.shape[held_axis:])
+    run_sizes = first.shape[3 : 3 + count]
+    neighbour_sizes = second.shape[3 : 3 + count]
+    frequencies = first.shape[2]
+    rows, columns = first[0, 0, 0].numel(), second[0, 0, 0].numel()
+    chunk = max(1, PRODUCT_CHUNK_ELEMENTS // max(1, groups * rows * columns))
+    total = None
+    for begin in range(0, frequencies, chunk):
+        size = min(chunk, frequencies - begin)
+        # (n, G, f, rows...) -> (G·f, rows, n): Σ_n over one stride.
+        first_mat = first.narrow(2, begin, size).movedim(0, -1).reshape(groups * size, rows, batch)
+        second_mat = (
+            second.narrow(2, begin, size).movedim(0, -1).reshape(groups * size, columns, batch)
+        )
+        product = torch.bmm(first_mat, second_mat.transpose(1, 2)).reshape(
+            groups, size, *run_sizes, parts, channels, *neighbour_sizes, parts, channels
+        )
+        run_axes = list(range(2, 2 + count))
+        neighbour_axes = [4 + count + position for position in range(count)]
+        product = _lags_from_neighbours(product, held, axes, shifts, run_axes, neighbour_axes)
+        # (G, f, runs..., p, C, lags..., q, C') -> (G, f·p·q, (run_j, lag_j)..., C, C')
+        first_part, second_part = 2 + count, 4 + 2 * count
+        interleaved = [axis for pair in zip(run_axes, neighbour_axes, strict=True) for axis in pair]
+        product = product.permute(
+            0, 1, first_part, second_part, *interleaved, first_part + 1, second_part + 1
+        ).reshape(groups, size * parts * parts, -1)
+        weights = to_lags[:, begin : begin + size].reshape(to_lags.shape[0], -1)
+        part_sum = torch.matmul(weights, product)  # (G, lags (free), pairs·C·C')
+        total = part_sum if total is None else total.add_(part_sum)
+    assert total is not None
+    # (G, lags (free), (run_j, lag_j)..., C, C') -> ((run_j, lag_j)..., lags (free), G, C, C')
+    total = total.reshape(groups, to_lags.shape[0], *out.shape[: 2 * count], channels, channels)
+    out.copy_(total.permute(*range(2, 2 + 2 * count), 1, 0, -2, -1))
 
 
 def _lags_from_neighbours(
@@ -270,35 +317,37 @@ def _lags_from_neighbours(
     held: tuple[int, ...],
     axes: list[AxisGeometry],
     shifts: list[int],
-    first_run_axis: int,
+    run_axes: list[int],
+    neighbour_axes: list[int],
 ) -> Tensor:
-    """(G, freqs..., runs..., C, neighbours..., C') -> (G, freqs..., runs..., C, lags..., C').
+    """Replaces each held dim's neighbour axis by its lag axis (2k − 1).
 
     Entry (e, Δ) of a held dim is neighbour e + shift + δΔ − span (e counted from the run's
     start, neighbours from the neighbourhood's), zero where that leaves the image. After
     zero-padding every neighbour axis by the span on both sides, that is a strided view.
     """
-    count = len(held)
-    neighbour_axes = [first_run_axis + count + 1 + position for position in range(count)]
+    if not held:
+        return product
     padded_shape = list(product.shape)
     for position, j in enumerate(held):
         padded_shape[neighbour_axes[position]] += 2 * axes[j].span
-    padded = product.new_zeros(padded_shape)
+    padded = product.new_empty(padded_shape)
     interior = padded
     for position, j in enumerate(held):
-        interior = interior.narrow(
-            neighbour_axes[position], axes[j].span, product.shape[neighbour_axes[position]]
-        )
+        axis, span = neighbour_axes[position], axes[j].span
+        # Zero only the margins: the interior is overwritten below.
+        padded.narrow(axis, 0, span).zero_()
+        padded.narrow(axis, padded.shape[axis] - span, span).zero_()
+        interior = interior.narrow(axis, span, product.shape[axis])
     interior.copy_(product)
     sizes = list(padded.shape)
     strides = list(padded.stride())
     offset = padded.storage_offset()
     for position, j in enumerate(held):
-        run_axis = first_run_axis + position
         neighbour_axis = neighbour_axes[position]
         neighbour_stride = strides[neighbour_axis]
         offset += shifts[position] * neighbour_stride
-        strides[run_axis] += neighbour_stride
+        strides[run_axes[position]] += neighbour_stride
         sizes[neighbour_axis] = 2 * axes[j].kernel - 1
         strides[neighbour_axis] = neighbour_stride * axes[j].dilation
     return padded.as_strided(sizes, strides, offset)
@@ -335,48 +384,17 @@ def conv_gram(
     # One contiguous copy up front: a cropped or channels-last input slows every FFT.
     grouped = x.contiguous().reshape(batch, groups, group_channels, *x.shape[2:])
     kernels = [axis.kernel for axis in axes]
-    # Lag index b − a + (k − 1) for every pair of offsets, per dim: (k, k).
-    lag_index = [
-        torch.arange(k, device=x.device)[None, :]
-        - torch.arange(k, device=x.device)[:, None]
-        + (k - 1)
-        for k in kernels
-    ]
-    psi = None
+    # Σ over the inclusion–exclusion terms: ((a_1, b_1), ..., (a_D, b_D), G, C, C')
+    total = grouped.new_zeros(*[k * k for k in kernels], groups, group_channels, group_channels)
     for size in range(dims + 1):
         for held in itertools.combinations(range(dims), size):
             if any(not axes[j].edges for j in held):
                 continue
-            # (G, C, a..., lags..., C'), a of size 1 along dims not held
-            term = _edge_correlation(grouped, axes, held)
-            if psi is None:
-                psi = torch.zeros(
-                    groups,
-                    group_channels,
-                    *kernels,
-                    *[2 * k - 1 for k in kernels],
-                    group_channels,
-                    dtype=term.dtype,
-                    device=x.device,
-                )
-            psi.add_(term, alpha=-1.0 if size % 2 else 1.0)
-    assert psi is not None
-    # G[(c, a), (c', b)] = Ψ[c, a, b − a + k − 1, c']
-    index = []
-    for j, k in enumerate(kernels):
-        shape = [1] * (2 * dims)
-        shape[2 * j], shape[2 * j + 1] = k, k
-        offsets = torch.arange(k, device=x.device)[:, None].expand(k, k)
-        index.append((offsets, shape))
-    offset_index = [offsets.reshape(shape) for offsets, shape in index]
-    lag_index_shaped = [
-        lag.reshape(shape) for lag, (_, shape) in zip(lag_index, index, strict=True)
-    ]
-    gram = psi[(slice(None), slice(None), *offset_index, *lag_index_shaped)]
-    # (G, C, a_1, b_1, ..., a_D, b_D, C') -> (G, (C, a...), (C', b...))
-    a_axes = [2 + 2 * j for j in range(dims)]
-    b_axes = [3 + 2 * j for j in range(dims)]
-    gram = gram.permute(0, 1, *a_axes, gram.dim() - 1, *b_axes)
+            total.add_(_edge_correlation(grouped, axes, held), alpha=-1.0 if size % 2 else 1.0)
+    # -> (G, (C, a...), (C', b...))
+    gram = total.reshape(*[k for k in kernels for _ in range(2)], *total.shape[-3:])
+    a_axes, b_axes = range(0, 2 * dims, 2), range(1, 2 * dims, 2)
+    gram = gram.permute(2 * dims, 2 * dims + 1, *a_axes, 2 * dims + 2, *b_axes)
     row_dim = group_channels * math.prod(kernels)
     gram = gram.reshape(groups, row_dim, row_dim)
     return gram, _patch_sums(grouped, axes).reshape(groups, row_dim)
@@ -395,13 +413,17 @@ def _patch_sums(x: Tensor, axes: list[AxisGeometry]) -> Tensor:
     return sums
 
 
-# Time of the FFTs, layout copies and gathers per input element and inclusion–exclusion
-# term, in float32-GEMM-equivalent flops (calibrated on a 2-core AVX-512 CPU with the paper
-# CNN's layers; it only steers the choice of form).
-ELEMENT_COST = 850.0
-# The batched products are small matrices (often complex, split in real parts): about 4x
-# the time of the same flops in one large GEMM.
-CONTRACTION_COST = 4.0
+# Cost model constants, in float32-GEMM-equivalent flops, fitted to measured times on a
+# 2-core AVX-512 CPU (the paper CNN's layers at batch 500, ResNet-18's stride-1 layers at
+# batch 32; `python benchmarks/conv_gram_cost.py` shows the fit). They only steer the
+# choice of form: per input element and inclusion–exclusion term (FFTs, layout copies),
+ELEMENT_COST = 1100.0
+# per flop of the batched products (small matrices, complex split in real parts),
+CONTRACTION_COST = 2.0
+# per flop of the products back to lags (a short contraction: bound by memory traffic),
+LAG_TRANSFORM_COST = 28.0
+# and per element of the per-channel-pair terms (Φ, its lag-to-offset maps, the sums).
+ASSEMBLY_COST = 800.0
 
 
 def conv_gram_cost(
@@ -414,6 +436,7 @@ def conv_gram_cost(
     """Estimated cost of :func:`conv_gram` for an unpadded input of ``shape``."""
     batch, channels = shape[:2]
     group_channels = channels // groups
+    pairs = groups * group_channels * group_channels
     axes = [
         AxisGeometry(size, kernel, dil, before, after)
         for size, kernel, dil, (before, after) in zip(
@@ -421,7 +444,8 @@ def conv_gram_cost(
         )
     ]
     dims = len(axes)
-    total = 0.0
+    offset_pairs = math.prod(axis.kernel**2 for axis in axes)
+    total = ASSEMBLY_COST * pairs * offset_pairs  # the final layout copy
     for size in range(dims + 1):
         for held in itertools.combinations(range(dims), size):
             if any(not axes[j].edges for j in held):
@@ -429,23 +453,23 @@ def conv_gram_cost(
             free = [j for j in range(dims) if j not in held]
             lengths = [_fft_length(axes[j].size + axes[j].span) for j in free]
             frequencies = math.prod(lengths[:-1]) * (lengths[-1] // 2 + 1) if free else 1
-            elements = batch * channels * frequencies * math.prod(axes[j].size for j in held)
-            total += ELEMENT_COST * elements
-            per_contraction = 8.0 if free else 2.0  # complex: three real products, K = 4n
+            kept = math.prod(len(_neighbourhood(axes[j])) for j in held)
+            total += ELEMENT_COST * batch * channels * frequencies * kept
+            free_lags = math.prod(2 * axes[j].kernel - 1 for j in free)
+            parts = 4 if free else 1  # re/im of both factors
             for combination in itertools.product(*[_runs(axes[j].edges) for j in held]):
-                rows = group_channels
-                columns = group_channels
+                rows = columns = group_channels * (2 if free else 1)
+                run_lags = 1
                 for j, (start, stop) in zip(held, combination, strict=True):
                     rows *= stop - start
                     low = max(0, start - axes[j].span)
                     columns *= min(axes[j].size, stop + axes[j].span) - low
+                    run_lags *= (stop - start) * (2 * axes[j].kernel - 1)
+                total += CONTRACTION_COST * 2.0 * batch * groups * frequencies * rows * columns
+                # back to lags: (free lags × frequencies·parts) @ (… × run_lags·pairs)
                 total += (
-                    CONTRACTION_COST
-                    * per_contraction
-                    * batch
-                    * groups
-                    * frequencies
-                    * rows
-                    * columns
+                    LAG_TRANSFORM_COST * 2.0 * free_lags * frequencies * parts * run_lags * pairs
                 )
+            held_lags = math.prod(len(axes[j].edges) * (2 * axes[j].kernel - 1) for j in held)
+            total += ASSEMBLY_COST * pairs * (held_lags * free_lags + 2 * offset_pairs)
     return total

@@ -133,19 +133,21 @@ def test_cost_rule_picks_the_cheaper_form():
 
 
 def test_cost_rule_for_the_paper_cnn():
-    """Stride-1 convolutions build their Gram from input correlations (proxoptim.conv_gram),
-    which at batch 500 beats three matrix-free iterations on every layer of the paper CNN
-    (measured on CPU: benchmarks/step_ratio.py); a single iteration stays matrix-free."""
+    """Stride-1 convolutions build their Gram from input correlations (proxoptim.conv_gram):
+    at batch 500 that beats three matrix-free iterations on the paper CNN's first two
+    layers and ten on all three (measured on CPU: benchmarks/conv_gram_cost.py); a single
+    iteration stays matrix-free on the widest one."""
     shapes = [(3, 16, 32), (16, 20, 16), (20, 20, 8)]
-    for in_channels, out_channels, size in shapes:
+    for index, (in_channels, out_channels, size) in enumerate(shapes):
         module = torch.nn.Conv2d(in_channels, out_channels, 5, padding=2)
         conv = _system(module, batch=500, size=size)
         call = conv.calls[0]
         correlation = call.kind.correlation_gram_cost(call.module, call.x)
         assert conv.gram_cost() == correlation  # cheaper than im2col
-        for iterations in (3, 10):
-            assert choose_form(conv, exact=False, cg_iters=iterations) == "primal"
+        assert choose_form(conv, exact=False, cg_iters=10) == "primal"
         assert choose_form(conv, exact=True, cg_iters=3) == "primal"
+        if index < 2:
+            assert choose_form(conv, exact=False, cg_iters=3) == "primal"
     conv2 = _system(torch.nn.Conv2d(16, 20, 5, padding=2), batch=500, size=16)
     assert choose_form(conv2, exact=False, cg_iters=1) == "matrix_free"
     # A strided convolution has no correlation form: its Gram costs 2·n·d² plus im2col.
