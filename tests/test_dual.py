@@ -140,3 +140,21 @@ def test_kernel_is_x_xt_and_exactly_symmetric(columns):
     kernel = symmetric_product(inputs)
     assert relative_error(kernel, inputs @ inputs.T) <= 1e-14
     assert torch.equal(kernel, kernel.T)
+
+
+@pytest.mark.parametrize("rows", [4, 7])  # both associations: m < d and m > d
+@pytest.mark.parametrize("shortcut", [True, False])
+def test_cg_in_row_blocks_matches_the_oracle(monkeypatch, rows, shortcut):
+    """Rows solved (and expanded) a block at a time, the last block partial."""
+    monkeypatch.setattr("proxoptim.dual.CG_ROW_BLOCK", 3)
+    layer, x, weights = layer_and_batch(seed=4, d_in=5, m=rows)
+
+    def add_decay(module):
+        module.weight.grad += 0.1 * module.weight.detach()
+
+    direction, grad, stats = step_with(
+        layer, x, weights, None if shortcut else add_decay, solver="cg", cg_iters=3
+    )
+    assert (stats.output_grad_scale is not None) == shortcut
+    expected = oracle_direction(layer, [x], grad, 1.0, 3)
+    assert relative_error(direction, expected) <= TOLERANCE
