@@ -27,6 +27,7 @@ from step_ratio import measure
 from torch import nn
 
 from proxoptim import ProxPropOptimizer
+from proxoptim.conv_gram import conv_gram
 from proxoptim.experiments.models import build_model
 
 
@@ -97,6 +98,24 @@ def correctness(device: str) -> bool:
                 f"| {network} | {solver} | {sorted(set(used.values()))} | "
                 f"{max(errors):.2e} | {min(cosines):.6f} |"
             )
+
+    print("\n## Correlation-form Gram (proxoptim.conv_gram) on the device, float32\n")
+    print("| input | kernel, padding, dilation, groups | relative error to float64 CPU |")
+    print("|---|---|---|")
+    for shape, kernel, padding, dilation, groups in (
+        ((16, 3, 32, 32), (5, 5), ((2, 2), (2, 2)), (1, 1), 1),
+        ((16, 16, 16, 16), (5, 5), ((2, 2), (2, 2)), (1, 1), 1),
+        ((8, 64, 28, 28), (3, 3), ((1, 1), (1, 1)), (1, 1), 1),
+        ((4, 8, 9, 10), (3, 2), ((2, 0), (1, 3)), (2, 1), 2),
+        ((4, 4, 6, 5, 7), (3, 3, 3), ((1, 1), (1, 1), (1, 1)), (1, 1, 1), 1),
+    ):
+        torch.manual_seed(0)
+        x = torch.rand(shape, dtype=torch.float64)
+        reference, _ = conv_gram(x, kernel, dilation, padding, groups)
+        gram, _ = conv_gram(x.float().to(device), kernel, dilation, padding, groups)
+        error = float((gram.double().cpu() - reference).norm() / reference.norm())
+        ok &= error <= 1e-5
+        print(f"| {tuple(shape)} | {kernel}, {padding}, {dilation}, {groups} | {error:.2e} |")
 
     print("\n## Mixed precision against fp32 on the device (paper MLP, batch 64)\n")
     print("| autocast | cosine of the whole direction to fp32 | worst single tensor |")

@@ -17,8 +17,13 @@ for each set S of dims held at an edge index e_j (the other dims summed over): w
 empty it is the full correlation of the input with itself, computed for every lag at once
 by FFTs over the batch-summed cross-spectra; with S non-empty only edge slices enter.
 
-Cost, for the paper CNN's 16→20 5×5 convolution on 16×16 inputs: about 1.4 GFLOP against
-41 GFLOP for the im2col Gram (2·n·d²), and independent of the number of output channels.
+The cost does not depend on the number of output channels, and the batch enters only
+through (C × n)·(n × C) products per frequency: for the paper CNN's 16→20 5×5 convolution
+on 16×16 inputs at batch 500 the Gram takes 44 ms here against 355 ms from im2col
+(2·n·d² = 41 GFLOP) and 33 ms for one matrix-free CG product
+(benchmarks/conv_gram_cost.py). Where few positions meet many channels the per-channel-
+pair bookkeeping outweighs the GEMM it saves; :func:`conv_gram_cost` lets the cost model
+see that.
 """
 
 from __future__ import annotations
@@ -31,16 +36,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# The largest batched product (elements) formed at once; frequencies are taken in chunks
+# below it, so the correlation form's memory stays a few times the input's.
+PRODUCT_CHUNK_ELEMENTS = 1 << 22
+
 
 @dataclass(frozen=True)
 class AxisGeometry:
-    """One spatial dim of a stride-1 convolution on an unpadded input of length ``size``.
-
-    Attributes:
-        edges: the image indices that some kernel offset's window leaves out, ascending.
-        excluded: (kernel, len(edges)) 0/1, whether offset a's window leaves out edges[e].
-        starts: (kernel,) the first padded index of each offset's window, for window sums.
-    """
+    """One spatial dim of a stride-1 convolution on an unpadded input of length ``size``,
+    zero-padded by ``pad_before`` and ``pad_after``."""
 
     size: int
     kernel: int
@@ -63,12 +67,14 @@ class AxisGeometry:
 
     @property
     def edges(self) -> list[int]:
+        """The image indices that some kernel offset's window leaves out, ascending."""
         left_out: set[int] = set()
         for offset in range(self.kernel):
             left_out |= set(range(self.size)) - set(self.window(offset))
         return sorted(left_out)
 
     def excluded(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """(kernel, len(edges)) 0/1: whether offset a's window leaves out edges[e]."""
         edges = self.edges
         mask = torch.zeros(self.kernel, len(edges), dtype=dtype, device=device)
         for offset in range(self.kernel):
@@ -241,11 +247,6 @@ def _lag_transform(
     cosine, sine = torch.cos(angle) * weight, torch.sin(angle) * weight
     transform = torch.stack([torch.stack([cosine, -sine], -1), torch.stack([sine, cosine], -1)], -2)
     return transform.to(dtype=dtype, device=device)
-
-
-# The largest batched product (elements) formed at once; frequencies are taken in chunks
-# below it, so the correlation form's memory stays a few times the input's.
-PRODUCT_CHUNK_ELEMENTS = 1 << 22
 
 
 def _run_correlation(
