@@ -80,7 +80,7 @@ def main() -> None:
             functions["im2col"] = im2col
         functions["product"] = lambda system=system, rows=rows: system.gram_apply(rows)
         times = median_ms(functions, args.repeats)
-        correlation_cost = kind.correlation_gram_cost(module, system.calls[0].x)
+        correlation_cost = kind.correlation_gram_cost(module, system.calls[0].raw)
         columns, dim = system.num_columns, in_channels * kernel * kernel
         im2col_cost = 2.0 * columns * dim * dim + IM2COL_COST_PER_ELEMENT * columns * dim
         product_cost = estimate_costs(system, exact=False, cg_iters=1).matrix_free

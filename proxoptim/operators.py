@@ -88,12 +88,19 @@ class LayerKind:
         """n: the number of columns of Ũ this call contributes (samples × positions)."""
         raise NotImplementedError
 
-    def correlation_gram(self, module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor] | None:
-        """(G without the bias row and column, patch sums), both per group, built without
-        im2col; None where the layer has no such structure (see proxoptim.conv_gram)."""
+    def count_columns(self, module: nn.Module, raw: Tensor) -> int:
+        """n of a captured (unprepared) input; by default via :meth:`prepare`."""
+        return self.num_columns(module, self.prepare(module, raw, raw.dtype))
+
+    def correlation_gram(
+        self, module: nn.Module, raw: Tensor, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor] | None:
+        """(G without the bias row and column, patch sums), both per group and in ``dtype``,
+        built from the captured input without im2col; None where the layer has no such
+        structure (see proxoptim.conv_gram)."""
         return None
 
-    def correlation_gram_cost(self, module: nn.Module, x: Tensor) -> float:
+    def correlation_gram_cost(self, module: nn.Module, raw: Tensor) -> float:
         """Estimated cost of :meth:`correlation_gram` (inf where it returns None)."""
         return float("inf")
 
@@ -192,43 +199,64 @@ class ConvKind(LayerKind):
     def num_columns(self, module: nn.Module, x: Tensor) -> int:
         return x.shape[0] * math.prod(self._output_size(module, x))
 
-    def _correlation_geometry(
-        self, module: nn.Module, x: Tensor
-    ) -> tuple[Tensor, tuple[tuple[int, int], ...]] | None:
-        """(the unpadded input, zero padding per dim) of a stride-1 convolution, else None.
+    def _padding(self, module: nn.Module) -> tuple[tuple[int, int], ...]:
+        """(before, after) padding per spatial dim, whatever the padding mode."""
+        dims = self.spatial_dims
+        amounts = module._reversed_padding_repeated_twice
+        return tuple(
+            (amounts[2 * (dims - 1 - j)], amounts[2 * (dims - 1 - j) + 1]) for j in range(dims)
+        )
 
-        Zero padding is cropped back off the prepared input (it is implied by the
-        correlation form); other padding modes keep their padded values as the input.
+    def count_columns(self, module: nn.Module, raw: Tensor) -> int:
+        # The prepared input's shape, without preparing it.
+        batch = raw.shape[0] if raw.dim() == self.spatial_dims + 2 else 1
+        positions = 1
+        for size, (before, after), kernel, stride, dilation in zip(
+            raw.shape[-self.spatial_dims :],
+            self._padding(module),
+            module.kernel_size,
+            module.stride,
+            module.dilation,
+            strict=True,
+        ):
+            positions *= (size + before + after - dilation * (kernel - 1) - 1) // stride + 1
+        return batch * positions
+
+    def _correlation_input(
+        self, module: nn.Module, raw: Tensor, dtype: torch.dtype
+    ) -> tuple[Tensor, tuple[tuple[int, int], ...]] | None:
+        """(input, zero padding per dim) of a stride-1 convolution for conv_gram, else None.
+
+        Zero padding stays implicit (the raw input is used as it is); other padding modes
+        pad first, and their padded values are the input.
         """
         if any(stride != 1 for stride in module.stride):
             return None
-        dims = self.spatial_dims
         if module.padding_mode != "zeros":
-            return x, ((0, 0),) * dims
-        reversed_padding = module._reversed_padding_repeated_twice
-        padding = tuple(
-            (reversed_padding[2 * (dims - 1 - j)], reversed_padding[2 * (dims - 1 - j) + 1])
-            for j in range(dims)
-        )
-        core = x
-        for j, (before, after) in enumerate(padding):
-            core = core.narrow(2 + j, before, core.shape[2 + j] - before - after)
-        return core, padding
+            return self.prepare(module, raw, dtype), ((0, 0),) * self.spatial_dims
+        x = raw.unsqueeze(0) if raw.dim() == self.spatial_dims + 1 else raw
+        return x.to(dtype), self._padding(module)
 
-    def correlation_gram(self, module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor] | None:
-        geometry = self._correlation_geometry(module, x)
-        if geometry is None:
+    def correlation_gram(
+        self, module: nn.Module, raw: Tensor, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor] | None:
+        found = self._correlation_input(module, raw, dtype)
+        if found is None:
             return None
-        core, padding = geometry
-        return conv_gram(core, module.kernel_size, module.dilation, padding, module.groups)
+        x, padding = found
+        return conv_gram(x, module.kernel_size, module.dilation, padding, module.groups)
 
-    def correlation_gram_cost(self, module: nn.Module, x: Tensor) -> float:
-        geometry = self._correlation_geometry(module, x)
-        if geometry is None:
+    def correlation_gram_cost(self, module: nn.Module, raw: Tensor) -> float:
+        if any(stride != 1 for stride in module.stride):
             return float("inf")
-        core, padding = geometry
+        shape = list(raw.shape if raw.dim() == self.spatial_dims + 2 else (1, *raw.shape))
+        padding = self._padding(module)
+        if module.padding_mode != "zeros":
+            for j, (before, after) in enumerate(padding):
+                shape[2 + j] += before + after
+            padding = ((0, 0),) * self.spatial_dims
         return conv_gram_cost(
-            tuple(core.shape), module.kernel_size, module.dilation, padding, module.groups
+            tuple(shape), module.kernel_size, module.dilation, padding, module.groups
         )
 
     def patches(self, module: nn.Module, x: Tensor) -> Iterator[Tensor]:
@@ -438,14 +466,34 @@ class RowLayout:
         return weight, bias
 
 
-@dataclass
 class Call:
-    """One confirmed forward call: the module run, its prepared input and δ (or None)."""
+    """One confirmed forward call: the module run, its input and δ (or None).
 
-    module: nn.Module
-    kind: LayerKind
-    x: Tensor
-    output_grad: Tensor | None = None
+    ``raw`` is the input as captured; ``x`` the prepared one (padded, flattened, cast),
+    made on first use: a Gram built from correlations of the raw input never needs it.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        kind: LayerKind,
+        raw: Tensor,
+        dtype: torch.dtype,
+        output_grad: Tensor | None = None,
+    ) -> None:
+        self.module = module
+        self.kind = kind
+        self.raw = raw
+        self.dtype = dtype
+        self.output_grad = output_grad
+        self.columns = kind.count_columns(module, raw)
+        self._prepared: Tensor | None = None
+
+    @property
+    def x(self) -> Tensor:
+        if self._prepared is None:
+            self._prepared = self.kind.prepare(self.module, self.raw, self.dtype)
+        return self._prepared
 
 
 class LayerSystem:
@@ -469,11 +517,10 @@ class LayerSystem:
         self.dtype = dtype
         self.communicator = communicator
         self.calls = [
-            Call(module, kind, kind.prepare(module, x, dtype), output_grad)
-            for module, kind, x, output_grad in calls
+            Call(module, kind, x, dtype, output_grad) for module, kind, x, output_grad in calls
         ]
         # This process's n; num_columns becomes the global n under a communicator.
-        self.local_columns = sum(c.kind.num_columns(c.module, c.x) for c in self.calls)
+        self.local_columns = sum(call.columns for call in self.calls)
         self.num_columns = self.local_columns
         self.supports_dual = all(call.kind.supports_dual for call in self.calls)
         self.im2col = any(call.kind.im2col for call in self.calls)
@@ -486,7 +533,7 @@ class LayerSystem:
             totals = torch.tensor(
                 [float(self.local_columns), self._gram_cost],
                 dtype=torch.float64,
-                device=self.calls[0].x.device,
+                device=self.calls[0].raw.device,
             )
             communicator.all_reduce_(totals)
             self.num_columns = round(float(totals[0]))
@@ -523,11 +570,11 @@ class LayerSystem:
             groups = self.layout.groups
             sources = []
             for call in self.calls:
-                columns = call.kind.num_columns(call.module, call.x)
+                columns = call.columns
                 patches = 2.0 * groups * columns * dim * dim
                 if call.kind.im2col:
                     patches += IM2COL_COST_PER_ELEMENT * groups * columns * dim
-                correlation = call.kind.correlation_gram_cost(call.module, call.x)
+                correlation = call.kind.correlation_gram_cost(call.module, call.raw)
                 sources.append((correlation < patches, min(correlation, patches)))
             self._sources = sources
         return self._sources
@@ -547,13 +594,15 @@ class LayerSystem:
         or from correlations of the input, whichever :meth:`gram_cost` finds cheaper."""
         layout = self.layout
         dim = layout.weight_row_dim
-        device = self.calls[0].x.device
+        device = self.calls[0].raw.device
         gram = torch.zeros(
             layout.groups, layout.row_dim, layout.row_dim, dtype=self.dtype, device=device
         )
         for call, (from_correlation, _) in zip(self.calls, self._gram_sources(), strict=True):
             correlation = (
-                call.kind.correlation_gram(call.module, call.x) if from_correlation else None
+                call.kind.correlation_gram(call.module, call.raw, self.dtype)
+                if from_correlation
+                else None
             )
             if correlation is not None:
                 weight_gram, patch_sums = correlation

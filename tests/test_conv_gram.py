@@ -120,7 +120,7 @@ def test_directions_through_the_correlation_gram(name, cg_iters, from_correlatio
 def test_strided_convolutions_use_patches():
     module = nn.Conv2d(2, 3, 3, stride=2, padding=1).double()
     layer = system(module, [torch.rand(2, 2, 6, 6, dtype=torch.float64)])
-    assert kind_for(module).correlation_gram(module, layer.calls[0].x) is None
+    assert kind_for(module).correlation_gram(module, layer.calls[0].raw, torch.float64) is None
     assert layer._gram_sources() == [(False, layer.gram_cost())]
 
 

@@ -123,3 +123,14 @@ def _split(module, theta):
     weight = theta[:weight_numel].reshape(module.weight.shape)
     bias = theta[weight_numel:] if module.bias is not None else None
     return weight, bias
+
+
+@pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("batched", [True, False])
+def test_columns_of_a_raw_input_match_the_prepared_one(case, batched):
+    """Convolutions count n from the input's shape without preparing (padding) it."""
+    module, sample = case.make()
+    x = sample(3) if batched else sample(1)[0]
+    kind = kind_for(module)
+    prepared = kind.prepare(module, x, torch.float64)
+    assert kind.count_columns(module, x) == kind.num_columns(module, prepared)

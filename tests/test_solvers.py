@@ -142,7 +142,7 @@ def test_cost_rule_for_the_paper_cnn():
         module = torch.nn.Conv2d(in_channels, out_channels, 5, padding=2)
         conv = _system(module, batch=500, size=size)
         call = conv.calls[0]
-        correlation = call.kind.correlation_gram_cost(call.module, call.x)
+        correlation = call.kind.correlation_gram_cost(call.module, call.raw)
         assert conv.gram_cost() == correlation  # cheaper than im2col
         assert choose_form(conv, exact=False, cg_iters=10) == "primal"
         assert choose_form(conv, exact=True, cg_iters=3) == "primal"
@@ -181,7 +181,7 @@ def test_cost_estimates_count_columns_rows_and_dims(case):
     patches = 2 * groups * n * weight_dim**2
     if conv:
         patches += IM2COL_COST_PER_ELEMENT * groups * n * weight_dim
-    correlation = kind.correlation_gram_cost(module, system.calls[0].x)
+    correlation = kind.correlation_gram_cost(module, system.calls[0].raw)
     assert system.gram_cost() == pytest.approx(min(patches, correlation))
     strided = conv and any(stride != 1 for stride in module.stride)
     assert (correlation == float("inf")) == (strided or not conv)
