@@ -194,3 +194,17 @@ def test_correlation_gram_equals_im2col_for_random_geometries(config, seed):
     scale = 1e-12 * float(x.square().sum() + 1.0)
     assert torch.allclose(gram, expected, rtol=1e-12, atol=scale)
     assert torch.allclose(sums, patches.sum(1), rtol=1e-12, atol=scale)
+
+
+@pytest.mark.parametrize("name", ["paper-conv-5x5-pad2", "dilation-groups", "conv3d"])
+def test_frequency_chunks_give_the_same_gram(name, monkeypatch):
+    """Products taken one frequency at a time (the memory bound) change nothing."""
+    module, x = build(name, batch=2, seed=3)
+    padding = kind_for(module)._padding(module)
+    whole, whole_sums = conv_gram(x, module.kernel_size, module.dilation, padding, module.groups)
+    monkeypatch.setattr("proxoptim.conv_gram.PRODUCT_CHUNK_ELEMENTS", 1)
+    chunked, chunked_sums = conv_gram(
+        x, module.kernel_size, module.dilation, padding, module.groups
+    )
+    assert relative_error(chunked, whole) <= 1e-13
+    assert torch.equal(chunked_sums, whole_sums)
