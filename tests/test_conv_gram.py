@@ -208,3 +208,13 @@ def test_frequency_chunks_give_the_same_gram(name, monkeypatch):
     )
     assert relative_error(chunked, whole) <= 1e-13
     assert torch.equal(chunked_sums, whole_sums)
+
+
+@pytest.mark.parametrize("name", ["paper-conv-5x5-pad2", "conv1d-reflect"])
+def test_unbatched_and_channels_last_inputs(name, from_correlations):
+    module, x = build(name, batch=2, seed=5)
+    reference = system(module, [x[:1]]).gram()
+    assert relative_error(system(module, [x[0]]).gram(), reference) <= 1e-12
+    if x.dim() == 4:
+        channels_last = x[:1].contiguous(memory_format=torch.channels_last)
+        assert relative_error(system(module, [channels_last]).gram(), reference) <= 1e-12
