@@ -88,9 +88,10 @@ class LayerKind:
         """n: the number of columns of Ũ this call contributes (samples × positions)."""
         raise NotImplementedError
 
-    def count_columns(self, module: nn.Module, raw: Tensor) -> int:
-        """n of a captured (unprepared) input; by default via :meth:`prepare`."""
-        return self.num_columns(module, self.prepare(module, raw, raw.dtype))
+    def count_columns(self, module: nn.Module, raw: Tensor) -> int | None:
+        """n of a captured (unprepared) input from its shape alone, or None when that needs
+        the prepared input (:meth:`num_columns`)."""
+        return None
 
     def correlation_gram(
         self, module: nn.Module, raw: Tensor, dtype: torch.dtype
@@ -486,8 +487,9 @@ class Call:
         self.raw = raw
         self.dtype = dtype
         self.output_grad = output_grad
-        self.columns = kind.count_columns(module, raw)
         self._prepared: Tensor | None = None
+        counted = kind.count_columns(module, raw)
+        self.columns = counted if counted is not None else kind.num_columns(module, self.x)
 
     @property
     def x(self) -> Tensor:

@@ -133,4 +133,10 @@ def test_columns_of_a_raw_input_match_the_prepared_one(case, batched):
     x = sample(3) if batched else sample(1)[0]
     kind = kind_for(module)
     prepared = kind.prepare(module, x, torch.float64)
-    assert kind.count_columns(module, x) == kind.num_columns(module, prepared)
+    counted = kind.count_columns(module, x)
+    assert counted == (kind.num_columns(module, prepared) if kind.im2col else None)
+    assert LayerSystem(
+        RowLayout(module.weight.shape, kind.groups(module), module.bias is not None),
+        [(module, kind, x, None)],
+        torch.float64,
+    ).num_columns == kind.num_columns(module, prepared)
