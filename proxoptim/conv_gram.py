@@ -76,13 +76,12 @@ class AxisGeometry:
     def excluded(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         """(kernel, len(edges)) 0/1: whether offset a's window leaves out edges[e]."""
         edges = self.edges
-        mask = torch.zeros(self.kernel, len(edges), dtype=dtype, device=device)
-        for offset in range(self.kernel):
-            window = self.window(offset)
-            for position, index in enumerate(edges):
-                if index not in window:
-                    mask[offset, position] = 1.0
-        return mask
+        rows = [
+            [0.0 if index in self.window(offset) else 1.0 for index in edges]
+            for offset in range(self.kernel)
+        ]
+        # Built on the host and moved once: no per-element writes on an accelerator.
+        return torch.tensor(rows, dtype=dtype).reshape(self.kernel, len(edges)).to(device)
 
 
 def _fft_length(minimum: int) -> int:
@@ -180,12 +179,12 @@ def _edge_correlation(x: Tensor, axes: list[AxisGeometry], held: tuple[int, ...]
 def _held_transfer(axis: AxisGeometry, dtype: torch.dtype, device: torch.device) -> Tensor:
     """T[(a, b), (e, l)] = excluded[a, e]·[l = b − a + k − 1]: (k², len(edges)·(2k − 1))."""
     kernel, lags = axis.kernel, 2 * axis.kernel - 1
-    mask = axis.excluded(dtype, device)
-    transfer = torch.zeros(kernel, kernel, mask.shape[1], lags, dtype=dtype, device=device)
+    mask = axis.excluded(dtype, torch.device("cpu"))
+    transfer = torch.zeros(kernel, kernel, mask.shape[1], lags, dtype=dtype)
     for a in range(kernel):
         for b in range(kernel):
             transfer[a, b, :, b - a + kernel - 1] = mask[a]
-    return transfer.reshape(kernel * kernel, -1)
+    return transfer.reshape(kernel * kernel, -1).to(device)
 
 
 def _spectrum_slab(
