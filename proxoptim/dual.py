@@ -65,12 +65,13 @@ class DualKernel:
     """X, K and the products with them for one Linear layer's confirmed calls.
 
     Args:
-        system: the layer's calls (Linear only); their inputs are stacked into X.
+        system: the layer's calls (Linear, or a one-group convolution whose im2col patches
+            serve as X); their inputs are stacked into X.
     """
 
     def __init__(self, system: LayerSystem) -> None:
         self.has_bias = system.layout.has_bias
-        self.inputs = _stack([call.x for call in system.calls])
+        self.inputs = _stack([call.kind.dual_inputs(call.module, call.x) for call in system.calls])
         self.kernel = symmetric_product(self.inputs)
         if self.has_bias:
             self.kernel += 1.0

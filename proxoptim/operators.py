@@ -52,8 +52,9 @@ class LayerKind:
     """
 
     module_type: type[nn.Module]
-    # Whether the dual-kernel form applies (proxoptim.dual), and with it whether solves may
-    # use δ, the gradient of the layer output.
+    # Whether the dual-kernel form applies (proxoptim.dual; also needs one group and, for
+    # im2col kinds, no communicator), and whether solves may use δ, the gradient of the
+    # layer output (captured only for kinds that do).
     supports_dual: bool = False
     uses_output_grad: bool = False
     # Whether Ũ is an im2col matrix (copied to build the Gram; products are convolutions).
@@ -86,6 +87,10 @@ class LayerKind:
 
     def num_columns(self, module: nn.Module, x: Tensor) -> int:
         """n: the number of columns of Ũ this call contributes (samples × positions)."""
+        raise NotImplementedError
+
+    def dual_inputs(self, module: nn.Module, x: Tensor) -> Tensor:
+        """Ũᵀ without the bias column, (n, d_weight), for the dual form (one group only)."""
         raise NotImplementedError
 
     def count_columns(self, module: nn.Module, raw: Tensor) -> int | None:
@@ -127,6 +132,9 @@ class LinearKind(LayerKind):
     def patches(self, module: nn.Module, x: Tensor) -> Iterator[Tensor]:
         yield x.unsqueeze(0)
 
+    def dual_inputs(self, module: nn.Module, x: Tensor) -> Tensor:
+        return x
+
     def num_columns(self, module: nn.Module, x: Tensor) -> int:
         return x.shape[0]
 
@@ -148,6 +156,9 @@ class ConvKind(LayerKind):
     """
 
     im2col = True
+    # With few columns (deep layers on small images: n = samples × positions below the
+    # fan-in) the n×n kernel of the im2col patches is the cheap form, as for Linear layers.
+    supports_dual = True
 
     def __init__(self, spatial_dims: int) -> None:
         self.spatial_dims = spatial_dims
@@ -259,6 +270,9 @@ class ConvKind(LayerKind):
         return conv_gram_cost(
             tuple(shape), module.kernel_size, module.dilation, padding, module.groups
         )
+
+    def dual_inputs(self, module: nn.Module, x: Tensor) -> Tensor:
+        return torch.cat([chunk[0] for chunk in self.patches(module, x)])
 
     def patches(self, module: nn.Module, x: Tensor) -> Iterator[Tensor]:
         # Generic N-d im2col with Tensor.unfold: one window per output position and
@@ -524,8 +538,14 @@ class LayerSystem:
         # This process's n; num_columns becomes the global n under a communicator.
         self.local_columns = sum(call.columns for call in self.calls)
         self.num_columns = self.local_columns
-        self.supports_dual = all(call.kind.supports_dual for call in self.calls)
         self.im2col = any(call.kind.im2col for call in self.calls)
+        # The dual form needs every column on this rank: Linear layers gather them under a
+        # communicator, convolutions do not.
+        self.supports_dual = (
+            all(call.kind.supports_dual for call in self.calls)
+            and layout.groups == 1
+            and not (self.im2col and communicator is not None)
+        )
         self.has_patches = all(call.kind.has_patches for call in self.calls)
         self._sources: list[tuple[bool, float]] | None = None
         self._gram_cost = self._local_gram_cost()

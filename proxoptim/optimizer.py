@@ -64,7 +64,8 @@ class ProxPropOptimizer(Optimizer):
         exclude: module names (as in ``model.named_modules()``; a container's name covers
             everything inside it) or module objects whose layers keep the plain gradient.
         solver_form: ``"auto"`` (a per-layer cost rule), ``"matrix_free"``, ``"primal"`` or
-            ``"dual"`` (Linear layers); a form a layer cannot use falls back to "auto" there.
+            ``"dual"`` (Linear layers, one-group convolutions); a form a layer cannot use
+            falls back to "auto" there.
         nonfinite: ``"raise"``: a NaN/inf in a gradient, a captured input or a solve raises
             ``FloatingPointError`` naming the layer and the quantity, before anything is
             written; ``"skip"``: the step is skipped with a warning and counted in

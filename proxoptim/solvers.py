@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from proxoptim.dual import DualKernel, solve_dual
-from proxoptim.operators import LayerSystem
+from proxoptim.operators import IM2COL_COST_PER_ELEMENT, LayerSystem
 from proxoptim.rowwise import guarded_ratio, row_dot
 from proxoptim.workspace import Workspace
 
@@ -206,8 +206,11 @@ def estimate_costs(
         primal = float("inf")
 
     dual = float("inf")
-    if system.supports_dual and n * n <= MAX_GRAM_ELEMENTS:
+    patches_fit = not system.im2col or n * d <= MAX_GRAM_ELEMENTS
+    if system.supports_dual and n * n <= MAX_GRAM_ELEMENTS and patches_fit:
         dual = 2.0 * n * n * d + 2.0 * n * m * d  # the kernel and the final product
+        if system.im2col:
+            dual += IM2COL_COST_PER_ELEMENT * n * d  # the patches, copied once
         if not output_grad_known:
             dual += 2.0 * n * m * d  # h = gŨ
         if exact:
@@ -276,26 +279,35 @@ def solve(
     Args:
         grad_weight, grad_bias: g, shaped like the layer's weight and bias (bias None when
             the layer has no trainable bias).
-        form: "matrix_free", "primal" or "dual" (Linear layers).
+        form: "matrix_free", "primal" or "dual" (Linear layers, one-group convolutions).
         output_grad_scale: for the dual form, s with .grad = s·δᵀŨᵀ, when verified.
         out: optional (W, b) buffers that receive v (reused across steps by the optimizer).
         workspace: scratch buffers shared by all layers' solves.
     """
     if form == "dual":
         kernel = DualKernel(system)
+        # The dual form works on (m, d_weight) rows: a convolution's weight flattened.
+        rows = grad_weight.shape[0]
+        flat_out = None
+        if out is not None and out[0].is_contiguous():
+            flat_out = (out[0].view(rows, -1), out[1])
         result = solve_dual(
             kernel,
-            grad_weight,
+            grad_weight.reshape(rows, -1),
             grad_bias,
             tau_prox,
             exact=exact,
             cg_iters=cg_iters,
             cg_tol=cg_tol,
             output_grad_scale=output_grad_scale,
-            out=out,
+            out=flat_out,
             workspace=workspace,
         )
-        return Solution(result.weight, result.bias, result.iterations, result.residual_norm)
+        weight, bias = result.weight.view(grad_weight.shape), result.bias
+        if out is not None and flat_out is None:
+            weight = out[0].copy_(weight)
+            bias = out[1].copy_(bias) if bias is not None else None
+        return Solution(weight, bias, result.iterations, result.residual_norm)
     layout = system.layout
     rhs = layout.to_rows(grad_weight, grad_bias)
     if form == "primal":

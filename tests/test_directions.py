@@ -35,12 +35,12 @@ def proxprop_direction(module, inputs, **kwargs):
 
 
 def forms_of(case, forms):
-    """(case, form) pairs for the forms the case's layer can use (dual: Linear only)."""
-    linear = case.name.startswith("linear")
+    """(case, form) pairs for the forms the case's layer can use (dual: one group)."""
+    single_group = getattr(case.build(), "groups", 1) == 1
     return [
         pytest.param(case, form, id=f"{case.name}-{form}")
         for form in forms
-        if linear or form != "dual"
+        if single_group or form != "dual"
     ]
 
 

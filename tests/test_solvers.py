@@ -124,10 +124,15 @@ def test_cost_rule_picks_the_cheaper_form():
     paper = _system(torch.nn.Linear(3072, 4000), batch=500)
     for exact, iterations in ((False, 3), (False, 10), (True, 3)):
         assert choose_form(paper, exact=exact, cg_iters=iterations) == "dual"
-    # Convolutions have no dual form; an explicit request wins wherever it applies.
-    conv = _system(torch.nn.Conv2d(16, 20, 5, padding=2), batch=8)
-    assert estimate_costs(conv, exact=False, cg_iters=3).dual == float("inf")
-    assert choose_form(conv, exact=False, cg_iters=3, requested="dual") != "dual"
+    # Grouped convolutions have no dual form; an explicit request wins wherever it applies.
+    grouped = _system(torch.nn.Conv2d(16, 20, 5, padding=2, groups=4), batch=8)
+    assert estimate_costs(grouped, exact=False, cg_iters=3).dual == float("inf")
+    assert choose_form(grouped, exact=False, cg_iters=3, requested="dual") != "dual"
+    # A deep convolution on a small image (ResNet-18's last stage on CIFAR-10: 1×1 outputs,
+    # n = 128 columns, d = 4609): the n×n kernel of its patches is the cheap form.
+    deep = _system(torch.nn.Conv2d(512, 512, 3, padding=1), batch=128, size=1)
+    assert choose_form(deep, exact=False, cg_iters=3) == "dual"
+    assert choose_form(deep, exact=True, cg_iters=3) == "dual"
     assert choose_form(wide, exact=False, cg_iters=10, requested="matrix_free") == "matrix_free"
     assert choose_form(wide, exact=False, cg_iters=10, requested="dual") == "dual"
 
