@@ -28,6 +28,8 @@ python benchmarks/targets.py --repeats 9 | tee "$out/targets-cpu.md"
 python benchmarks/profile_step.py | tee "$out/profile-mlp-cg3.md"
 python benchmarks/conv_gram_cost.py | tee "$out/conv-gram-cost.md"
 python benchmarks/dual_cg_block.py --processes 8 | tee "$out/dual-cg-block.md"
+python benchmarks/step_ratio.py --network resnet18 --optimizer adam --batch-size 128 \
+    --methods cg3,exact | tee "$out/resnet18-cifar-step-ratio.md"
 python benchmarks/profile_step.py --network cnn --optimizer adam --method cg3 \
     | tee "$out/profile-cnn-cg3.md"
 

@@ -6,6 +6,8 @@ alike; the ratio is of medians over the repeats after warm-up.
 
     python benchmarks/step_ratio.py                       # paper MLP, Nesterov SGD, batch 500
     python benchmarks/step_ratio.py --network cnn --optimizer adam --methods cg3,cg10
+    python benchmarks/step_ratio.py --network resnet18 --optimizer adam --batch-size 128 \
+        --methods cg3
     python benchmarks/step_ratio.py --device cuda
 """
 
@@ -26,7 +28,16 @@ from torch import nn
 from proxoptim.experiments.models import build_model
 from proxoptim.experiments.training import Method, make_optimizer
 
-NETWORKS = {"mlp": "mlp", "cnn": "cnn", "cnn-reference": "cnn-reference"}
+NETWORKS = ("mlp", "cnn", "cnn-reference", "resnet18")
+
+
+def build_network(network: str, width: float) -> nn.Module:
+    """The paper's networks, or torchvision's ResNet-18 (CIFAR-10-sized inputs, 10 classes)."""
+    if network == "resnet18":
+        import torchvision
+
+        return torchvision.models.resnet18(num_classes=10)
+    return build_model(network, (3, 32, 32), 10, width)
 
 # The pseudo-method "floor": backprop plus, for every Linear layer ProxProp would
 # precondition (all but the output layer), one product of the weight gradient's size
@@ -95,7 +106,7 @@ def measure(
     evicts every method's working set between its steps).
     """
     torch.manual_seed(0)
-    template = build_model(network, (3, 32, 32), 10, width).to(device)
+    template = build_network(network, width).to(device)
     x = torch.rand(batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch_size,), device=device)
     steps = {}
@@ -164,7 +175,7 @@ def peak_memory(
 
 def _memory_child(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
-    model = build_model(args.network, (3, 32, 32), 10, args.width).to(args.device)
+    model = build_network(args.network, args.width).to(args.device)
     x = torch.rand(args.batch_size, 3, 32, 32, device=args.device)
     y = torch.randint(0, 10, (args.batch_size,), device=args.device)
     opt = make_optimizer(
@@ -184,7 +195,7 @@ def _memory_child(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--network", choices=sorted(NETWORKS), default="mlp")
+    parser.add_argument("--network", choices=NETWORKS, default="mlp")
     parser.add_argument("--optimizer", choices=("nesterov", "adam"), default="nesterov")
     parser.add_argument("--methods", default="cg3,exact,cg10")
     parser.add_argument("--batch-size", type=int, default=500)

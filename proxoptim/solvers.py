@@ -177,8 +177,9 @@ class Costs:
 
 
 # Costs in float32-GEMM-equivalent flops, calibrated on a 2-core AVX-512 CPU (they only
-# steer the choice; every form gives the same v). LAPACK on n × n, per n³:
-EIGH_COST_PER_CUBE = 30.0
+# steer the choice; every form gives the same v). LAPACK on n × n, per n³ (eigh: 9-18 ms
+# at n = 500 on this VM, whose speed varies):
+EIGH_COST_PER_CUBE = 20.0
 INVERSE_COST_PER_CUBE = 4.0
 # A convolution and its weight gradient (channels-last) run at about 60% of GEMM speed for the
 # channel counts where matrix-free CG competes.
