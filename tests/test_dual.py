@@ -158,3 +158,23 @@ def test_cg_in_row_blocks_matches_the_oracle(monkeypatch, rows, shortcut):
     assert (stats.output_grad_scale is not None) == shortcut
     expected = oracle_direction(layer, [x], grad, 1.0, 3)
     assert relative_error(direction, expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("solver", ["exact", "cg"])
+def test_dual_form_of_a_channels_last_convolution(solver):
+    """One-group convolutions take the dual form from their patches, whatever the weight's
+    memory format (the direction buffer of a channels-last weight is not a flat view)."""
+    torch.manual_seed(6)
+    conv = nn.Conv2d(3, 4, 3, padding=1).double().to(memory_format=torch.channels_last)
+    x = torch.rand(2, 3, 3, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    opt = ProxPropOptimizer(
+        conv, Recorder, exclude_last=False, solver=solver, solver_form="dual", tau_prox=0.4
+    )
+    (conv(x) * torch.randn(2, 4, 3, 3, dtype=torch.float64)).sum().backward()
+    grad = flatten_pair(conv.weight.grad, conv.bias.grad)
+    opt.step()
+    seen = opt.inner.seen[-1]
+    direction = flatten_pair(seen[conv.weight], seen[conv.bias])
+    assert next(iter(opt.last_stats.values())).form == "dual"
+    expected = oracle_direction(conv, [x], grad, 0.4, None if solver == "exact" else 3)
+    assert relative_error(direction, expected) <= TOLERANCE
