@@ -178,3 +178,21 @@ def test_dual_form_of_a_channels_last_convolution(solver):
     assert next(iter(opt.last_stats.values())).form == "dual"
     expected = oracle_direction(conv, [x], grad, 0.4, None if solver == "exact" else 3)
     assert relative_error(direction, expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("cg_iters", [2, 4, 7])
+def test_general_form_past_convergence_matches_the_oracle(cg_iters):
+    """More iterations than the rank (n > d): once a row has converged, rounding noise in
+    its cancelling residual norm must not drive further steps (found by hypothesis)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 1, (2, 1), bias=False).double()
+    x = torch.rand(3, 1, 2, 4, dtype=torch.float64)
+    opt = ProxPropOptimizer(
+        conv, Recorder, exclude_last=False, solver_form="dual", cg_iters=cg_iters
+    )
+    (conv(x) * torch.randn(3, 1, 1, 4, dtype=torch.float64)).sum().backward()
+    grad = conv.weight.grad.reshape(-1).clone()
+    opt.step()
+    direction = opt.inner.seen[-1][conv.weight].reshape(-1)
+    expected = oracle_direction(conv, [x], grad, 1.0, cg_iters)
+    assert relative_error(direction, expected) <= TOLERANCE
