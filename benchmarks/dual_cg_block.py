@@ -1,9 +1,10 @@
 """Time of the dual CG's elementwise recurrences on one block of rows, per process.
 
-The MLP's CG steps spend part of their time in elementwise work on (1024, 500) blocks
-(proxoptim.dual._diagonal_cg). On a small virtual machine that work's speed can depend
-on the process (where the OS places the OpenMP threads): this script runs the same block
-in several fresh processes, on 2 threads and on 1, and prints each median.
+The MLP's CG steps spend part of their time in the recurrences on (1024, 500) blocks
+(proxoptim.dual._diagonal_cg). When their weighted norms were BLAS matrix-vector
+products, that time depended on the process (4-5x slower in about one process in four on
+a 2-vCPU VM); this script runs the same block in several fresh processes, on 2 threads
+and on 1, and prints each median, so that such a dependence shows.
 
     python benchmarks/dual_cg_block.py --processes 8
 """
