@@ -405,7 +405,7 @@ def _patch_sums(x: Tensor, axes: list[AxisGeometry]) -> Tensor:
     sums = x.sum(0)  # (G, C, L_1..L_D)
     for j, axis in enumerate(axes):
         dim = 2 + j
-        cumulative = torch.nn.functional.pad(sums.movedim(dim, -1).cumsum(-1), (1, 0))
+        cumulative = F.pad(sums.movedim(dim, -1).cumsum(-1), (1, 0))
         windows = [axis.window(offset) for offset in range(axis.kernel)]
         stop = torch.tensor([w.stop if len(w) else 0 for w in windows], device=x.device)
         start = torch.tensor([w.start if len(w) else 0 for w in windows], device=x.device)
