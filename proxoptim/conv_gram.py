@@ -28,6 +28,7 @@ see that.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -97,6 +98,17 @@ def _fft_length(minimum: int) -> int:
         length += 1
 
 
+# The small index, mask and transform tensors depend only on the geometry: they are built
+# once per geometry, dtype and device and reused, so a step on an accelerator copies
+# nothing from the host (each such copy would wait for the queued work).
+_CACHE_SIZE = 512
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _index(values: tuple[int, ...], device: torch.device) -> Tensor:
+    return torch.tensor(values, dtype=torch.long).to(device)
+
+
 def _runs(indices: list[int]) -> list[tuple[int, int]]:
     """Maximal runs [start, stop) of consecutive integers in a sorted list."""
     runs: list[tuple[int, int]] = []
@@ -141,11 +153,11 @@ def _edge_correlation(x: Tensor, axes: list[AxisGeometry], held: tuple[int, ...]
     # before transforming (on large inputs most of the image).
     kept = {j: _neighbourhood(axes[j]) for j in held}
     for j in held:
-        x = x.index_select(3 + j, torch.tensor(kept[j], device=x.device))
+        x = x.index_select(3 + j, _index(tuple(kept[j]), x.device))
     slab = _spectrum_slab(x, axes, free, held, lengths)
     groups, channels = x.shape[1:3]
     # (lags of the free dims, frequencies, re/im of first, re/im of second)
-    to_lags = _lag_transform(axes, free, lengths, slab.dtype, slab.device)
+    to_lags = _lag_transform(tuple(axes), tuple(free), tuple(lengths), slab.dtype, slab.device)
     # Φ: ((edge_j, lag_j) per held dim..., lags (free), G, C, C')
     pairs = [size for j in held for size in (len(axes[j].edges), 2 * axes[j].kernel - 1)]
     phi = slab.new_empty(*pairs, to_lags.shape[0], groups, channels, channels)
@@ -176,6 +188,7 @@ def _edge_correlation(x: Tensor, axes: list[AxisGeometry], held: tuple[int, ...]
     return phi.permute(*order, dims, dims + 1, dims + 2)
 
 
+@functools.lru_cache(maxsize=_CACHE_SIZE)
 def _held_transfer(axis: AxisGeometry, dtype: torch.dtype, device: torch.device) -> Tensor:
     """T[(a, b), (e, l)] = excluded[a, e]·[l = b − a + k − 1]: (k², len(edges)·(2k − 1))."""
     kernel, lags = axis.kernel, 2 * axis.kernel - 1
@@ -208,10 +221,11 @@ def _spectrum_slab(
     return spectrum.permute(0, 1, *spatial, spectrum.dim() - 1, 2).contiguous()
 
 
+@functools.lru_cache(maxsize=_CACHE_SIZE)
 def _lag_transform(
-    axes: list[AxisGeometry],
-    free: list[int],
-    lengths: list[int],
+    axes: tuple[AxisGeometry, ...],
+    free: tuple[int, ...],
+    lengths: tuple[int, ...],
     dtype: torch.dtype,
     device: torch.device,
 ) -> Tensor:
@@ -407,8 +421,8 @@ def _patch_sums(x: Tensor, axes: list[AxisGeometry]) -> Tensor:
         dim = 2 + j
         cumulative = F.pad(sums.movedim(dim, -1).cumsum(-1), (1, 0))
         windows = [axis.window(offset) for offset in range(axis.kernel)]
-        stop = torch.tensor([w.stop if len(w) else 0 for w in windows], device=x.device)
-        start = torch.tensor([w.start if len(w) else 0 for w in windows], device=x.device)
+        stop = _index(tuple(w.stop if len(w) else 0 for w in windows), x.device)
+        start = _index(tuple(w.start if len(w) else 0 for w in windows), x.device)
         sums = (cumulative[..., stop] - cumulative[..., start]).movedim(-1, dim)
     return sums
 

@@ -325,8 +325,12 @@ def _sampled_residual(
     Either way the residual is ρŨᵀ and ‖ρŨᵀ‖² = ρ K ρᵀ.
     """
     rows = left.shape[0]
-    index = torch.linspace(0, rows - 1, min(rows, RESIDUAL_SAMPLE_ROWS)).round().long()
-    sample = left[index.to(left.device)].double() * scale
+    index = (
+        torch.linspace(0, rows - 1, min(rows, RESIDUAL_SAMPLE_ROWS), device=left.device)
+        .round()
+        .long()
+    )
+    sample = left[index].double() * scale
     rho = sample - (sample @ inverse.double()) @ shifted
     squared = (rho @ kernel.kernel.double() * rho).sum()
     return (squared.clamp_min(0) * (rows / len(index))).sqrt()
