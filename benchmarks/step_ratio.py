@@ -39,6 +39,7 @@ def build_network(network: str, width: float) -> nn.Module:
         return torchvision.models.resnet18(num_classes=10)
     return build_model(network, (3, 32, 32), 10, width)
 
+
 # The pseudo-method "floor": backprop plus, for every Linear layer ProxProp would
 # precondition (all but the output layer), one product of the weight gradient's size
 # (coefficients (m, n) times the captured input (n, d), into a kept buffer): the least work

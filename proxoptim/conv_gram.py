@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -66,13 +67,17 @@ class AxisGeometry:
         first = offset * self.dilation - self.pad_before
         return range(max(first, 0), min(first + self.outputs, self.size))
 
-    @property
+    @functools.cached_property
     def edges(self) -> list[int]:
         """The image indices that some kernel offset's window leaves out, ascending."""
         left_out: set[int] = set()
         for offset in range(self.kernel):
             left_out |= set(range(self.size)) - set(self.window(offset))
         return sorted(left_out)
+
+    def neighbourhood(self, start: int, stop: int) -> range:
+        """The image indices within the kernel's span of the run [start, stop)."""
+        return range(max(0, start - self.span), min(self.size, stop + self.span))
 
     def excluded(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         """(kernel, len(edges)) 0/1: whether offset a's window leaves out edges[e]."""
@@ -83,6 +88,20 @@ class AxisGeometry:
         ]
         # Built on the host and moved once: no per-element writes on an accelerator.
         return torch.tensor(rows, dtype=dtype).reshape(self.kernel, len(edges)).to(device)
+
+
+def _axes(
+    sizes: Sequence[int],
+    kernel_size: Sequence[int],
+    dilation: Sequence[int],
+    padding: Sequence[tuple[int, int]],
+) -> list[AxisGeometry]:
+    return [
+        AxisGeometry(size, kernel, dil, before, after)
+        for size, kernel, dil, (before, after) in zip(
+            sizes, kernel_size, dilation, padding, strict=True
+        )
+    ]
 
 
 def _fft_length(minimum: int) -> int:
@@ -124,8 +143,16 @@ def _neighbourhood(axis: AxisGeometry) -> list[int]:
     """The image indices within the kernel's span of an edge index, ascending."""
     near: set[int] = set()
     for start, stop in _runs(axis.edges):
-        near.update(range(max(0, start - axis.span), min(axis.size, stop + axis.span)))
+        near.update(axis.neighbourhood(start, stop))
     return sorted(near)
+
+
+def _terms(axes: list[AxisGeometry]) -> Iterator[tuple[int, ...]]:
+    """The inclusion–exclusion terms: every set of held dims, each with edges to hold."""
+    for size in range(len(axes) + 1):
+        for held in itertools.combinations(range(len(axes)), size):
+            if all(axes[j].edges for j in held):
+                yield held
 
 
 def _edge_correlation(x: Tensor, axes: list[AxisGeometry], held: tuple[int, ...]) -> Tensor:
@@ -281,12 +308,11 @@ def _run_correlation(
     first, second = slab, slab
     shifts = []
     for position, (j, (start, stop)) in enumerate(zip(held, combination, strict=True)):
-        low = max(0, start - axes[j].span)
-        high = min(axes[j].size, stop + axes[j].span)
-        shifts.append(start - low)
-        # [low, high) is kept whole, so it is contiguous among the kept indices.
+        near = axes[j].neighbourhood(start, stop)
+        shifts.append(start - near.start)
+        # The neighbourhood is kept whole, so it is contiguous among the kept indices.
         first = first.narrow(held_axis + position, kept[j].index(start), stop - start)
-        second = second.narrow(held_axis + position, kept[j].index(low), high - low)
+        second = second.narrow(held_axis + position, kept[j].index(near.start), len(near))
     batch, groups = slab.shape[:2]
     parts, channels = slab.shape[-2], slab.shape[-1]
     # One frequency axis: (n, G, F, rows...)
@@ -388,23 +414,16 @@ def conv_gram(
     """
     batch, channels = x.shape[:2]
     dims = x.dim() - 2
-    axes = [
-        AxisGeometry(size, kernel, dil, before, after)
-        for size, kernel, dil, (before, after) in zip(
-            x.shape[2:], kernel_size, dilation, padding, strict=True
-        )
-    ]
+    axes = _axes(x.shape[2:], kernel_size, dilation, padding)
     group_channels = channels // groups
     # One contiguous copy up front: a cropped or channels-last input slows every FFT.
     grouped = x.contiguous().reshape(batch, groups, group_channels, *x.shape[2:])
     kernels = [axis.kernel for axis in axes]
     # Σ over the inclusion–exclusion terms: ((a_1, b_1), ..., (a_D, b_D), G, C, C')
     total = grouped.new_zeros(*[k * k for k in kernels], groups, group_channels, group_channels)
-    for size in range(dims + 1):
-        for held in itertools.combinations(range(dims), size):
-            if any(not axes[j].edges for j in held):
-                continue
-            total.add_(_edge_correlation(grouped, axes, held), alpha=-1.0 if size % 2 else 1.0)
+    for held in _terms(axes):
+        term = _edge_correlation(grouped, axes, held)
+        total.add_(term, alpha=-1.0 if len(held) % 2 else 1.0)
     # -> (G, (C, a...), (C', b...))
     gram = total.reshape(*[k for k in kernels for _ in range(2)], *total.shape[-3:])
     a_axes, b_axes = range(0, 2 * dims, 2), range(1, 2 * dims, 2)
@@ -451,39 +470,28 @@ def conv_gram_cost(
     batch, channels = shape[:2]
     group_channels = channels // groups
     pairs = groups * group_channels * group_channels
-    axes = [
-        AxisGeometry(size, kernel, dil, before, after)
-        for size, kernel, dil, (before, after) in zip(
-            shape[2:], kernel_size, dilation, padding, strict=True
-        )
-    ]
+    axes = _axes(shape[2:], kernel_size, dilation, padding)
     dims = len(axes)
     offset_pairs = math.prod(axis.kernel**2 for axis in axes)
     total = ASSEMBLY_COST * pairs * offset_pairs  # the final layout copy
-    for size in range(dims + 1):
-        for held in itertools.combinations(range(dims), size):
-            if any(not axes[j].edges for j in held):
-                continue
-            free = [j for j in range(dims) if j not in held]
-            lengths = [_fft_length(axes[j].size + axes[j].span) for j in free]
-            frequencies = math.prod(lengths[:-1]) * (lengths[-1] // 2 + 1) if free else 1
-            kept = math.prod(len(_neighbourhood(axes[j])) for j in held)
-            total += ELEMENT_COST * batch * channels * frequencies * kept
-            free_lags = math.prod(2 * axes[j].kernel - 1 for j in free)
-            parts = 4 if free else 1  # re/im of both factors
-            for combination in itertools.product(*[_runs(axes[j].edges) for j in held]):
-                rows = columns = group_channels * (2 if free else 1)
-                run_lags = 1
-                for j, (start, stop) in zip(held, combination, strict=True):
-                    rows *= stop - start
-                    low = max(0, start - axes[j].span)
-                    columns *= min(axes[j].size, stop + axes[j].span) - low
-                    run_lags *= (stop - start) * (2 * axes[j].kernel - 1)
-                total += CONTRACTION_COST * 2.0 * batch * groups * frequencies * rows * columns
-                # back to lags: (free lags × frequencies·parts) @ (… × run_lags·pairs)
-                total += (
-                    LAG_TRANSFORM_COST * 2.0 * free_lags * frequencies * parts * run_lags * pairs
-                )
-            held_lags = math.prod(len(axes[j].edges) * (2 * axes[j].kernel - 1) for j in held)
-            total += ASSEMBLY_COST * pairs * (held_lags * free_lags + 2 * offset_pairs)
+    for held in _terms(axes):
+        free = [j for j in range(dims) if j not in held]
+        lengths = [_fft_length(axes[j].size + axes[j].span) for j in free]
+        frequencies = math.prod(lengths[:-1]) * (lengths[-1] // 2 + 1) if free else 1
+        kept = math.prod(len(_neighbourhood(axes[j])) for j in held)
+        total += ELEMENT_COST * batch * channels * frequencies * kept
+        free_lags = math.prod(2 * axes[j].kernel - 1 for j in free)
+        parts = 4 if free else 1  # re/im of both factors
+        for combination in itertools.product(*[_runs(axes[j].edges) for j in held]):
+            rows = columns = group_channels * (2 if free else 1)
+            run_lags = 1
+            for j, (start, stop) in zip(held, combination, strict=True):
+                rows *= stop - start
+                columns *= len(axes[j].neighbourhood(start, stop))
+                run_lags *= (stop - start) * (2 * axes[j].kernel - 1)
+            total += CONTRACTION_COST * 2.0 * batch * groups * frequencies * rows * columns
+            # back to lags: (free lags × frequencies·parts) @ (… × run_lags·pairs)
+            total += LAG_TRANSFORM_COST * 2.0 * free_lags * frequencies * parts * run_lags * pairs
+        held_lags = math.prod(len(axes[j].edges) * (2 * axes[j].kernel - 1) for j in held)
+        total += ASSEMBLY_COST * pairs * (held_lags * free_lags + 2 * offset_pairs)
     return total

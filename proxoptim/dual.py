@@ -105,24 +105,10 @@ class DualKernel:
         gradient_scale: Tensor | None,
         out: tuple[Tensor, Tensor | None] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """v = diag(gradient_scale)·g + (left @ right) Ũᵀ for left (m, n), right (n, n).
-
-        Associates the product the cheaper way: (left·right)·X costs 2mn² + 2mnd flops,
-        left·(right·X) costs 2n²d + 2mnd. ``out`` receives (W, b) when given.
-        """
-        rows, dim = left.shape[0], self.inputs.shape[1]
-        out_weight, out_bias = out if out is not None else (None, None)
-        if rows <= dim:
-            coefficients = left @ right
-            weight_part = torch.matmul(coefficients, self.inputs, out=out_weight)
-            bias_part = None
-            if self.has_bias:
-                bias_part = torch.sum(coefficients, 1, out=out_bias)
-        else:
-            weight_part = torch.matmul(left, right @ self.inputs, out=out_weight)
-            bias_part = None
-            if self.has_bias:
-                bias_part = torch.mv(left, right.sum(1), out=out_bias)
+        """v = diag(gradient_scale)·g + (left @ right) Ũᵀ for left (m, n), right (n, n):
+        :meth:`expand_blocks` on one block. ``out`` receives (W, b) when given."""
+        rows = left.shape[0]
+        weight_part, bias_part = self.expand_blocks([(slice(0, rows), left)], right, rows, out)
         if gradient_scale is None:
             return weight_part, bias_part
         weight_part.addcmul_(grad_weight, gradient_scale.unsqueeze(1))
@@ -140,9 +126,10 @@ class DualKernel:
         """v[index] = (left @ right) Ũᵀ for every (index, left) a block at a time.
 
         ``blocks`` yields row slices and their ``left`` (len(index), n); ``right`` is
-        (n, n) and ``rows`` the total m, from which the association is chosen once, as in
-        :meth:`expand`. Only one block of coefficients ever exists, so a solve run in
-        blocks never holds an m × n array.
+        (n, n) and ``rows`` the total m. The product is associated the cheaper way, once
+        for all blocks: (left·right)·X costs 2mn² + 2mnd flops, left·(right·X) 2n²d + 2mnd.
+        Only one block of coefficients need exist, so a solve run in blocks never holds an
+        m × n array.
         """
         dim = self.inputs.shape[1]
         out_weight, out_bias = out if out is not None else (None, None)

@@ -201,12 +201,8 @@ class ConvKind(LayerKind):
         return grad_weight, grad_output.sum(sum_dims)
 
     def _output_size(self, module: nn.Module, x: Tensor) -> list[int]:
-        sizes = []
-        for size, kernel, stride, dilation in zip(
-            x.shape[2:], module.kernel_size, module.stride, module.dilation, strict=True
-        ):
-            sizes.append((size - dilation * (kernel - 1) - 1) // stride + 1)
-        return sizes
+        """Output positions per spatial dim of the (padded) prepared input ``x``."""
+        return _output_sizes(module, x.shape[2:])
 
     def num_columns(self, module: nn.Module, x: Tensor) -> int:
         return x.shape[0] * math.prod(self._output_size(module, x))
@@ -219,54 +215,55 @@ class ConvKind(LayerKind):
             (amounts[2 * (dims - 1 - j)], amounts[2 * (dims - 1 - j) + 1]) for j in range(dims)
         )
 
-    def count_columns(self, module: nn.Module, raw: Tensor) -> int:
-        # The prepared input's shape, without preparing it.
-        batch = raw.shape[0] if raw.dim() == self.spatial_dims + 2 else 1
-        positions = 1
-        for size, (before, after), kernel, stride, dilation in zip(
-            raw.shape[-self.spatial_dims :],
-            self._padding(module),
-            module.kernel_size,
-            module.stride,
-            module.dilation,
-            strict=True,
-        ):
-            positions *= (size + before + after - dilation * (kernel - 1) - 1) // stride + 1
-        return batch * positions
+    def _batched_shape(self, raw: Tensor) -> list[int]:
+        return list(raw.shape if raw.dim() == self.spatial_dims + 2 else (1, *raw.shape))
 
-    def _correlation_input(
-        self, module: nn.Module, raw: Tensor, dtype: torch.dtype
-    ) -> tuple[Tensor, tuple[tuple[int, int], ...]] | None:
-        """(input, zero padding per dim) of a stride-1 convolution for conv_gram, else None.
+    def _padded_sizes(self, module: nn.Module, raw: Tensor) -> list[int]:
+        """The spatial sizes :meth:`prepare` gives, without preparing."""
+        sizes = self._batched_shape(raw)[2:]
+        return [
+            size + before + after
+            for size, (before, after) in zip(sizes, self._padding(module), strict=True)
+        ]
+
+    def count_columns(self, module: nn.Module, raw: Tensor) -> int:
+        batch = self._batched_shape(raw)[0]
+        return batch * math.prod(_output_sizes(module, self._padded_sizes(module, raw)))
+
+    def _correlation_geometry(
+        self, module: nn.Module, raw: Tensor
+    ) -> tuple[list[int], tuple[tuple[int, int], ...]] | None:
+        """(input shape, zero padding per dim) that conv_gram sees, or None (strided).
 
         Zero padding stays implicit (the raw input is used as it is); other padding modes
         pad first, and their padded values are the input.
         """
         if any(stride != 1 for stride in module.stride):
             return None
+        shape = self._batched_shape(raw)
         if module.padding_mode != "zeros":
-            return self.prepare(module, raw, dtype), ((0, 0),) * self.spatial_dims
-        x = raw.unsqueeze(0) if raw.dim() == self.spatial_dims + 1 else raw
-        return x.to(dtype), self._padding(module)
+            shape[2:] = self._padded_sizes(module, raw)
+            return shape, ((0, 0),) * self.spatial_dims
+        return shape, self._padding(module)
 
     def correlation_gram(
         self, module: nn.Module, raw: Tensor, dtype: torch.dtype
     ) -> tuple[Tensor, Tensor] | None:
-        found = self._correlation_input(module, raw, dtype)
-        if found is None:
+        geometry = self._correlation_geometry(module, raw)
+        if geometry is None:
             return None
-        x, padding = found
+        shape, padding = geometry
+        if module.padding_mode != "zeros":
+            x = self.prepare(module, raw, dtype)
+        else:
+            x = raw.reshape(shape).to(dtype)
         return conv_gram(x, module.kernel_size, module.dilation, padding, module.groups)
 
     def correlation_gram_cost(self, module: nn.Module, raw: Tensor) -> float:
-        if any(stride != 1 for stride in module.stride):
+        geometry = self._correlation_geometry(module, raw)
+        if geometry is None:
             return float("inf")
-        shape = list(raw.shape if raw.dim() == self.spatial_dims + 2 else (1, *raw.shape))
-        padding = self._padding(module)
-        if module.padding_mode != "zeros":
-            for j, (before, after) in enumerate(padding):
-                shape[2 + j] += before + after
-            padding = ((0, 0),) * self.spatial_dims
+        shape, padding = geometry
         return conv_gram_cost(
             tuple(shape), module.kernel_size, module.dilation, padding, module.groups
         )
@@ -303,6 +300,16 @@ class ConvKind(LayerKind):
             yield windows.permute(order).reshape(
                 groups, -1, (channels // groups) * math.prod(module.kernel_size)
             )
+
+
+def _output_sizes(module: nn.Module, padded_sizes: Sequence[int]) -> list[int]:
+    """Output positions per spatial dim of a convolution on padded inputs of these sizes."""
+    return [
+        (size - dilation * (kernel - 1) - 1) // stride + 1
+        for size, kernel, stride, dilation in zip(
+            padded_sizes, module.kernel_size, module.stride, module.dilation, strict=True
+        )
+    ]
 
 
 class FunctionalKind(LayerKind):
@@ -547,8 +554,10 @@ class LayerSystem:
             and not (self.im2col and communicator is not None)
         )
         self.has_patches = all(call.kind.has_patches for call in self.calls)
-        self._sources: list[tuple[bool, float]] | None = None
-        self._gram_cost = self._local_gram_cost()
+        self._sources = self._build_gram_sources()
+        self._gram_cost = (
+            sum(cost for _, cost in self._sources) if self.has_patches else float("inf")
+        )
         if communicator is not None:
             # Every rank must see the global n and Gram cost: the cost model then decides
             # identically on all of them.
@@ -580,31 +589,26 @@ class LayerSystem:
             self.communicator.all_reduce_(product)
         return product
 
-    def _gram_sources(self) -> list[tuple[bool, float]]:
+    def _build_gram_sources(self) -> list[tuple[bool, float]]:
         """Per call: (whether its Gram comes from correlations, the cost of building it).
 
         Each call's Gram is built the cheaper way: from correlations of the input (stride-1
         convolutions, proxoptim.conv_gram) or from im2col patches in chunks (2·n·d² flops
         plus the copy).
         """
-        if self._sources is None:
-            dim = self.layout.weight_row_dim
-            groups = self.layout.groups
-            sources = []
-            for call in self.calls:
-                columns = call.columns
-                patches = 2.0 * groups * columns * dim * dim
-                if call.kind.im2col:
-                    patches += IM2COL_COST_PER_ELEMENT * groups * columns * dim
-                correlation = call.kind.correlation_gram_cost(call.module, call.raw)
-                sources.append((correlation < patches, min(correlation, patches)))
-            self._sources = sources
-        return self._sources
+        dim = self.layout.weight_row_dim
+        groups = self.layout.groups
+        sources = []
+        for call in self.calls:
+            patches = 2.0 * groups * call.columns * dim * dim
+            if call.kind.im2col:
+                patches += IM2COL_COST_PER_ELEMENT * groups * call.columns * dim
+            correlation = call.kind.correlation_gram_cost(call.module, call.raw)
+            sources.append((correlation < patches, min(correlation, patches)))
+        return sources
 
-    def _local_gram_cost(self) -> float:
-        if not self.has_patches:
-            return float("inf")
-        return sum(cost for _, cost in self._gram_sources())
+    def _gram_sources(self) -> list[tuple[bool, float]]:
+        return self._sources
 
     def gram_cost(self) -> float:
         """Estimated cost of :meth:`gram` in float32-GEMM flops, summed over ranks under a
