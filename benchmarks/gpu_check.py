@@ -7,7 +7,9 @@
    paper MLP and CNN, every solve form.
 2. bf16 autocast (and, on CUDA, fp16 autocast with a GradScaler) directions against fp32.
 3. Host-device synchronisations inside a fixed-iteration step (CUDA sync debug mode).
-4. The step-time / memory table of benchmarks/targets.py, and ResNet-18 step times.
+4. The step-time table of benchmarks/targets.py, and ResNet-18 step times.
+5. Every solve form's step time per method (what the cost model should pick on the device),
+   the dense factorisations' times, and a profiler summary of one MLP step.
 
 Prints everything as Markdown; exits non-zero if a correctness check fails.
 """
@@ -209,16 +211,158 @@ def timings(device: str, repeats: int) -> None:
         print(f"| {name} | {1000 * statistics.median(samples):.1f} |")
 
 
+def forms(device: str, repeats: int) -> None:
+    """Step time of each forced solve form against backprop, interleaved, batch 500."""
+    print("\n## Step time per solve form (batch 500; form: what ran per layer)\n")
+    print("| network | method | requested form | forms that ran | step [ms] | ratio |")
+    print("|---|---|---|---|---|---|")
+    for network, inner, kwargs, cases in (
+        (
+            "mlp",
+            torch.optim.SGD,
+            {"momentum": 0.9, "nesterov": True},
+            [("cg", 3), ("exact", 0), ("cg", 10)],
+        ),
+        ("cnn", torch.optim.Adam, {}, [("cg", 3), ("exact", 0), ("cg", 10)]),
+    ):
+        torch.manual_seed(0)
+        template = build_model(network, (3, 32, 32), 10).to(device)
+        x = torch.rand(500, 3, 32, 32, device=device)
+        y = torch.randint(0, 10, (500,), device=device)
+        optimizers = {"backprop": inner(copy.deepcopy(template).parameters(), lr=1e-6, **kwargs)}
+        models = {"backprop": None}
+        for solver, iters in cases:
+            for form in ("auto", "matrix_free", "primal", "dual"):
+                if solver == "exact" and form == "matrix_free":
+                    continue
+                model = copy.deepcopy(template)
+                key = (solver, iters, form)
+                models[key] = model
+                optimizers[key] = ProxPropOptimizer(
+                    model,
+                    inner,
+                    lr=1e-6,
+                    solver=solver,
+                    cg_iters=max(iters, 1),
+                    solver_form=form,
+                    **kwargs,
+                )
+        models["backprop"] = None
+        bp_model = copy.deepcopy(template)
+        optimizers["backprop"] = inner(bp_model.parameters(), lr=1e-6, **kwargs)
+        models["backprop"] = bp_model
+        samples = {key: [] for key in optimizers}
+        for turn in range(2 + repeats):
+            for key, opt in optimizers.items():
+                torch.cuda.synchronize() if device.startswith("cuda") else None
+                started = time.perf_counter()
+                opt.zero_grad()
+                nn.functional.cross_entropy(models[key](x), y).backward()
+                opt.step()
+                torch.cuda.synchronize() if device.startswith("cuda") else None
+                if turn >= 2:
+                    samples[key].append(time.perf_counter() - started)
+        base = statistics.median(samples["backprop"])
+        print(f"| {network} | backprop | – | – | {1000 * base:.2f} | 1.00 |")
+        for key, opt in optimizers.items():
+            if key == "backprop":
+                continue
+            solver, iters, form = key
+            used = "/".join(s.form for s in opt.last_stats.values())
+            median = statistics.median(samples[key])
+            method = "exact" if solver == "exact" else f"cg{iters}"
+            print(
+                f"| {network} | {method} | {form} | {used} | {1000 * median:.2f} | "
+                f"{median / base:.2f} |"
+            )
+            opt.remove_hooks()
+        del optimizers, models
+
+
+def factorisations(device: str) -> None:
+    """Milliseconds of the dense n × n operations the dual and primal forms use."""
+    print("\n## Dense factorisations on the device [ms, median of 5]\n")
+    print("| n | eigh fp32 | eigh fp64 | cholesky fp64 | cholesky fp32 | n×n×n matmul fp32 |")
+    print("|---|---|---|---|---|---|")
+
+    def timed(fn) -> float:
+        samples = []
+        for repeat in range(7):
+            torch.cuda.synchronize() if device.startswith("cuda") else None
+            started = time.perf_counter()
+            fn()
+            torch.cuda.synchronize() if device.startswith("cuda") else None
+            if repeat >= 2:
+                samples.append(time.perf_counter() - started)
+        return 1000 * statistics.median(samples)
+
+    for n in (128, 256, 500, 1000, 2000):
+        a = torch.rand(n, 4 * n, device=device)
+        spd = a @ a.T + torch.eye(n, device=device)
+        spd64 = spd.double()
+        cells = [
+            timed(lambda: torch.linalg.eigh(spd)),
+            timed(lambda: torch.linalg.eigh(spd64)),
+            timed(lambda: torch.linalg.cholesky(spd64)),
+            timed(lambda: torch.linalg.cholesky(spd)),
+            timed(lambda: spd @ spd),
+        ]
+        print(f"| {n} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+
+
+def profile(device: str) -> None:
+    """Where the time of one MLP step goes on the device (torch.profiler, top operators)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as run_profiler
+
+    activities = [ProfilerActivity.CPU]
+    sort = "self_cpu_time_total"
+    if device.startswith("cuda"):
+        activities.append(ProfilerActivity.CUDA)
+        sort = "self_cuda_time_total"
+    for solver in ("cg", "exact"):
+        torch.manual_seed(0)
+        model = build_model("mlp", (3, 32, 32), 10).to(device)
+        x = torch.rand(500, 3, 32, 32, device=device)
+        y = torch.randint(0, 10, (500,), device=device)
+        opt = ProxPropOptimizer(
+            model, torch.optim.SGD, lr=1e-6, momentum=0.9, nesterov=True, solver=solver
+        )
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        nn.functional.cross_entropy(model(x), y).backward()
+        with run_profiler(activities=activities) as prof:
+            opt.step()
+        print(f"\n## Profile of one MLP {solver} step (after backward), by {sort}\n")
+        print("```")
+        print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=40))
+        print("```")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--sections", default="correctness,syncs,timings,forms,factorisations,profile"
+    )
     args = parser.parse_args()
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"# Device check: {name}, torch {torch.__version__}\n")
-    ok = correctness(args.device)
-    synchronisations(args.device)
-    timings(args.device, args.repeats)
+    sections = set(args.sections.split(","))
+    ok = correctness(args.device) if "correctness" in sections else True
+    if "syncs" in sections:
+        synchronisations(args.device)
+    if "timings" in sections:
+        timings(args.device, args.repeats)
+    if "forms" in sections:
+        forms(args.device, args.repeats)
+    if "factorisations" in sections:
+        factorisations(args.device)
+    if "profile" in sections:
+        profile(args.device)
     print(f"\ncorrectness checks: {'passed' if ok else 'FAILED'}")
     sys.exit(0 if ok else 1)
 
