@@ -229,8 +229,8 @@ def forms(device: str, repeats: int) -> None:
         template = build_model(network, (3, 32, 32), 10).to(device)
         x = torch.rand(500, 3, 32, 32, device=device)
         y = torch.randint(0, 10, (500,), device=device)
-        optimizers = {"backprop": inner(copy.deepcopy(template).parameters(), lr=1e-6, **kwargs)}
-        models = {"backprop": None}
+        models = {"backprop": copy.deepcopy(template)}
+        optimizers = {"backprop": inner(models["backprop"].parameters(), lr=1e-6, **kwargs)}
         for solver, iters in cases:
             for form in ("auto", "matrix_free", "primal", "dual"):
                 if solver == "exact" and form == "matrix_free":
@@ -247,19 +247,17 @@ def forms(device: str, repeats: int) -> None:
                     solver_form=form,
                     **kwargs,
                 )
-        models["backprop"] = None
-        bp_model = copy.deepcopy(template)
-        optimizers["backprop"] = inner(bp_model.parameters(), lr=1e-6, **kwargs)
-        models["backprop"] = bp_model
         samples = {key: [] for key in optimizers}
         for turn in range(2 + repeats):
             for key, opt in optimizers.items():
-                torch.cuda.synchronize() if device.startswith("cuda") else None
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
                 started = time.perf_counter()
                 opt.zero_grad()
                 nn.functional.cross_entropy(models[key](x), y).backward()
                 opt.step()
-                torch.cuda.synchronize() if device.startswith("cuda") else None
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
                 if turn >= 2:
                     samples[key].append(time.perf_counter() - started)
         base = statistics.median(samples["backprop"])
@@ -285,13 +283,15 @@ def factorisations(device: str) -> None:
     print("| n | eigh fp32 | eigh fp64 | cholesky fp64 | cholesky fp32 | n×n×n matmul fp32 |")
     print("|---|---|---|---|---|---|")
 
-    def timed(fn) -> float:
+    def timed(fn, *args) -> float:
         samples = []
         for repeat in range(7):
-            torch.cuda.synchronize() if device.startswith("cuda") else None
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
             started = time.perf_counter()
-            fn()
-            torch.cuda.synchronize() if device.startswith("cuda") else None
+            fn(*args)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
             if repeat >= 2:
                 samples.append(time.perf_counter() - started)
         return 1000 * statistics.median(samples)
@@ -301,11 +301,11 @@ def factorisations(device: str) -> None:
         spd = a @ a.T + torch.eye(n, device=device)
         spd64 = spd.double()
         cells = [
-            timed(lambda: torch.linalg.eigh(spd)),
-            timed(lambda: torch.linalg.eigh(spd64)),
-            timed(lambda: torch.linalg.cholesky(spd64)),
-            timed(lambda: torch.linalg.cholesky(spd)),
-            timed(lambda: spd @ spd),
+            timed(torch.linalg.eigh, spd),
+            timed(torch.linalg.eigh, spd64),
+            timed(torch.linalg.cholesky, spd64),
+            timed(torch.linalg.cholesky, spd),
+            timed(torch.mm, spd, spd),
         ]
         print(f"| {n} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
 
