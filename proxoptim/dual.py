@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from proxoptim.costs import PROBE_CALLS
 from proxoptim.operators import LayerSystem
 from proxoptim.rowwise import guarded_ratio, row_dot
 from proxoptim.workspace import Workspace
@@ -153,6 +154,17 @@ class DualKernel:
         return out_weight, out_bias if self.has_bias else None
 
     @staticmethod
+    def probe_pays(system: LayerSystem) -> bool:
+        """Whether to probe for δ (see :meth:`probe_output_grad_scale`): it can save one
+        (m × n)(n × d) product and costs a few small operators and a host sync, which on
+        an accelerator outweigh that product at the paper's sizes (proxoptim.costs)."""
+        if any(call.output_grad is None for call in system.calls):
+            return False
+        layout, costs = system.layout, system.costs
+        saved = 2.0 * system.num_columns * layout.rows * layout.row_dim
+        return costs.always_probe or saved > PROBE_CALLS * costs.operator_call + costs.host_sync
+
+    @staticmethod
     def probe_output_grad_scale(
         system: LayerSystem,
         grad_weight: Tensor,
@@ -171,10 +183,11 @@ class DualKernel:
         probe = torch.randn(
             grad_weight.shape[1], generator=generator, dtype=dtype, device=grad_weight.device
         )
-        probe_bias = 0.0
+        probe_bias: Tensor | float = 0.0
         if has_bias:
-            probe_bias = float(
-                torch.randn((), generator=generator, dtype=dtype, device=grad_weight.device)
+            # A 0-d tensor: reading it back as a float would be one more host sync.
+            probe_bias = torch.randn(
+                (), generator=generator, dtype=dtype, device=grad_weight.device
             )
         probed_grad = grad_weight @ probe
         if has_bias:
@@ -188,15 +201,16 @@ class DualKernel:
 
 
 def _fitted_scale(probed_grad: Tensor, probed_delta: Tensor) -> float | None:
-    """The least-squares s in probed_grad ≈ s·probed_delta, if the fit is within tolerance."""
-    norm_delta = probed_delta.norm()
-    if not bool(norm_delta > 0):
-        return None
-    scale = torch.dot(probed_grad, probed_delta) / norm_delta**2
+    """The least-squares s in probed_grad ≈ s·probed_delta, if the fit is within tolerance
+    (one host sync reads every number back at once)."""
+    delta_sq = torch.dot(probed_delta, probed_delta)
+    scale = torch.dot(probed_grad, probed_delta) / delta_sq
     mismatch = (probed_grad - scale * probed_delta).norm()
+    numbers = torch.stack([delta_sq, scale, mismatch, probed_grad.norm()]).tolist()
+    delta_sq_value, scale_value, mismatch_value, grad_norm = numbers
     tolerance = PROBE_TOLERANCE.get(probed_grad.dtype, 1e-3)
-    if bool(mismatch <= tolerance * probed_grad.norm()):
-        return float(scale)
+    if delta_sq_value > 0 and mismatch_value <= tolerance * grad_norm:
+        return scale_value
     return None
 
 

@@ -32,15 +32,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from proxoptim.conv_gram import conv_gram, conv_gram_cost
+from proxoptim.costs import PATCH_CHUNK_CALLS, DeviceCosts, device_costs
 from proxoptim.distributed import Communicator
 
 # Gram matrices are accumulated from im2col patches in chunks of at most this many
 # elements, so that building G never materialises the whole n × d patch matrix at once.
 PATCH_CHUNK_ELEMENTS = 1 << 24
-
-# Building a Gram from im2col patches copies every patch element once; on a 2-core AVX-512
-# CPU that takes about as long as 600 float32-GEMM flops per element.
-IM2COL_COST_PER_ELEMENT = 600.0
 
 
 class LayerKind:
@@ -527,6 +524,8 @@ class LayerSystem:
         calls: ``(module, kind, raw_input, output_grad)`` of every confirmed call (δ may be
             None); inputs are prepared (padded, flattened, cast to ``dtype``) here.
         dtype: the dtype every product is computed in.
+        communicator: sums products and Grams over ranks (distributed "global" mode).
+        costs: the cost table the form choice uses (default: that of the inputs' device).
     """
 
     def __init__(
@@ -535,6 +534,7 @@ class LayerSystem:
         calls: Sequence[tuple[nn.Module, LayerKind, Tensor, Tensor | None]],
         dtype: torch.dtype,
         communicator: Communicator | None = None,
+        costs: DeviceCosts | None = None,
     ) -> None:
         self.layout = layout
         self.dtype = dtype
@@ -554,6 +554,7 @@ class LayerSystem:
             and not (self.im2col and communicator is not None)
         )
         self.has_patches = all(call.kind.has_patches for call in self.calls)
+        self.costs = costs if costs is not None else device_costs(self.calls[0].raw.device)
         self._sources = self._build_gram_sources()
         self._gram_cost = (
             sum(cost for _, cost in self._sources) if self.has_patches else float("inf")
@@ -593,17 +594,23 @@ class LayerSystem:
         """Per call: (whether its Gram comes from correlations, the cost of building it).
 
         Each call's Gram is built the cheaper way: from correlations of the input (stride-1
-        convolutions, proxoptim.conv_gram) or from im2col patches in chunks (2·n·d² flops
-        plus the copy).
+        convolutions, proxoptim.conv_gram; CPU only, see proxoptim.costs) or from im2col
+        patches in chunks (2·n·d² flops plus the copy).
         """
         dim = self.layout.weight_row_dim
         groups = self.layout.groups
+        costs = self.costs
         sources = []
         for call in self.calls:
-            patches = 2.0 * groups * call.columns * dim * dim
+            elements = groups * call.columns * dim
+            patches = 2.0 * elements * dim
             if call.kind.im2col:
-                patches += IM2COL_COST_PER_ELEMENT * groups * call.columns * dim
-            correlation = call.kind.correlation_gram_cost(call.module, call.raw)
+                patches += costs.im2col_per_element * elements
+                chunks = -(-elements // PATCH_CHUNK_ELEMENTS)
+                patches += costs.operator_call * PATCH_CHUNK_CALLS * chunks
+            correlation = float("inf")
+            if costs.correlation_gram:
+                correlation = call.kind.correlation_gram_cost(call.module, call.raw)
             sources.append((correlation < patches, min(correlation, patches)))
         return sources
 

@@ -25,7 +25,7 @@ from proxoptim.dual import DualKernel
 from proxoptim.layers import Layer, adopt, claim, find_layers, release, resolve_exclusions, unwrap
 from proxoptim.operators import LayerSystem, RowLayout
 from proxoptim.solvers import FORMS, choose_form, solve
-from proxoptim.stats import LayerStats, layer_stats, pack, unpack
+from proxoptim.stats import LayerStats, PendingStats, layer_stats, pack, resolve_stats, unpack
 from proxoptim.workspace import Workspace
 
 SOLVERS = ("cg", "exact", "none")
@@ -299,7 +299,7 @@ class ProxPropOptimizer(Optimizer):
             output_layer = min(calls, key=lambda key: min(call.confirmation for call in calls[key]))
         stepped = {param for group in self.inner.param_groups for param in group["params"]}
         directions: dict[Tensor, Tensor] = {}
-        stats: dict[str, LayerStats] = {}
+        pending: dict[str, PendingStats] = {}
         spread: list[tuple[int, Layer, dict[Tensor, Tensor]]] = []
         for index, layer in enumerate(self._layers):
             weight = layer.weight
@@ -317,8 +317,9 @@ class ProxPropOptimizer(Optimizer):
             if owner is not None:
                 spread.append((owner, layer, layer_directions))
             if layer_stats is not None:
-                stats[layer.name] = layer_stats
+                pending[layer.name] = layer_stats
             directions.update(layer_directions)
+        stats = resolve_stats(pending)
         for owner, layer, layer_directions in spread:
             for direction in layer_directions.values():
                 self._communicator.broadcast_(direction, owner)
@@ -330,7 +331,7 @@ class ProxPropOptimizer(Optimizer):
 
     def _precondition(
         self, layer: Layer, calls: list[CapturedCall], owner: int | None = None
-    ) -> tuple[dict[Tensor, Tensor], LayerStats | None]:
+    ) -> tuple[dict[Tensor, Tensor], PendingStats | None]:
         """v = M⁻¹g (or k CG iterations) for one layer, as {parameter: direction} in the
         solve dtype. With an ``owner`` rank, only that rank solves: the others take part in
         the gathers and return the buffers the owner's direction will be broadcast into."""
@@ -366,7 +367,7 @@ class ProxPropOptimizer(Optimizer):
             return waiting, None
         exact = self.solver == "exact"
         scale = None
-        if system.supports_dual and system.calls[0].output_grad is not None:
+        if system.supports_dual and DualKernel.probe_pays(system):
             scale = DualKernel.probe_output_grad_scale(
                 system, grad_weight, grad_bias, self._probe_generator(weight.device)
             )

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from proxoptim.costs import form_overhead
 from proxoptim.dual import DualKernel, solve_dual
-from proxoptim.operators import IM2COL_COST_PER_ELEMENT, LayerSystem
+from proxoptim.operators import LayerSystem
 from proxoptim.rowwise import guarded_ratio, row_dot
 from proxoptim.workspace import Workspace
 
@@ -176,33 +177,31 @@ class Costs:
         return min(allowed, key=lambda form: getattr(self, form))
 
 
-# Costs in float32-GEMM-equivalent flops, calibrated on a 2-core AVX-512 CPU (they only
-# steer the choice; every form gives the same v). LAPACK on n × n, per n³ (eigh: 9-18 ms
-# at n = 500 on this VM, whose speed varies):
-EIGH_COST_PER_CUBE = 20.0
-INVERSE_COST_PER_CUBE = 4.0
-# A convolution and its weight gradient (channels-last) run at about 60% of GEMM speed for the
-# channel counts where matrix-free CG competes.
-CONV_PRODUCT_SLOWDOWN = 1.7
-
-
 def estimate_costs(
     system: LayerSystem, exact: bool, cg_iters: int, output_grad_known: bool = False
 ) -> Costs:
-    """Flops of each form for n columns, row dim d, m rows in total, k iterations.
+    """Cost of each form for n columns, row dim d, m rows in total, k iterations, in the
+    float32-GEMM flops of the layer's device (proxoptim.costs): the flops of its products,
+    its dense factorisations, and the fixed cost of the operators it dispatches.
 
     Forms whose memory (a Gram or kernel above :data:`MAX_GRAM_ELEMENTS`) or layer kind rule
     them out cost inf; so does matrix-free for an exact solve.
     """
     layout = system.layout
     n, d, m, groups = system.num_columns, layout.row_dim, layout.rows, layout.groups
-    k = cg_iters
+    k = 0 if exact else cg_iters
+    device = system.costs
     matrix_free = float("inf") if exact else 4.0 * k * n * d * m
     if system.im2col:
-        matrix_free *= CONV_PRODUCT_SLOWDOWN
+        matrix_free *= device.conv_product_slowdown
+    matrix_free += form_overhead(device, "matrix_free", k)
 
-    primal = system.gram_cost()
-    primal += groups * d**3 / 3.0 + 4.0 * m * d * d if exact else 2.0 * k * m * d * d
+    primal = system.gram_cost() + form_overhead(device, "primal", k)
+    if exact:
+        primal += groups * (device.cholesky_fixed + d**3 / 3.0)
+        primal += 4.0 * m * d * d
+    else:
+        primal += 2.0 * k * m * d * d
     if groups * d * d > MAX_GRAM_ELEMENTS or not system.has_patches:
         primal = float("inf")
 
@@ -211,13 +210,14 @@ def estimate_costs(
     if system.supports_dual and n * n <= MAX_GRAM_ELEMENTS and patches_fit:
         dual = 2.0 * n * n * d + 2.0 * n * m * d  # the kernel and the final product
         if system.im2col:
-            dual += IM2COL_COST_PER_ELEMENT * n * d  # the patches, copied once
+            dual += device.im2col_per_element * n * d  # the patches, copied once
         if not output_grad_known:
             dual += 2.0 * n * m * d  # h = gŨ
         if exact:
-            dual += INVERSE_COST_PER_CUBE * n**3 + 2.0 * m * n * n
+            dual += device.cholesky_fixed + device.inverse_per_cube * n**3 + 2.0 * m * n * n
         else:
-            dual += EIGH_COST_PER_CUBE * n**3 + 4.0 * m * n * n
+            dual += device.eigh_fixed + device.eigh_per_cube * n**3 + 4.0 * m * n * n
+        dual += form_overhead(device, "dual", k)
     return Costs(matrix_free, primal, dual)
 
 

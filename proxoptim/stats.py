@@ -38,6 +38,37 @@ class LayerStats:
     output_grad_scale: float | None = None
 
 
+@dataclass(frozen=True)
+class PendingStats:
+    """A layer's stats whose numbers are still on the device (no host sync yet).
+
+    ``values`` holds ‖g‖², ‖v‖², ⟨v, g⟩ and ‖g − M v‖ (float64, shape (4,));
+    :func:`resolve_stats` reads every layer's back at once.
+    """
+
+    form: str
+    iterations: int
+    values: Tensor
+    seconds: float
+    columns: int
+    output_grad_scale: float | None
+
+    def resolve(self, numbers: list[float]) -> LayerStats:
+        grad_sq, direction_sq, inner_product, residual = numbers
+        grad_norm, direction_norm = math.sqrt(grad_sq), math.sqrt(direction_sq)
+        denominator = grad_norm * direction_norm
+        return LayerStats(
+            form=self.form,
+            iterations=self.iterations,
+            # NaN stays NaN (the non-finite check reads these); only 0/0 becomes 0.
+            relative_residual=residual / grad_norm if grad_norm != 0 else 0.0,
+            cosine=inner_product / denominator if denominator != 0 else 0.0,
+            seconds=self.seconds,
+            columns=self.columns,
+            output_grad_scale=self.output_grad_scale,
+        )
+
+
 def layer_stats(
     form: str,
     solution: Solution,
@@ -46,7 +77,9 @@ def layer_stats(
     seconds: float,
     system: LayerSystem,
     output_grad_scale: float | None,
-) -> LayerStats:
+) -> PendingStats:
+    """The quantities behind one layer's LayerStats, left on the device."""
+
     def dot(a: Tensor, b: Tensor) -> Tensor:
         return torch.dot(a.reshape(-1), b.reshape(-1))
 
@@ -56,20 +89,28 @@ def layer_stats(
     grad_sq = sum(dot(g, g) for _, g in pairs)
     direction_sq = sum(dot(v, v) for v, _ in pairs)
     inner_product = sum(dot(v, g) for v, g in pairs)
-    values = torch.stack([grad_sq, direction_sq, inner_product]).double().tolist()
-    grad_norm, direction_norm = math.sqrt(values[0]), math.sqrt(values[1])
-    residual = float(solution.residual_norm)
-    denominator = grad_norm * direction_norm
-    return LayerStats(
-        form=form,
-        iterations=solution.iterations,
-        # NaN stays NaN (the non-finite check reads these); only 0/0 becomes 0.
-        relative_residual=residual / grad_norm if grad_norm != 0 else 0.0,
-        cosine=values[2] / denominator if denominator != 0 else 0.0,
-        seconds=seconds,
-        columns=system.num_columns,
-        output_grad_scale=output_grad_scale,
+    values = torch.cat(
+        [
+            torch.stack([grad_sq, direction_sq, inner_product]).double(),
+            solution.residual_norm.double().reshape(1),
+        ]
     )
+    return PendingStats(
+        form, solution.iterations, values, seconds, system.num_columns, output_grad_scale
+    )
+
+
+def resolve_stats(pending: dict[str, PendingStats]) -> dict[str, LayerStats]:
+    """Every layer's LayerStats, reading the numbers back with one sync per device (not
+    one per layer: each sync stalls an accelerator's queue)."""
+    names_by_device: dict[torch.device, list[str]] = {}
+    for name, stats in pending.items():
+        names_by_device.setdefault(stats.values.device, []).append(name)
+    numbers: dict[str, list[float]] = {}
+    for names in names_by_device.values():
+        rows = torch.stack([pending[name].values for name in names]).tolist()
+        numbers.update(zip(names, rows, strict=True))
+    return {name: stats.resolve(numbers[name]) for name, stats in pending.items()}
 
 
 def pack(stats: LayerStats | None) -> Tensor:

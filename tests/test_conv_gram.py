@@ -8,6 +8,8 @@ directions through it must match the dense oracle.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -17,6 +19,7 @@ from test_directions import proxprop_direction
 from torch import nn
 
 from proxoptim.conv_gram import AxisGeometry, conv_gram
+from proxoptim.costs import CPU
 from proxoptim.operators import LayerSystem, RowLayout, kind_for
 
 CONFIGS = {
@@ -54,10 +57,15 @@ def system(module, inputs, dtype=torch.float64):
     return LayerSystem(layout, [(module, kind, x, None) for x in inputs], dtype)
 
 
+def _prefer_correlations(monkeypatch):
+    infinite_copies = dataclasses.replace(CPU, im2col_per_element=float("inf"))
+    monkeypatch.setattr("proxoptim.operators.device_costs", lambda device: infinite_copies)
+
+
 @pytest.fixture
 def from_correlations(monkeypatch):
     """Make every stride-1 convolution build its Gram from correlations."""
-    monkeypatch.setattr("proxoptim.operators.IM2COL_COST_PER_ELEMENT", float("inf"))
+    _prefer_correlations(monkeypatch)
 
 
 @pytest.fixture
@@ -84,8 +92,9 @@ def test_gram_is_each_diagonal_block_of_jtj(name, from_correlations):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_correlation_and_patches_give_the_same_gram(name, monkeypatch):
     module, x = build(name, batch=4, seed=1)
+    _prefer_correlations(monkeypatch)
     layer = system(module, [x])
-    monkeypatch.setattr("proxoptim.operators.IM2COL_COST_PER_ELEMENT", float("inf"))
+    assert all(source for source, _ in layer._gram_sources())
     correlated = layer.gram()
     patched = system(module, [x])
     patched._sources = [(False, 0.0)]

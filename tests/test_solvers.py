@@ -7,9 +7,9 @@ import torch
 from layer_cases import LAYER_CASES
 from oracle import relative_error, textbook_cg
 
-from proxoptim.operators import IM2COL_COST_PER_ELEMENT, LayerSystem, RowLayout, kind_for
+from proxoptim.costs import CPU, PATCH_CHUNK_CALLS, form_overhead
+from proxoptim.operators import LayerSystem, RowLayout, kind_for
 from proxoptim.solvers import (
-    CONV_PRODUCT_SLOWDOWN,
     MAX_GRAM_ELEMENTS,
     batched_cg,
     cholesky_solve_rows,
@@ -177,15 +177,20 @@ def test_cost_estimates_count_columns_rows_and_dims(case):
     costs = estimate_costs(system, exact=False, cg_iters=2)
     conv = system.im2col
     assert conv == case.name.startswith("conv")
-    slowdown = CONV_PRODUCT_SLOWDOWN if conv else 1.0
-    # k = 2 iterations, two products each
-    assert costs.matrix_free == pytest.approx(slowdown * 4 * 2 * n * d * m)
-    assert costs.primal == pytest.approx(system.gram_cost() + 2 * 2 * m * d * d)
+    slowdown = CPU.conv_product_slowdown if conv else 1.0
+    # k = 2 iterations, two products each, plus the operators each form dispatches
+    assert costs.matrix_free == pytest.approx(
+        slowdown * 4 * 2 * n * d * m + form_overhead(CPU, "matrix_free", 2)
+    )
+    assert costs.primal == pytest.approx(
+        system.gram_cost() + 2 * 2 * m * d * d + form_overhead(CPU, "primal", 2)
+    )
     # The Gram is built the cheaper way; from patches it costs 2·n·d² per group plus the copy.
     groups, weight_dim = layout.groups, layout.weight_row_dim
     patches = 2 * groups * n * weight_dim**2
     if conv:
-        patches += IM2COL_COST_PER_ELEMENT * groups * n * weight_dim
+        patches += CPU.im2col_per_element * groups * n * weight_dim
+        patches += CPU.operator_call * PATCH_CHUNK_CALLS
     correlation = kind.correlation_gram_cost(module, system.calls[0].raw)
     assert system.gram_cost() == pytest.approx(min(patches, correlation))
     strided = conv and any(stride != 1 for stride in module.stride)

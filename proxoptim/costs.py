@@ -1,0 +1,126 @@
+"""What the solve-form cost model charges for each kind of operation, per kind of device.
+
+Every cost is in float32-GEMM-equivalent flops of the device it describes: a term ``c``
+means "takes as long as a float32 matrix product of c flops would". Only ratios between
+the forms matter (they all give the same direction), so each device needs its own table:
+on a CPU, dense LAPACK calls and im2col copies are cheap next to the products and
+dispatching an operator costs nothing worth counting; on a GPU the products are nearly
+free at these sizes, and what a form costs is mostly how many operators it launches and
+whether it calls an n × n eigendecomposition (milliseconds, whatever n).
+
+Numbers and where they were measured:
+
+* CPU: a 2-core AVX-512 VM (about 1e11 flop/s in float32 GEMM); see the comments below and
+  ``python benchmarks/conv_gram_cost.py``.
+* Accelerator: an NVIDIA H200 with torch 2.11 (``python benchmarks/gpu_check.py``, the
+  "factorisations" and "forms" sections): float32 GEMM about 4e13 flop/s, one eager
+  operator (dispatch and launch, host side) about 15 µs, float32 ``eigh`` of a 500 × 500
+  matrix 12.6 ms (13 ms at 1000), a float64 Cholesky 0.3 ms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DeviceCosts:
+    """Cost-model constants of one kind of device, in float32-GEMM-equivalent flops.
+
+    Attributes:
+        name: "cpu" or "accelerator".
+        operator_call: one eager tensor operation's fixed cost (dispatch, kernel launch).
+        host_sync: reading one value back to the host mid-step (the device drains and
+            then idles while the host queues the next work).
+        eigh_fixed, eigh_per_cube: an n × n symmetric eigendecomposition costs
+            ``eigh_fixed + eigh_per_cube · n³``.
+        cholesky_fixed: the fixed cost of a Cholesky factorisation (and solve) of any size.
+        inverse_per_cube: the float64 Cholesky factorisation and inverse of an n × n
+            kernel (the exact dual form), per n³.
+        conv_product_slowdown: a convolution (or its weight gradient) against a GEMM of the
+            same flops.
+        im2col_per_element: copying one element into an im2col patch matrix.
+        correlation_gram: whether the correlation-form Gram (proxoptim.conv_gram) may be
+            chosen; its cost constants were fitted on a CPU, and on an accelerator its
+            few hundred small operations cost more than one im2col GEMM.
+        always_probe: whether the δ probe (proxoptim.dual) runs on every eligible layer;
+            otherwise only where the product it can save outweighs its operators and host
+            sync.
+    """
+
+    name: str
+    operator_call: float
+    host_sync: float
+    eigh_fixed: float
+    eigh_per_cube: float
+    cholesky_fixed: float
+    inverse_per_cube: float
+    conv_product_slowdown: float
+    im2col_per_element: float
+    correlation_gram: bool
+    always_probe: bool
+
+
+CPU = DeviceCosts(
+    name="cpu",
+    # About 5 µs per operator at about 1e11 flop/s: it matters only for tiny layers.
+    operator_call=5e5,
+    host_sync=0.0,
+    # LAPACK on n × n, per n³ (eigh: 9-18 ms at n = 500 on the 2-core VM, whose speed varies).
+    eigh_fixed=0.0,
+    eigh_per_cube=20.0,
+    cholesky_fixed=0.0,
+    inverse_per_cube=4.0,
+    # Channels-last convolutions run at about 60% of GEMM speed for the channel counts
+    # where matrix-free CG competes.
+    conv_product_slowdown=1.7,
+    # Building a Gram from patches copies every patch element once: about as long as 600
+    # float32-GEMM flops per element.
+    im2col_per_element=600.0,
+    correlation_gram=True,
+    # The probe's O((m + n)·d) work and ~20 operators (at most about 0.1 ms) are noise
+    # next to any CPU step.
+    always_probe=True,
+)
+
+ACCELERATOR = DeviceCosts(
+    name="accelerator",
+    operator_call=6e8,  # 15 µs at 4e13 flop/s
+    host_sync=2e9,  # 50 µs of lost overlap
+    eigh_fixed=4e11,  # 10 ms
+    eigh_per_cube=100.0,
+    cholesky_fixed=1e10,  # 0.25 ms
+    inverse_per_cube=4.0,
+    conv_product_slowdown=1.7,
+    im2col_per_element=5.0,  # a bandwidth-bound copy
+    correlation_gram=False,
+    always_probe=False,
+)
+
+
+def device_costs(device: torch.device | str) -> DeviceCosts:
+    """The cost table for tensors on ``device`` (every non-CPU device counts as an
+    accelerator)."""
+    return CPU if torch.device(device).type == "cpu" else ACCELERATOR
+
+
+# Operators each form dispatches per layer (measured with a TorchDispatchMode counter on a
+# small Linear layer: matrix-free 50 + 27 per CG iteration, primal 55 + 19 plus its Gram,
+# dual 80 + 17; the stats, probe and inner step are included in each base).
+OPERATOR_CALLS = {
+    "matrix_free": (50, 27),
+    "primal": (55, 19),
+    "dual": (80, 17),
+}
+# Building a Gram from im2col patches: about five operators per chunk of patches.
+PATCH_CHUNK_CALLS = 5
+# The δ probe (DualKernel.probe_output_grad_scale): about 20 operators and one sync.
+PROBE_CALLS = 20
+
+
+def form_overhead(costs: DeviceCosts, form: str, cg_iters: int) -> float:
+    """The fixed, size-independent cost of running ``form`` on one layer."""
+    base, per_iteration = OPERATOR_CALLS[form]
+    return costs.operator_call * (base + per_iteration * cg_iters)
