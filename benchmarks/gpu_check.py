@@ -75,9 +75,20 @@ def cosine(a, b):
 def correctness(device: str) -> bool:
     ok = True
     print("## Directions on the device against a float64 CPU reference\n")
+    print(
+        "float32 with TF32 off: the check of proxoptim's own arithmetic. The rows marked TF32\n"
+        "run the convolutions as PyTorch does by default on Ampere and later GPUs (cuDNN in\n"
+        "TF32): their gradients carry ~1e-3 relative errors, which the preconditioner can\n"
+        "amplify; those rows are reported, not checked.\n"
+    )
     print("| network | solver | form | worst relative error | worst cosine |")
     print("|---|---|---|---|---|")
-    for network, batch in (("mlp", 64), ("cnn", 32)):
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    cases = [("mlp", 64, False), ("cnn", 32, False)]
+    if device.startswith("cuda"):
+        cases.append(("cnn", 32, True))
+    for network, batch, tf32 in cases:
+        torch.backends.cudnn.allow_tf32 = tf32
         torch.manual_seed(0)
         reference_model = build_model(network, (3, 32, 32), 10).double()
         x = torch.rand(batch, 3, 32, 32, dtype=torch.float64)
@@ -95,11 +106,13 @@ def correctness(device: str) -> bool:
                 float((actual[i] - expected[i]).norm() / expected[i].norm()) for i in expected
             ]
             cosines = [cosine(actual[i], expected[i]) for i in expected]
-            ok &= max(errors) <= 1e-2 and min(cosines) >= 0.9999
+            if not tf32:
+                ok &= max(errors) <= 1e-2 and min(cosines) >= 0.9999
             print(
-                f"| {network} | {solver} | {sorted(set(used.values()))} | "
-                f"{max(errors):.2e} | {min(cosines):.6f} |"
+                f"| {network}{' (TF32)' if tf32 else ''} | {solver} | "
+                f"{sorted(set(used.values()))} | {max(errors):.2e} | {min(cosines):.6f} |"
             )
+    torch.backends.cudnn.allow_tf32 = cudnn_tf32
 
     print("\n## Correlation-form Gram (proxoptim.conv_gram) on the device, float32\n")
     print("| input | kernel, padding, dilation, groups | relative error to float64 CPU |")
