@@ -42,6 +42,9 @@ class DeviceCosts:
         conv_product_slowdown: a convolution (or its weight gradient) against a GEMM of the
             same flops.
         im2col_per_element: copying one element into an im2col patch matrix.
+        float64_slowdown: a float64 GEMM against a float32 one of the same flops (the
+            accelerator value is that of datacenter GPUs such as the H100/H200, whose
+            float64 rate is about their non-TF32 float32 rate).
         correlation_gram: whether the correlation-form Gram (proxoptim.conv_gram) may be
             chosen; its cost constants were fitted on a CPU, and on an accelerator its
             few hundred small operations cost more than one im2col GEMM.
@@ -59,6 +62,7 @@ class DeviceCosts:
     inverse_per_cube: float
     conv_product_slowdown: float
     im2col_per_element: float
+    float64_slowdown: float
     correlation_gram: bool
     always_probe: bool
 
@@ -79,6 +83,7 @@ CPU = DeviceCosts(
     # Building a Gram from patches copies every patch element once: about as long as 600
     # float32-GEMM flops per element.
     im2col_per_element=600.0,
+    float64_slowdown=2.0,
     correlation_gram=True,
     # The probe's O((m + n)·d) work and ~20 operators (at most about 0.1 ms) are noise
     # next to any CPU step.
@@ -88,13 +93,16 @@ CPU = DeviceCosts(
 ACCELERATOR = DeviceCosts(
     name="accelerator",
     operator_call=6e8,  # 15 µs at 4e13 flop/s
-    host_sync=2e9,  # 50 µs of lost overlap
+    host_sync=2e10,  # 0.5 ms: the queue drains, then the device idles while the host works
     eigh_fixed=4e11,  # 10 ms
     eigh_per_cube=100.0,
     cholesky_fixed=1e10,  # 0.25 ms
     inverse_per_cube=4.0,
-    conv_product_slowdown=1.7,
+    # cuDNN at the paper CNN's 16-20 channels is far from GEMM speed (measured: im2col
+    # primal CG beat matrix-free CG at every k there).
+    conv_product_slowdown=4.0,
     im2col_per_element=5.0,  # a bandwidth-bound copy
+    float64_slowdown=1.0,
     correlation_gram=False,
     always_probe=False,
 )
@@ -118,6 +126,8 @@ OPERATOR_CALLS = {
 PATCH_CHUNK_CALLS = 5
 # The δ probe (DualKernel.probe_output_grad_scale): about 20 operators and one sync.
 PROBE_CALLS = 20
+# A primal exact solve reads back its factorisation's status and its accuracy check.
+PRIMAL_EXACT_SYNCS = 2
 
 
 def form_overhead(costs: DeviceCosts, form: str, cg_iters: int) -> float:

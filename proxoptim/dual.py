@@ -11,8 +11,12 @@ with a per-row scalar ``a`` and coefficients ``c ∈ ℝⁿ``:
     ⟨a g + c Ũᵀ, a' g + c' Ũᵀ⟩ = a a' ‖g‖² + a (h·c') + a' (h·c) + c K c'ᵀ
     M (a g + c Ũᵀ)             = (a/τθ) g + (c/τθ + a h + c K) Ũᵀ
 
-In K's eigenbasis (K = QΛQᵀ, c̃ = cQ, h̃ = hQ) every one of these is elementwise, so a CG
-iteration costs O(m·n) whatever k is. The exact solve is Woodbury's identity
+CG runs on these coordinates in one of two bases, whichever :func:`dual_cg_costs` finds
+cheaper on the layer's device: in K's eigenbasis (K = QΛQᵀ, c̃ = cQ, h̃ = hQ) every one of
+them is elementwise, so an iteration costs O(m·n) after one eigendecomposition (the CPU
+choice); in the coefficients c themselves an iteration costs two (m × n)(n × n) products
+and nothing is factorised (the accelerator choice: an n × n eigh takes milliseconds
+there, whatever n). The exact solve is Woodbury's identity
 
     v = τθ (g − h (I/τθ + K)⁻¹ Ũᵀ).
 
@@ -22,20 +26,22 @@ a stays 0, h = s·δᵀK is never formed, and the exact solve is v = s·δᵀ (I
 the only product with the layer's size is the final one, as large as the weight gradient.
 
 The exact step's Cholesky factorisation and inverse run in float64 (I/τθ + K is often
-ill-conditioned in float32); the eigendecomposition for CG, the recurrences and every
-product with X, g and δ run in the working dtype (float32 CG directions agree with a
+ill-conditioned in float32), and so do the general form's recurrences (their inner
+products cancel) and every recurrence in the coefficient basis; the eigendecomposition for
+CG, the δ-form's eigenbasis recurrences and every product with X, g and δ run in the
+working dtype (float32 CG directions agree with a
 float64 reference as closely in this form as in the others: ``benchmarks/gpu_check.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from proxoptim.costs import PROBE_CALLS
+from proxoptim.costs import PROBE_CALLS, DeviceCosts
 from proxoptim.operators import LayerSystem
 from proxoptim.rowwise import guarded_ratio, row_dot
 from proxoptim.workspace import Workspace
@@ -74,6 +80,7 @@ class DualKernel:
 
     def __init__(self, system: LayerSystem) -> None:
         self.has_bias = system.layout.has_bias
+        self.costs = system.costs
         self.inputs = _stack([call.kind.dual_inputs(call.module, call.x) for call in system.calls])
         self.kernel = symmetric_product(self.inputs)
         if self.has_bias:
@@ -100,14 +107,15 @@ class DualKernel:
     def expand(
         self,
         left: Tensor,
-        right: Tensor,
+        right: Tensor | None,
         grad_weight: Tensor,
         grad_bias: Tensor | None,
         gradient_scale: Tensor | None,
         out: tuple[Tensor, Tensor | None] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """v = diag(gradient_scale)·g + (left @ right) Ũᵀ for left (m, n), right (n, n):
-        :meth:`expand_blocks` on one block. ``out`` receives (W, b) when given."""
+        """v = diag(gradient_scale)·g + (left @ right) Ũᵀ for left (m, n), right (n, n) or
+        None (the identity): :meth:`expand_blocks` on one block. ``out`` receives (W, b)
+        when given."""
         rows = left.shape[0]
         weight_part, bias_part = self.expand_blocks([(slice(0, rows), left)], right, rows, out)
         if gradient_scale is None:
@@ -120,16 +128,17 @@ class DualKernel:
     def expand_blocks(
         self,
         blocks: Iterable[tuple[slice, Tensor]],
-        right: Tensor,
+        right: Tensor | None,
         rows: int,
         out: tuple[Tensor, Tensor | None] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """v[index] = (left @ right) Ũᵀ for every (index, left) a block at a time.
 
         ``blocks`` yields row slices and their ``left`` (len(index), n); ``right`` is
-        (n, n) and ``rows`` the total m. The product is associated the cheaper way, once
-        for all blocks: (left·right)·X costs 2mn² + 2mnd flops, left·(right·X) 2n²d + 2mnd.
-        Only one block of coefficients need exist, so a solve run in blocks never holds an
+        (n, n) or None (the identity) and ``rows`` the total m. The product is associated
+        the cheaper way, once for all blocks: (left·right)·X costs 2mn² + 2mnd flops,
+        left·(right·X) 2n²d + 2mnd. Only one block of coefficients need exist, so a solve
+        run in blocks never holds an
         m × n array.
         """
         dim = self.inputs.shape[1]
@@ -138,7 +147,7 @@ class DualKernel:
             out_weight = self.inputs.new_empty(rows, dim)
         if self.has_bias and out_bias is None:
             out_bias = self.inputs.new_empty(rows)
-        right_first = rows > dim
+        right_first = right is not None and rows > dim
         if right_first:
             projected, right_sums = right @ self.inputs, right.sum(1)
         for index, left in blocks:
@@ -147,18 +156,23 @@ class DualKernel:
                 if self.has_bias:
                     torch.mv(left, right_sums, out=out_bias[index])
             else:
-                coefficients = left @ right
+                coefficients = left if right is None else left @ right
                 torch.mm(coefficients, self.inputs, out=out_weight[index])
                 if self.has_bias:
                     torch.sum(coefficients, 1, out=out_bias[index])
         return out_weight, out_bias if self.has_bias else None
 
     @staticmethod
+    def can_probe(system: LayerSystem) -> bool:
+        """Whether every call captured δ (the probe needs it)."""
+        return all(call.output_grad is not None for call in system.calls)
+
+    @staticmethod
     def probe_pays(system: LayerSystem) -> bool:
         """Whether to probe for δ (see :meth:`probe_output_grad_scale`): it can save one
         (m × n)(n × d) product and costs a few small operators and a host sync, which on
         an accelerator outweigh that product at the paper's sizes (proxoptim.costs)."""
-        if any(call.output_grad is None for call in system.calls):
+        if not DualKernel.can_probe(system):
             return False
         layout, costs = system.layout, system.costs
         saved = 2.0 * system.num_columns * layout.rows * layout.row_dim
@@ -346,6 +360,18 @@ ROUNDING_FLOOR = 64
 CG_ROW_BLOCK = 1024
 
 
+def dual_cg_costs(
+    costs: DeviceCosts, columns: int, rows: int, iterations: int
+) -> tuple[float, float]:
+    """(eigenbasis, coefficient-basis) cost of the dual CG's n-dimensional work, in the
+    device's float32-GEMM flops: one eigh plus the changes of basis (2·m·n² each way)
+    against two (m × n)(n × n) float64 products per iteration."""
+    n, m = columns, rows
+    eigenbasis = costs.eigh_fixed + costs.eigh_per_cube * n**3 + 4.0 * m * n * n
+    coefficient = iterations * 4.0 * m * n * n * costs.float64_slowdown
+    return eigenbasis, coefficient
+
+
 def _cg(
     kernel: DualKernel,
     grad_weight: Tensor,
@@ -357,7 +383,87 @@ def _cg(
     out: tuple[Tensor, Tensor | None] | None,
     workspace: Workspace,
 ) -> DualSolution:
-    """Batched per-row CG on (a, c̃) coordinates in K's eigenbasis (module docstring)."""
+    """Batched per-row CG on (a, c) coordinates (module docstring), in the cheaper basis."""
+    eigenbasis, coefficient = dual_cg_costs(
+        kernel.costs, kernel.columns, grad_weight.shape[0], iterations
+    )
+    if coefficient < eigenbasis:
+        return _coefficient_cg(
+            kernel, grad_weight, grad_bias, tau_prox, iterations, tol, scale, out
+        )
+    return _eigenbasis_cg(
+        kernel, grad_weight, grad_bias, tau_prox, iterations, tol, scale, out, workspace
+    )
+
+
+def _gradient_sq(grad_weight: Tensor, grad_bias: Tensor | None) -> Tensor:
+    """‖g_j‖² per row, (m, 1), float64."""
+    gradient_sq = (grad_weight.double() ** 2).sum(1, keepdim=True)
+    if grad_bias is not None:
+        gradient_sq += grad_bias.double().unsqueeze(1) ** 2
+    return gradient_sq
+
+
+def _coefficient_cg(
+    kernel: DualKernel,
+    grad_weight: Tensor,
+    grad_bias: Tensor | None,
+    tau_prox: float,
+    iterations: int,
+    tol: float | None,
+    scale: float | None,
+    out: tuple[Tensor, Tensor | None] | None,
+) -> DualSolution:
+    """CG on (a, c) coordinates with K itself (float64): no factorisation at all."""
+    dtype = grad_weight.dtype
+    kernel64 = kernel.kernel.double()
+
+    def kernel_times(coefficients: Tensor) -> Tensor:
+        return coefficients @ kernel64
+
+    if scale is not None:
+        start = kernel.output_grads.T.double() * scale
+        projected, gradient_sq = None, None
+    else:
+        start = None
+        projected = kernel.project(grad_weight, grad_bias).double()
+        gradient_sq = _gradient_sq(grad_weight, grad_bias)
+    blocks = []
+    for first in range(0, grad_weight.shape[0], CG_ROW_BLOCK):
+        index = slice(first, first + CG_ROW_BLOCK)
+        blocks.append(
+            _general_cg(
+                None if projected is None else projected[index],
+                None if gradient_sq is None else gradient_sq[index],
+                kernel_times,
+                tau_prox,
+                iterations,
+                tol,
+                None if start is None else start[index],
+            )
+        )
+    coefficients = torch.cat([block[0] for block in blocks]).to(dtype)
+    done = max(block[1] for block in blocks)
+    residual_sq = sum(block[2] for block in blocks)
+    gradient_scale = None
+    if scale is None:
+        gradient_scale = torch.cat([block[3] for block in blocks]).squeeze(1).to(dtype)
+    weight, bias = kernel.expand(coefficients, None, grad_weight, grad_bias, gradient_scale, out)
+    return DualSolution(weight, bias, done, residual_sq.sqrt())
+
+
+def _eigenbasis_cg(
+    kernel: DualKernel,
+    grad_weight: Tensor,
+    grad_bias: Tensor | None,
+    tau_prox: float,
+    iterations: int,
+    tol: float | None,
+    scale: float | None,
+    out: tuple[Tensor, Tensor | None] | None,
+    workspace: Workspace,
+) -> DualSolution:
+    """CG on (a, c̃) coordinates in K's eigenbasis: every iteration elementwise."""
     dtype = grad_weight.dtype
     eigenvalues, basis = torch.linalg.eigh(kernel.kernel)
     eigenvalues = eigenvalues.clamp_min(0)
@@ -372,11 +478,14 @@ def _cg(
 
     # The general form's inner products cancel as the residual shrinks: float64.
     projected = (kernel.project(grad_weight, grad_bias) @ basis).double()
-    gradient_sq = (grad_weight.double() ** 2).sum(1, keepdim=True)
-    if grad_bias is not None:
-        gradient_sq += grad_bias.double().unsqueeze(1) ** 2
+    gradient_sq = _gradient_sq(grad_weight, grad_bias)
+    eigenvalues64 = eigenvalues.double()
+
+    def kernel_times(coefficients: Tensor) -> Tensor:
+        return coefficients * eigenvalues64
+
     blocks = [
-        _general_cg(block, block_sq, eigenvalues.double(), tau_prox, iterations, tol)
+        _general_cg(block, block_sq, kernel_times, tau_prox, iterations, tol)
         for block, block_sq in zip(
             projected.split(CG_ROW_BLOCK), gradient_sq.split(CG_ROW_BLOCK), strict=True
         )
@@ -497,49 +606,67 @@ def _diagonal_cg(
 
 
 def _general_cg(
-    projected: Tensor,
-    gradient_sq: Tensor,
-    eigenvalues: Tensor,
+    projected: Tensor | None,
+    gradient_sq: Tensor | None,
+    kernel_times: Callable[[Tensor], Tensor],
     tau_prox: float,
     iterations: int,
     tol: float | None,
+    start: Tensor | None = None,
 ) -> tuple[Tensor, int, Tensor, Tensor]:
-    """CG on x = a·g + c̃QᵀŨᵀ from r₀ = g, for rows with h̃ = gŨQ ``projected`` (float64).
+    """CG on x = a·g + c Ũᵀ (float64 coordinates in some basis of ℝⁿ) for a block of rows.
 
-    Returns (c̃ of the solution, iterations run, Σ squared residual norms, a of the solution).
+    ``kernel_times`` applies K in that basis (K's eigenbasis: a diagonal scaling; the
+    coefficient basis: a product with K). From r₀ = g (rows with h = gŨ ``projected`` and
+    ‖g‖² ``gradient_sq``), or, given ``start`` = s·δᵀ (then g = s·δᵀŨᵀ, a stays 0 and
+    ``projected``/``gradient_sq`` are None), from r₀ = (0, start).
+
+    Returns (c of the solution, iterations run, Σ squared residual norms, a of the solution).
     """
     inverse_tau = 1.0 / tau_prox
-    noise = ROUNDING_FLOOR * torch.finfo(projected.dtype).eps
+    reference = projected if projected is not None else start
+    noise = ROUNDING_FLOOR * torch.finfo(reference.dtype).eps
 
-    def inner(a1, b1, a2, b2):
-        return (
-            row_dot(b1 * eigenvalues, b2)
-            + a1 * a2 * gradient_sq
-            + a1 * row_dot(projected, b2)
-            + a2 * row_dot(projected, b1)
-        )
+    def cross(a: Tensor, b: Tensor) -> Tensor:
+        # a·(h·b): 0 in the δ form, where a stays 0 and h is never formed.
+        return 0.0 if projected is None else a * row_dot(projected, b)
 
-    def residual_norm_sq(a, b):
-        # ‖a·g + bQᵀŨᵀ‖²; where its terms cancel down to rounding, the row has converged
+    def inner(a1: Tensor, b1: Tensor, kernel_b1: Tensor, a2: Tensor, b2: Tensor) -> Tensor:
+        value = row_dot(kernel_b1, b2) + cross(a1, b2) + cross(a2, b1)
+        return value if gradient_sq is None else value + a1 * a2 * gradient_sq
+
+    def residual_norm_sq(a: Tensor, b: Tensor) -> Tensor:
+        # ‖a·g + bŨᵀ‖²; where its terms cancel down to rounding, the row has converged
         # (exactly so once k reaches the rank) and is reported as 0, which stops it: further
         # steps would be driven by rounding noise, not by the residual.
-        squares = row_dot(b * eigenvalues, b) + a * a * gradient_sq
-        cross = 2.0 * a * row_dot(projected, b)
-        value = (squares + cross).clamp_min(0)
-        return torch.where(value <= noise * (squares + cross.abs()), 0.0, value)
+        squares = row_dot(kernel_times(b), b)
+        if gradient_sq is not None:
+            squares = squares + a * a * gradient_sq
+        both = 2.0 * cross(a, b)
+        value = (squares + both).clamp_min(0)
+        return torch.where(value <= noise * (squares + abs(both)), 0.0, value)
 
-    residual_a = torch.ones_like(gradient_sq)
-    residual_b = torch.zeros_like(projected)
+    rows = reference.shape[0]
+    if start is None:
+        residual_a = torch.ones(rows, 1, dtype=reference.dtype, device=reference.device)
+        residual_b = torch.zeros_like(reference)
+        residual_sq = gradient_sq
+    else:
+        residual_a = torch.zeros(rows, 1, dtype=reference.dtype, device=reference.device)
+        residual_b = start
+        residual_sq = row_dot(kernel_times(start), start)
     direction_a, direction_b = residual_a, residual_b
     solution_a, solution_b = torch.zeros_like(residual_a), torch.zeros_like(residual_b)
-    residual_sq = gradient_sq
     threshold_sq = None if tol is None else (tol * tol) * residual_sq
     new_residual_sq = residual_sq
     done = 0
     for done in range(1, iterations + 1):
+        kernel_direction = kernel_times(direction_b)
         image_a = direction_a * inverse_tau
-        image_b = direction_b * (eigenvalues + inverse_tau) + direction_a * projected
-        curvature = inner(direction_a, direction_b, image_a, image_b)
+        image_b = kernel_direction + direction_b * inverse_tau
+        if projected is not None:
+            image_b = image_b + direction_a * projected
+        curvature = inner(direction_a, direction_b, kernel_direction, image_a, image_b)
         alpha = guarded_ratio(residual_sq, curvature)
         solution_a, solution_b = solution_a + alpha * direction_a, solution_b + alpha * direction_b
         residual_a, residual_b = residual_a - alpha * image_a, residual_b - alpha * image_b

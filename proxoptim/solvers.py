@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from proxoptim.costs import form_overhead
-from proxoptim.dual import DualKernel, solve_dual
+from proxoptim.costs import PRIMAL_EXACT_SYNCS, form_overhead
+from proxoptim.dual import DualKernel, dual_cg_costs, solve_dual
 from proxoptim.operators import LayerSystem
 from proxoptim.rowwise import guarded_ratio, row_dot
 from proxoptim.workspace import Workspace
@@ -199,6 +199,7 @@ def estimate_costs(
     primal = system.gram_cost() + form_overhead(device, "primal", k)
     if exact:
         primal += groups * (device.cholesky_fixed + d**3 / 3.0)
+        primal += PRIMAL_EXACT_SYNCS * device.host_sync
         primal += 4.0 * m * d * d
     else:
         primal += 2.0 * k * m * d * d
@@ -216,7 +217,7 @@ def estimate_costs(
         if exact:
             dual += device.cholesky_fixed + device.inverse_per_cube * n**3 + 2.0 * m * n * n
         else:
-            dual += device.eigh_fixed + device.eigh_per_cube * n**3 + 4.0 * m * n * n
+            dual += min(dual_cg_costs(device, n, m, k))
         dual += form_overhead(device, "dual", k)
     return Costs(matrix_free, primal, dual)
 

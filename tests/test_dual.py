@@ -10,6 +10,17 @@ from torch import nn
 from proxoptim import ProxPropOptimizer
 from proxoptim.dual import SYMMETRIC_KERNEL_MIN_COLUMNS, symmetric_product
 
+BASES = {"eigenbasis": (0.0, 1.0), "coefficient": (1.0, 0.0)}
+
+
+@pytest.fixture(params=sorted(BASES))
+def cg_basis(request, monkeypatch):
+    """Run the dual CG in the given basis (its cost model picks per device and size)."""
+    costs = BASES[request.param]
+    monkeypatch.setattr("proxoptim.dual.dual_cg_costs", lambda *args: costs)
+    return request.param
+
+
 TOLERANCE = 1e-8
 
 
@@ -144,7 +155,7 @@ def test_kernel_is_x_xt_and_exactly_symmetric(columns):
 
 @pytest.mark.parametrize("rows", [4, 7])  # both associations: m < d and m > d
 @pytest.mark.parametrize("shortcut", [True, False])
-def test_cg_in_row_blocks_matches_the_oracle(monkeypatch, rows, shortcut):
+def test_cg_in_row_blocks_matches_the_oracle(monkeypatch, rows, shortcut, cg_basis):
     """Rows solved (and expanded) a block at a time, the last block partial."""
     monkeypatch.setattr("proxoptim.dual.CG_ROW_BLOCK", 3)
     layer, x, weights = layer_and_batch(seed=4, d_in=5, m=rows)
@@ -181,7 +192,7 @@ def test_dual_form_of_a_channels_last_convolution(solver):
 
 
 @pytest.mark.parametrize("cg_iters", [2, 4, 7])
-def test_general_form_past_convergence_matches_the_oracle(cg_iters):
+def test_general_form_past_convergence_matches_the_oracle(cg_iters, cg_basis):
     """More iterations than the rank (n > d): once a row has converged, rounding noise in
     its cancelling residual norm must not drive further steps (found by hypothesis)."""
     torch.manual_seed(0)
@@ -196,3 +207,29 @@ def test_general_form_past_convergence_matches_the_oracle(cg_iters):
     direction = opt.inner.seen[-1][conv.weight].reshape(-1)
     expected = oracle_direction(conv, [x], grad, 1.0, cg_iters)
     assert relative_error(direction, expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("modify", [None, "decay"])
+@pytest.mark.parametrize("cg_iters", [1, 3, 8])
+def test_cg_in_each_basis_matches_the_oracle(cg_basis, modify, cg_iters):
+    """The δ form (untouched gradient) and the general form (weight decay added), in K's
+    eigenbasis and in the coefficient basis, k below and past the rank (n = 6)."""
+    layer, x, weights = layer_and_batch(seed=7)
+
+    def add_decay(module):
+        module.weight.grad += 0.1 * module.weight.detach()
+
+    direction, grad, stats = step_with(
+        layer,
+        x,
+        weights,
+        add_decay if modify else None,
+        solver="cg",
+        cg_iters=cg_iters,
+        tau_prox=0.6,
+    )
+    assert (stats.output_grad_scale is None) == (modify is not None)
+    assert stats.iterations == cg_iters
+    expected = oracle_direction(layer, [x], grad, 0.6, cg_iters)
+    assert relative_error(direction, expected) <= TOLERANCE
+    assert 0 <= stats.relative_residual < (1e-6 if cg_iters == 8 else 1.0)
