@@ -45,6 +45,8 @@ class DeviceCosts:
         float64_slowdown: a float64 GEMM against a float32 one of the same flops (the
             accelerator value is that of datacenter GPUs such as the H100/H200, whose
             float64 rate is about their non-TF32 float32 rate).
+        row_blocks: whether the dual CG runs a block of rows at a time (its vectors stay in
+            a CPU's caches; on an accelerator each block only adds launches).
         correlation_gram: whether the correlation-form Gram (proxoptim.conv_gram) may be
             chosen; its cost constants were fitted on a CPU, and on an accelerator its
             few hundred small operations cost more than one im2col GEMM.
@@ -63,6 +65,7 @@ class DeviceCosts:
     conv_product_slowdown: float
     im2col_per_element: float
     float64_slowdown: float
+    row_blocks: bool
     correlation_gram: bool
     always_probe: bool
 
@@ -84,6 +87,7 @@ CPU = DeviceCosts(
     # float32-GEMM flops per element.
     im2col_per_element=600.0,
     float64_slowdown=2.0,
+    row_blocks=True,
     correlation_gram=True,
     # The probe's O((m + n)·d) work and ~20 operators (at most about 0.1 ms) are noise
     # next to any CPU step.
@@ -103,6 +107,7 @@ ACCELERATOR = DeviceCosts(
     conv_product_slowdown=4.0,
     im2col_per_element=5.0,  # a bandwidth-bound copy
     float64_slowdown=1.0,
+    row_blocks=False,
     correlation_gram=False,
     always_probe=False,
 )
@@ -116,12 +121,15 @@ def device_costs(device: torch.device | str) -> DeviceCosts:
 
 # Operators each form dispatches per layer (measured with a TorchDispatchMode counter on a
 # small Linear layer: matrix-free 50 + 27 per CG iteration, primal 55 + 19 plus its Gram,
-# dual 80 + 17; the stats, probe and inner step are included in each base).
+# dual 80 plus its CG's; the stats, probe and inner step are included in each base).
 OPERATOR_CALLS = {
     "matrix_free": (50, 27),
     "primal": (55, 19),
-    "dual": (80, 17),
+    "dual": (80, 0),
 }
+# Per iteration and block of rows of the dual CG (proxoptim.dual.dual_cg_costs): the
+# eigenbasis δ form's elementwise steps, the coefficient basis's general recurrences.
+DUAL_CG_CALLS = {"eigenbasis": 17, "coefficient": 57}
 # Building a Gram from im2col patches: about five operators per chunk of patches.
 PATCH_CHUNK_CALLS = 5
 # The δ probe (DualKernel.probe_output_grad_scale): about 20 operators and one sync.

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from proxoptim.costs import PROBE_CALLS, DeviceCosts
+from proxoptim.costs import DUAL_CG_CALLS, PROBE_CALLS, DeviceCosts
 from proxoptim.operators import LayerSystem
 from proxoptim.rowwise import guarded_ratio, row_dot
 from proxoptim.workspace import Workspace
@@ -360,15 +360,26 @@ ROUNDING_FLOOR = 64
 CG_ROW_BLOCK = 1024
 
 
+def _block_rows(kernel: DualKernel, rows: int) -> int:
+    """Rows per block: CG_ROW_BLOCK where the device profits from it (a CPU's caches);
+    elsewhere all rows at once, since every block costs its own operator launches."""
+    return CG_ROW_BLOCK if kernel.costs.row_blocks else max(rows, 1)
+
+
 def dual_cg_costs(
     costs: DeviceCosts, columns: int, rows: int, iterations: int
 ) -> tuple[float, float]:
     """(eigenbasis, coefficient-basis) cost of the dual CG's n-dimensional work, in the
     device's float32-GEMM flops: one eigh plus the changes of basis (2·m·n² each way)
-    against two (m × n)(n × n) float64 products per iteration."""
+    against two (m × n)(n × n) float64 products per iteration, each with the operators its
+    iterations dispatch per block of rows."""
     n, m = columns, rows
+    blocks = -(-m // CG_ROW_BLOCK) if costs.row_blocks else 1
+    calls = costs.operator_call * iterations * blocks
     eigenbasis = costs.eigh_fixed + costs.eigh_per_cube * n**3 + 4.0 * m * n * n
+    eigenbasis += calls * DUAL_CG_CALLS["eigenbasis"]
     coefficient = iterations * 4.0 * m * n * n * costs.float64_slowdown
+    coefficient += calls * DUAL_CG_CALLS["coefficient"]
     return eigenbasis, coefficient
 
 
@@ -429,8 +440,9 @@ def _coefficient_cg(
         projected = kernel.project(grad_weight, grad_bias).double()
         gradient_sq = _gradient_sq(grad_weight, grad_bias)
     blocks = []
-    for first in range(0, grad_weight.shape[0], CG_ROW_BLOCK):
-        index = slice(first, first + CG_ROW_BLOCK)
+    block_rows = _block_rows(kernel, grad_weight.shape[0])
+    for first in range(0, grad_weight.shape[0], block_rows):
+        index = slice(first, first + block_rows)
         blocks.append(
             _general_cg(
                 None if projected is None else projected[index],
@@ -477,6 +489,7 @@ def _eigenbasis_cg(
         return DualSolution(weight, bias, blocks.done, blocks.residual_sq.double().sqrt())
 
     # The general form's inner products cancel as the residual shrinks: float64.
+    block_rows = _block_rows(kernel, grad_weight.shape[0])
     projected = (kernel.project(grad_weight, grad_bias) @ basis).double()
     gradient_sq = _gradient_sq(grad_weight, grad_bias)
     eigenvalues64 = eigenvalues.double()
@@ -487,7 +500,7 @@ def _eigenbasis_cg(
     blocks = [
         _general_cg(block, block_sq, kernel_times, tau_prox, iterations, tol)
         for block, block_sq in zip(
-            projected.split(CG_ROW_BLOCK), gradient_sq.split(CG_ROW_BLOCK), strict=True
+            projected.split(block_rows), gradient_sq.split(block_rows), strict=True
         )
     ]
     gradient_scale = torch.cat([block[3] for block in blocks]).squeeze(1).to(dtype)
@@ -527,11 +540,12 @@ class _ShortcutBlocks:
     def __iter__(self) -> Iterator[tuple[slice, Tensor]]:
         deltas = self.kernel.output_grads.T  # (m, n)
         rows = deltas.shape[0]
-        shape = (min(rows, CG_ROW_BLOCK), self.kernel.columns)
+        block_rows = _block_rows(self.kernel, rows)
+        shape = (min(rows, block_rows), self.kernel.columns)
         start = self.workspace.take("start", shape, self.basis)
         coefficients = self.workspace.take("coefficients", shape, self.basis)
-        for first in range(0, rows, CG_ROW_BLOCK):
-            index = slice(first, min(first + CG_ROW_BLOCK, rows))
+        for first in range(0, rows, block_rows):
+            index = slice(first, min(first + block_rows, rows))
             size = index.stop - index.start
             block_start, block_coefficients = start[:size], coefficients[:size]
             torch.matmul(deltas[index], self.basis, out=block_start).mul_(self.scale)

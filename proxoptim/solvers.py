@@ -85,15 +85,16 @@ def batched_cg(
         m_direction = apply_m(direction)
         curvature = row_dot(direction, m_direction)
         alpha = guarded_ratio(residual_sq, curvature)
-        solution.add_(alpha * direction)
-        residual.sub_(alpha * m_direction)
+        # In place, without temporaries of the layer's size.
+        solution.addcmul_(direction, alpha)
+        residual.addcmul_(m_direction, alpha, value=-1)
         new_residual_sq = row_dot(residual, residual)
         if threshold_sq is not None and bool((new_residual_sq <= threshold_sq).all()):
             break
         if done == iterations:
             break
         beta = guarded_ratio(new_residual_sq, residual_sq)
-        direction = residual + beta * direction
+        direction.mul_(beta).add_(residual)
         residual_sq = new_residual_sq
     return SolveResult(solution, done, residual)
 
