@@ -21,7 +21,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from proxoptim.operators import IM2COL_COST_PER_ELEMENT, LayerSystem, RowLayout, kind_for
+from proxoptim.costs import CPU
+from proxoptim.operators import LayerSystem, RowLayout, kind_for
 from proxoptim.solvers import estimate_costs
 
 # (in channels, out channels, input size, kernel, padding, batch)
@@ -82,7 +83,7 @@ def main() -> None:
         times = median_ms(functions, args.repeats)
         correlation_cost = kind.correlation_gram_cost(module, system.calls[0].raw)
         columns, dim = system.num_columns, in_channels * kernel * kernel
-        im2col_cost = 2.0 * columns * dim * dim + IM2COL_COST_PER_ELEMENT * columns * dim
+        im2col_cost = 2.0 * columns * dim * dim + CPU.im2col_per_element * columns * dim
         product_cost = estimate_costs(system, exact=False, cg_iters=1).matrix_free
         im2col_cell, versus_im2col = "–", "–"
         if not args.skip_im2col:
