@@ -5,7 +5,8 @@
 
 1. Directions on the device (float32) against a float64 CPU reference, per layer, for the
    paper MLP and CNN, every solve form.
-2. bf16 autocast (and, on CUDA, fp16 autocast with a GradScaler) directions against fp32.
+2. cuda_graphs=True directions against eager ones; bf16 autocast (and, on CUDA, fp16
+   autocast with a GradScaler) directions against fp32.
 3. Host-device synchronisations inside a fixed-iteration step (CUDA sync debug mode).
 4. The step-time table of benchmarks/targets.py, and ResNet-18 step times.
 5. Every solve form's step time per method (what the cost model should pick on the device),
@@ -132,6 +133,19 @@ def correctness(device: str) -> bool:
         ok &= error <= 1e-5
         print(f"| {tuple(shape)} | {kernel}, {padding}, {dilation}, {groups} | {error:.2e} |")
 
+    print("\n## CUDA graphs (cuda_graphs=True) against eager solves on the device\n")
+    print("| network | form | steps | graphs captured | worst relative difference |")
+    print("|---|---|---|---|---|")
+    for network, form in (
+        ("mlp", "auto"),
+        ("mlp", "dual"),
+        ("cnn", "auto"),
+        ("cnn", "matrix_free"),
+    ):
+        difference, captured = graph_difference(network, form, device)
+        ok &= difference <= 1e-4 and (captured > 0 or not device.startswith("cuda"))
+        print(f"| {network} | {form} | 4 | {captured} | {difference:.2e} |")
+
     print("\n## Mixed precision against fp32 on the device (paper MLP, batch 64)\n")
     print("| autocast | cosine of the whole direction to fp32 | worst single tensor |")
     print("|---|---|---|")
@@ -153,6 +167,42 @@ def correctness(device: str) -> bool:
         ok &= whole >= 0.99
         print(f"| {label} | {whole:.5f} | {worst:.5f} |")
     return ok
+
+
+class StepRecorder(torch.optim.Optimizer):
+    def __init__(self, params):
+        super().__init__(params, {})
+        self.seen = []
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.seen.append(
+            [p.grad.clone() for g in self.param_groups for p in g["params"] if p.grad is not None]
+        )
+
+
+def graph_difference(network: str, form: str, device: str) -> tuple[float, int]:
+    """Worst relative difference between cuda_graphs=True and eager directions over four
+    steps on different batches (step 1 eager, 2 captures, 3-4 replay), and graphs captured."""
+    torch.manual_seed(0)
+    template = build_model(network, (3, 32, 32), 10).to(device)
+    runs = []
+    for graphs in (True, False):
+        model = copy.deepcopy(template)
+        opt = ProxPropOptimizer(model, StepRecorder, solver_form=form, cuda_graphs=graphs)
+        generator = torch.Generator(device=device).manual_seed(1)
+        for _ in range(4):
+            x = torch.rand(64, 3, 32, 32, device=device, generator=generator)
+            y = torch.randint(0, 10, (64,), device=device, generator=generator)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        runs.append(opt)
+    worst = 0.0
+    for step_graphs, step_eager in zip(runs[0].inner.seen, runs[1].inner.seen, strict=True):
+        for a, b in zip(step_graphs, step_eager, strict=True):
+            worst = max(worst, float((a - b).norm() / b.norm().clamp_min(1e-30)))
+    return worst, runs[0].captured_graphs
 
 
 def synchronisations(device: str) -> None:
@@ -184,8 +234,8 @@ def timings(device: str, repeats: int) -> None:
     print("| network | method | step [ms] | backprop [ms] | ratio |")
     print("|---|---|---|---|---|")
     for network, optimizer, methods in (
-        ("mlp", "nesterov", ["cg3", "exact", "cg10"]),
-        ("cnn", "adam", ["cg3", "cg10"]),
+        ("mlp", "nesterov", ["cg3", "exact", "cg10", "cg3-graphs", "cg10-graphs"]),
+        ("cnn", "adam", ["cg3", "cg10", "cg3-graphs", "cg10-graphs"]),
     ):
         times = measure(network, optimizer, methods, 500, repeats, 2, device)
         base = statistics.median(times["backprop"])
@@ -203,12 +253,14 @@ def timings(device: str, repeats: int) -> None:
     template = torchvision.models.resnet18(num_classes=10).to(device)
     x = torch.rand(128, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (128,), device=device)
-    for name in ("backprop", "cg3"):
+    for name in ("backprop", "cg3", "cg3-graphs"):
         model = copy.deepcopy(template)
         if name == "backprop":
             opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         else:
-            opt = ProxPropOptimizer(model, torch.optim.Adam, lr=1e-3, cg_iters=3)
+            opt = ProxPropOptimizer(
+                model, torch.optim.Adam, lr=1e-3, cg_iters=3, cuda_graphs=name == "cg3-graphs"
+            )
         samples = []
         for step in range(2 + repeats):
             if device.startswith("cuda"):

@@ -22,6 +22,7 @@ from proxoptim.distributed import (
     gathered_linear_calls,
 )
 from proxoptim.dual import DualKernel
+from proxoptim.graphs import SolveGraphs
 from proxoptim.layers import Layer, adopt, claim, find_layers, release, resolve_exclusions, unwrap
 from proxoptim.operators import LayerSystem, RowLayout
 from proxoptim.solvers import FORMS, choose_form, solve
@@ -70,6 +71,12 @@ class ProxPropOptimizer(Optimizer):
             ``FloatingPointError`` naming the layer and the quantity, before anything is
             written; ``"skip"``: the step is skipped with a warning and counted in
             ``skipped_steps``.
+        cuda_graphs: replay each layer's CG solve as a CUDA graph (tensors on a CUDA
+            device; ``solver="cg"`` without ``cg_tol``; not under ``distributed``; layers
+            whose δ probe runs stay eager). One launch replaces the solve's 100-200, which
+            is what a GPU step is bound by (docs/performance.md); each graph keeps copies
+            of its layer's input and gradient and a private memory pool. The first step
+            with a given layer shape runs eagerly, the second captures.
         distributed: ``"global"`` (default inside an initialised process group of several
             ranks: every rank gets the single-process direction on the concatenation of all
             ranks' batches) or ``"local"`` (each rank's own M, directions averaged); see
@@ -100,6 +107,7 @@ class ProxPropOptimizer(Optimizer):
         exclude: Iterable[str | nn.Module] = (),
         solver_form: str = "auto",
         nonfinite: str = "raise",
+        cuda_graphs: bool = False,
         distributed: str | None = None,
         process_group: Any = None,
         **optimizer_kwargs: Any,
@@ -109,6 +117,10 @@ class ProxPropOptimizer(Optimizer):
         )
         if nonfinite not in NONFINITE:
             raise ValueError(f"unknown nonfinite policy {nonfinite!r}; pass one of {NONFINITE}")
+        if not isinstance(cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+        # Replays of each layer's fixed-iteration CG solve (proxoptim.graphs), CUDA only.
+        self._graphs = SolveGraphs() if cuda_graphs else None
         self.nonfinite = nonfinite
         self.skipped_steps = 0
         self.tau_prox = float(tau_prox)
@@ -185,6 +197,11 @@ class ProxPropOptimizer(Optimizer):
             f"solver_form={self.solver_form!r}, layers={len(self._layers)},\n"
             f"  inner={self.inner!r})"
         )
+
+    @property
+    def captured_graphs(self) -> int:
+        """How many layer solves are replayed as CUDA graphs (``cuda_graphs=True``)."""
+        return 0 if self._graphs is None else len(self._graphs)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zeroes the gradients (through the inner optimizer) and drops captured inputs."""
@@ -384,6 +401,24 @@ class ProxPropOptimizer(Optimizer):
                 f"(d = {layout.row_dim}{'' if system.has_patches else ', no patches'}): its "
                 "exact solve runs CG to convergence instead. This warning is shown once.",
             )
+        if (
+            self._graphs is not None
+            and not exact
+            and self.cg_tol is None
+            and scale is None
+            and communicator is None
+            and self._graphs.runner.supports(weight.device)
+        ):
+            graphed = self._graphed_solve(layer, layout, calls, form, dtype, grad_weight, grad_bias)
+            if graphed is not None:
+                (weight_v, bias_v, values), iterations = graphed
+                directions = {weight: weight_v}
+                if has_bias and bias.grad is not None:
+                    directions[bias] = bias_v
+                seconds = time.perf_counter() - started
+                return directions, PendingStats(
+                    form, iterations, values, seconds, system.num_columns, None
+                )
         solution = solve(
             system,
             grad_weight,
@@ -404,6 +439,57 @@ class ProxPropOptimizer(Optimizer):
             form, solution, grad_weight, grad_bias, time.perf_counter() - started, system, scale
         )
         return directions, stats
+
+    def _graphed_solve(
+        self,
+        layer: Layer,
+        layout: RowLayout,
+        calls: list[CapturedCall],
+        form: str,
+        dtype: torch.dtype,
+        grad_weight: Tensor,
+        grad_bias: Tensor | None,
+    ) -> tuple[list[Tensor | None], int] | None:
+        """The layer's CG solve through :class:`SolveGraphs`: (v weight, v bias, the stats'
+        numbers) and the iteration count, or None where it must run eagerly this step."""
+        modules = [call.module for call in calls]
+        inputs = [call.input for call in calls] + [grad_weight]
+        if grad_bias is not None:
+            inputs.append(grad_bias)
+        key = (
+            layer.name,
+            form,
+            self.cg_iters,
+            self.tau_prox,
+            dtype,
+            tuple((tuple(value.shape), value.dtype, value.stride()) for value in inputs),
+        )
+        kind, tau_prox, cg_iters = layer.kind, self.tau_prox, self.cg_iters
+
+        def solve_static(static: list[Tensor]) -> tuple[list[Tensor | None], int]:
+            xs, grads = static[: len(modules)], static[len(modules) :]
+            static_weight, static_bias = grads[0], grads[1] if len(grads) > 1 else None
+            # δ stays out: without the probe's verdict the general form runs.
+            system = LayerSystem(
+                layout,
+                [(module, kind, x, None) for module, x in zip(modules, xs, strict=True)],
+                dtype,
+            )
+            solution = solve(
+                system,
+                static_weight,
+                static_bias,
+                tau_prox,
+                exact=False,
+                cg_iters=cg_iters,
+                cg_tol=None,
+                form=form,
+                workspace=Workspace(),  # the graph's own: shared slots could be reallocated
+            )
+            pending = layer_stats(form, solution, static_weight, static_bias, 0.0, system, None)
+            return [solution.weight, solution.bias, pending.values], solution.iterations
+
+        return self._graphs.run(key, inputs, solve_static)
 
     def _direction_buffers(
         self, weight: Tensor, grad_weight: Tensor, grad_bias: Tensor | None

@@ -26,11 +26,13 @@ OPTIMIZERS = ("nesterov", "adam")
 
 @dataclass(frozen=True)
 class Method:
-    """A way to compute the update direction: ``backprop``, ``cg<k>`` or ``exact``."""
+    """A way to compute the update direction: ``backprop``, ``cg<k>`` or ``exact``;
+    ``cg<k>-graphs`` is ``cg<k>`` with its solves replayed as CUDA graphs."""
 
     name: str
     solver: str
     cg_iters: int = 3
+    cuda_graphs: bool = False
 
     @property
     def is_backprop(self) -> bool:
@@ -43,10 +45,12 @@ class Method:
             return cls("backprop", "none")
         if name == "exact":
             return cls("exact", "exact")
-        match = re.fullmatch(r"cg(\d+)", name)
+        match = re.fullmatch(r"cg(\d+)(-graphs)?", name)
         if match and int(match.group(1)) >= 1:
-            return cls(name, "cg", int(match.group(1)))
-        raise ValueError(f"unknown method {name!r}; use backprop, exact or cg<k> such as cg3")
+            return cls(name, "cg", int(match.group(1)), match.group(2) is not None)
+        raise ValueError(
+            f"unknown method {name!r}; use backprop, exact, cg<k> such as cg3, or cg<k>-graphs"
+        )
 
 
 @dataclass
@@ -134,6 +138,7 @@ def make_optimizer(
         tau_prox=tau_prox,
         solver=method.solver,
         cg_iters=method.cg_iters,
+        cuda_graphs=method.cuda_graphs,
         **kwargs,
     )
 

@@ -1,0 +1,152 @@
+"""cuda_graphs=True: captured solves replay with each step's inputs and give the eager
+directions. The CUDA capture itself needs a GPU (benchmarks/gpu_check.py checks it there);
+here EagerRunner stands in for it, so the keys, static inputs, outputs and fallbacks are
+what is tested."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from proxoptim import ProxPropOptimizer
+from proxoptim.graphs import EagerRunner, SolveGraphs
+
+
+@pytest.fixture(autouse=True)
+def no_probe_for_cg(monkeypatch):
+    """As on an accelerator at these sizes: CG does not probe for δ (a probed scale would
+    be a number baked into the graph, so such layers stay eager)."""
+    monkeypatch.setattr("proxoptim.dual.DualKernel.probe_pays", lambda system: False)
+
+
+class Recorder(torch.optim.Optimizer):
+    """Keeps a copy of every .grad it is asked to step with; changes nothing."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+        self.seen = []
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.seen.append(
+            [p.grad.clone() for g in self.param_groups for p in g["params"] if p.grad is not None]
+        )
+
+
+def network():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(3 * 5 * 5, 7),
+        nn.ReLU(),
+        nn.Linear(7, 3),
+    )
+
+
+def batch(seed, size=4):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(size, 2, 5, 5, generator=generator), torch.randint(
+        0, 3, (size,), generator=generator
+    )
+
+
+def run_steps(opt, model, batches):
+    for x, y in batches:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return opt.inner.seen
+
+
+def graphed(model, runner=None, **kwargs):
+    opt = ProxPropOptimizer(model, Recorder, cuda_graphs=True, **kwargs)
+    opt._graphs = SolveGraphs(runner if runner is not None else EagerRunner())
+    return opt
+
+
+@pytest.mark.parametrize("form", ["auto", "matrix_free", "primal", "dual"])
+def test_replayed_solves_give_the_eager_directions(form):
+    model = network()
+    eager_model = copy.deepcopy(model)
+    batches = [batch(seed) for seed in range(4)]
+    opt = graphed(model, solver_form=form, cg_iters=4, tau_prox=0.3)
+    eager = ProxPropOptimizer(eager_model, Recorder, solver_form=form, cg_iters=4, tau_prox=0.3)
+    seen = run_steps(opt, model, batches)
+    expected = run_steps(eager, eager_model, batches)
+    # Step 1 eager, step 2 captures, steps 3-4 replay with new inputs.
+    assert opt.captured_graphs == 2  # the conv and the hidden Linear; the output layer is plain
+    for step_seen, step_expected in zip(seen, expected, strict=True):
+        for direction, reference in zip(step_seen, step_expected, strict=True):
+            torch.testing.assert_close(direction, reference, rtol=1e-5, atol=1e-7)
+    for name, stats in opt.last_stats.items():
+        reference = eager.last_stats[name]
+        assert (stats.form, stats.iterations, stats.columns) == (
+            reference.form,
+            reference.iterations,
+            reference.columns,
+        )
+        assert stats.cosine == pytest.approx(reference.cosine, rel=1e-5)
+        assert stats.relative_residual == pytest.approx(reference.relative_residual, rel=1e-4)
+
+
+def test_a_new_shape_is_captured_on_its_second_sighting():
+    model = network()
+    opt = graphed(model)
+    run_steps(opt, model, [batch(0), batch(1)])
+    assert opt.captured_graphs == 2
+    run_steps(opt, model, [batch(2, size=6)])
+    assert opt.captured_graphs == 2  # the new batch size ran eagerly once
+    run_steps(opt, model, [batch(3, size=6)])
+    assert opt.captured_graphs == 4
+
+
+@pytest.mark.parametrize("kwargs", [{"solver": "exact"}, {"cg_tol": 1e-3}])
+def test_solves_with_host_decisions_stay_eager(kwargs):
+    model = network()
+    opt = graphed(model, **kwargs)
+    run_steps(opt, model, [batch(seed) for seed in range(3)])
+    assert opt.captured_graphs == 0
+
+
+def test_cpu_tensors_are_never_captured_by_the_cuda_runner():
+    model = network()
+    opt = ProxPropOptimizer(model, Recorder, cuda_graphs=True)
+    run_steps(opt, model, [batch(seed) for seed in range(3)])
+    assert opt.captured_graphs == 0
+
+
+def test_a_failed_capture_warns_and_stays_eager():
+    class Failing(EagerRunner):
+        def capture(self, entry):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    model = network()
+    eager_model = copy.deepcopy(model)
+    batches = [batch(seed) for seed in range(3)]
+    opt = graphed(model, Failing())
+    with pytest.warns(UserWarning, match="could not be captured"):
+        seen = run_steps(opt, model, batches)
+    expected = run_steps(ProxPropOptimizer(eager_model, Recorder), eager_model, batches)
+    assert opt.captured_graphs == 0
+    for step_seen, step_expected in zip(seen, expected, strict=True):
+        for direction, reference in zip(step_seen, step_expected, strict=True):
+            torch.testing.assert_close(direction, reference)
+
+
+def test_cuda_graphs_must_be_a_bool():
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        ProxPropOptimizer(network(), torch.optim.SGD, lr=0.1, cuda_graphs="yes")
+
+
+def test_a_layer_with_a_probed_scale_stays_eager(monkeypatch):
+    monkeypatch.setattr("proxoptim.dual.DualKernel.probe_pays", lambda system: True)
+    model = network()
+    opt = graphed(model)
+    run_steps(opt, model, [batch(seed) for seed in range(3)])
+    assert opt.captured_graphs == 1  # the conv; the Linear layer's gradient is s·δᵀX
+    assert opt.last_stats["3"].output_grad_scale == pytest.approx(1.0)
