@@ -415,6 +415,43 @@ def _gradient_sq(grad_weight: Tensor, grad_bias: Tensor | None) -> Tensor:
     return gradient_sq
 
 
+def _general_cg_blocks(
+    projected: Tensor | None,
+    gradient_sq: Tensor | None,
+    kernel_times: Callable[[Tensor], Tensor],
+    tau_prox: float,
+    iterations: int,
+    tol: float | None,
+    dtype: torch.dtype,
+    block_rows: int,
+    start: Tensor | None = None,
+) -> tuple[Tensor, int, Tensor, Tensor | None]:
+    """:func:`_general_cg` on every block of ``block_rows`` rows: (c in ``dtype``, most
+    iterations run, Σ squared residual norms, a in ``dtype`` or None for the δ form)."""
+    reference = projected if projected is not None else start
+    blocks = []
+    for first in range(0, reference.shape[0], block_rows):
+        index = slice(first, first + block_rows)
+        blocks.append(
+            _general_cg(
+                None if projected is None else projected[index],
+                None if gradient_sq is None else gradient_sq[index],
+                kernel_times,
+                tau_prox,
+                iterations,
+                tol,
+                None if start is None else start[index],
+            )
+        )
+    coefficients = torch.cat([block[0] for block in blocks]).to(dtype)
+    done = max(block[1] for block in blocks)
+    residual_sq = sum(block[2] for block in blocks)
+    gradient_scale = None
+    if start is None:
+        gradient_scale = torch.cat([block[3] for block in blocks]).squeeze(1).to(dtype)
+    return coefficients, done, residual_sq, gradient_scale
+
+
 def _coefficient_cg(
     kernel: DualKernel,
     grad_weight: Tensor,
@@ -439,27 +476,17 @@ def _coefficient_cg(
         start = None
         projected = kernel.project(grad_weight, grad_bias).double()
         gradient_sq = _gradient_sq(grad_weight, grad_bias)
-    blocks = []
-    block_rows = _block_rows(kernel, grad_weight.shape[0])
-    for first in range(0, grad_weight.shape[0], block_rows):
-        index = slice(first, first + block_rows)
-        blocks.append(
-            _general_cg(
-                None if projected is None else projected[index],
-                None if gradient_sq is None else gradient_sq[index],
-                kernel_times,
-                tau_prox,
-                iterations,
-                tol,
-                None if start is None else start[index],
-            )
-        )
-    coefficients = torch.cat([block[0] for block in blocks]).to(dtype)
-    done = max(block[1] for block in blocks)
-    residual_sq = sum(block[2] for block in blocks)
-    gradient_scale = None
-    if scale is None:
-        gradient_scale = torch.cat([block[3] for block in blocks]).squeeze(1).to(dtype)
+    coefficients, done, residual_sq, gradient_scale = _general_cg_blocks(
+        projected,
+        gradient_sq,
+        kernel_times,
+        tau_prox,
+        iterations,
+        tol,
+        dtype,
+        _block_rows(kernel, grad_weight.shape[0]),
+        start,
+    )
     weight, bias = kernel.expand(coefficients, None, grad_weight, grad_bias, gradient_scale, out)
     return DualSolution(weight, bias, done, residual_sq.sqrt())
 
@@ -497,16 +524,9 @@ def _eigenbasis_cg(
     def kernel_times(coefficients: Tensor) -> Tensor:
         return coefficients * eigenvalues64
 
-    blocks = [
-        _general_cg(block, block_sq, kernel_times, tau_prox, iterations, tol)
-        for block, block_sq in zip(
-            projected.split(block_rows), gradient_sq.split(block_rows), strict=True
-        )
-    ]
-    gradient_scale = torch.cat([block[3] for block in blocks]).squeeze(1).to(dtype)
-    coefficients = torch.cat([block[0] for block in blocks]).to(dtype)
-    done = max(block[1] for block in blocks)
-    residual_sq = sum(block[2] for block in blocks)
+    coefficients, done, residual_sq, gradient_scale = _general_cg_blocks(
+        projected, gradient_sq, kernel_times, tau_prox, iterations, tol, dtype, block_rows
+    )
     weight, bias = kernel.expand(coefficients, basis.T, grad_weight, grad_bias, gradient_scale, out)
     return DualSolution(weight, bias, done, residual_sq.double().sqrt())
 
