@@ -92,6 +92,7 @@ class ProxPropOptimizer(Optimizer):
     Attributes:
         inner: the wrapped optimizer.
         last_stats: ``{layer name: LayerStats}`` for the layers preconditioned in the last step.
+        captured_graphs: how many layer solves replay as CUDA graphs (``cuda_graphs=True``).
     """
 
     def __init__(
