@@ -577,14 +577,18 @@ class LayerSystem:
         With a communicator, Ũ is the concatenation of every rank's columns (summed here).
         """
         weight, bias = self.layout.from_rows(rows)
-        total_weight = torch.zeros_like(weight)
-        total_bias = torch.zeros_like(bias) if bias is not None else None
+        # The first call's product starts the sum: no zero-filled layer-sized buffer.
+        total_weight, total_bias = None, None
         for call in self.calls:
             output = call.kind.forward(call.module, call.x, weight, bias)
             grad_weight, grad_bias = call.kind.adjoint(call.module, call.x, output, weight.shape)
-            total_weight += grad_weight
+            if total_weight is None:
+                total_weight, total_bias = grad_weight, grad_bias if bias is not None else None
+                continue
+            # Out of place: a registered kind's adjoint may return tensors it keeps.
+            total_weight = total_weight + grad_weight
             if total_bias is not None:
-                total_bias += grad_bias
+                total_bias = total_bias + grad_bias
         product = self.layout.to_rows(total_weight, total_bias)
         if self.communicator is not None:
             self.communicator.all_reduce_(product)
