@@ -1,6 +1,6 @@
 """Replaying a layer's fixed-iteration CG solve as a CUDA graph (``cuda_graphs=True``).
 
-On a GPU a ProxProp step is host-bound: a layer's solve dispatches 100-200 eager operators
+On a GPU a ProxProp step is mostly host-bound: a layer's solve dispatches 100-200 eager operators
 whose launches cost more host time than their kernels take (docs/performance.md). A CUDA
 graph records them once and replays them with one launch. The graph reads fixed ("static")
 tensors, so every step copies the layer's captured inputs and gradient into them, replays,

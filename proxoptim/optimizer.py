@@ -260,6 +260,8 @@ class ProxPropOptimizer(Optimizer):
         """Detaches ProxProp from the model (idempotent); later steps use the plain gradient."""
         self._capture.remove()
         release(self._layers, self._capture)
+        if self._graphs is not None:
+            self._graphs.clear()  # their static copies and memory pools are of no more use
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

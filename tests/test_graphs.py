@@ -94,6 +94,15 @@ def test_replayed_solves_give_the_eager_directions(form):
         assert stats.relative_residual == pytest.approx(reference.relative_residual, rel=1e-4)
 
 
+def test_remove_hooks_drops_the_graphs():
+    model = network()
+    opt = graphed(model)
+    run_steps(opt, model, [batch(0), batch(1)])
+    assert opt.captured_graphs == 2
+    opt.remove_hooks()
+    assert opt.captured_graphs == 0
+
+
 def test_a_new_shape_is_captured_on_its_second_sighting():
     model = network()
     opt = graphed(model)
