@@ -35,18 +35,22 @@ from proxoptim.experiments.models import build_model
 
 
 class Recorder(torch.optim.Optimizer):
+    """Takes no step; keeps every step's directions ({parameter: tensor}, on the device)."""
+
     def __init__(self, params):
         super().__init__(params, {})
-        self.seen = {}
+        self.seen = []
 
     @torch.no_grad()
     def step(self, closure=None):
-        self.seen = {
-            p: p.grad.detach().double().cpu().clone()
-            for g in self.param_groups
-            for p in g["params"]
-            if p.grad is not None
-        }
+        self.seen.append(
+            {
+                p: p.grad.clone()
+                for g in self.param_groups
+                for p in g["params"]
+                if p.grad is not None
+            }
+        )
 
 
 def directions(model, x, y, autocast_dtype=None, scaler=None, **kwargs):
@@ -62,7 +66,8 @@ def directions(model, x, y, autocast_dtype=None, scaler=None, **kwargs):
         loss.backward()
         opt.step()
     params = list(model.parameters())
-    result = {i: opt.inner.seen[p] for i, p in enumerate(params) if p in opt.inner.seen}
+    seen = opt.inner.seen[-1]
+    result = {i: seen[p].double().cpu() for i, p in enumerate(params) if p in seen}
     forms = {name: s.form for name, s in opt.last_stats.items()}
     opt.remove_hooks()
     model.zero_grad()
@@ -169,18 +174,6 @@ def correctness(device: str) -> bool:
     return ok
 
 
-class StepRecorder(torch.optim.Optimizer):
-    def __init__(self, params):
-        super().__init__(params, {})
-        self.seen = []
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        self.seen.append(
-            [p.grad.clone() for g in self.param_groups for p in g["params"] if p.grad is not None]
-        )
-
-
 def graph_difference(network: str, form: str, device: str) -> tuple[float, int]:
     """Worst relative difference between cuda_graphs=True and eager directions over four
     steps on different batches (step 1 eager, 2 captures, 3-4 replay), and graphs captured."""
@@ -193,7 +186,7 @@ def graph_difference(network: str, form: str, device: str) -> tuple[float, int]:
     torch.backends.cudnn.allow_tf32 = False
     for graphs in (True, False):
         model = copy.deepcopy(template)
-        opt = ProxPropOptimizer(model, StepRecorder, solver_form=form, cuda_graphs=graphs)
+        opt = ProxPropOptimizer(model, Recorder, solver_form=form, cuda_graphs=graphs)
         generator = torch.Generator(device=device).manual_seed(1)
         for _ in range(4):
             x = torch.rand(64, 3, 32, 32, device=device, generator=generator)
@@ -205,7 +198,7 @@ def graph_difference(network: str, form: str, device: str) -> tuple[float, int]:
     torch.backends.cudnn.allow_tf32 = cudnn_tf32
     worst = 0.0
     for step_graphs, step_eager in zip(runs[0].inner.seen, runs[1].inner.seen, strict=True):
-        for a, b in zip(step_graphs, step_eager, strict=True):
+        for a, b in zip(step_graphs.values(), step_eager.values(), strict=True):
             worst = max(worst, float((a - b).norm() / b.norm().clamp_min(1e-30)))
     return worst, runs[0].captured_graphs
 

@@ -163,17 +163,18 @@ class DualKernel:
         return out_weight, out_bias if self.has_bias else None
 
     @staticmethod
-    def can_probe(system: LayerSystem) -> bool:
-        """Whether every call captured δ (the probe needs it)."""
-        return all(call.output_grad is not None for call in system.calls)
-
-    @staticmethod
-    def probe_pays(system: LayerSystem) -> bool:
-        """Whether to probe for δ (see :meth:`probe_output_grad_scale`): it can save one
-        (m × n)(n × d) product and costs a few small operators and a host sync, which on
-        an accelerator outweigh that product at the paper's sizes (proxoptim.costs)."""
-        if not DualKernel.can_probe(system):
+    def should_probe(system: LayerSystem, exact: bool) -> bool:
+        """Whether to probe for δ (see :meth:`probe_output_grad_scale`; every call must have
+        captured δ). An exact solve always does: its direction from δ avoids the
+        cancellation of τθ·g against the row-space part, which the general form suffers in
+        float32 (relative errors of ~3e-2 against float64 on the paper MLP on a GPU). For
+        CG the probe can save one (m × n)(n × d) product and costs a few small operators and
+        a host sync, which on an accelerator outweigh that product at the paper's sizes
+        (proxoptim.costs)."""
+        if any(call.output_grad is None for call in system.calls):
             return False
+        if exact:
+            return True
         layout, costs = system.layout, system.costs
         saved = 2.0 * system.num_columns * layout.rows * layout.row_dim
         return costs.always_probe or saved > PROBE_CALLS * costs.operator_call + costs.host_sync
@@ -265,7 +266,8 @@ def solve_dual(
     out: tuple[Tensor, Tensor | None] | None = None,
     workspace: Workspace | None = None,
 ) -> DualSolution:
-    """v = M⁻¹g (``exact``) or ``cg_iters`` per-row CG iterations from v = 0, in the dual.
+    """v = M⁻¹g (``exact``) or ``cg_iters`` per-row CG iterations from v = 0, in the dual;
+    CG runs in whichever basis :func:`dual_cg_costs` prices lower.
 
     Args:
         grad_weight: g_W, (m, d_in); grad_bias: g_b, (m,) or None.
@@ -276,9 +278,14 @@ def solve_dual(
     """
     if exact:
         return _exact(kernel, grad_weight, grad_bias, tau_prox, output_grad_scale, out)
-    if workspace is None:
-        workspace = Workspace()
-    return _cg(
+    eigenbasis, coefficient = dual_cg_costs(
+        kernel.costs, kernel.columns, grad_weight.shape[0], cg_iters
+    )
+    if coefficient < eigenbasis:
+        return _coefficient_cg(
+            kernel, grad_weight, grad_bias, tau_prox, cg_iters, cg_tol, output_grad_scale, out
+        )
+    return _eigenbasis_cg(
         kernel,
         grad_weight,
         grad_bias,
@@ -287,7 +294,7 @@ def solve_dual(
         cg_tol,
         output_grad_scale,
         out,
-        workspace,
+        workspace if workspace is not None else Workspace(),
     )
 
 
@@ -381,30 +388,6 @@ def dual_cg_costs(
     coefficient = iterations * 4.0 * m * n * n * costs.float64_slowdown
     coefficient += calls * DUAL_CG_CALLS["coefficient"]
     return eigenbasis, coefficient
-
-
-def _cg(
-    kernel: DualKernel,
-    grad_weight: Tensor,
-    grad_bias: Tensor | None,
-    tau_prox: float,
-    iterations: int,
-    tol: float | None,
-    scale: float | None,
-    out: tuple[Tensor, Tensor | None] | None,
-    workspace: Workspace,
-) -> DualSolution:
-    """Batched per-row CG on (a, c) coordinates (module docstring), in the cheaper basis."""
-    eigenbasis, coefficient = dual_cg_costs(
-        kernel.costs, kernel.columns, grad_weight.shape[0], iterations
-    )
-    if coefficient < eigenbasis:
-        return _coefficient_cg(
-            kernel, grad_weight, grad_bias, tau_prox, iterations, tol, scale, out
-        )
-    return _eigenbasis_cg(
-        kernel, grad_weight, grad_bias, tau_prox, iterations, tol, scale, out, workspace
-    )
 
 
 def _gradient_sq(grad_weight: Tensor, grad_bias: Tensor | None) -> Tensor:

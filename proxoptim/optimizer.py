@@ -380,19 +380,14 @@ class ProxPropOptimizer(Optimizer):
             else:
                 raw_calls = gathered_linear_calls(raw_calls, dtype, self._communicator)
         system = LayerSystem(layout, raw_calls, dtype, communicator)
-        buffers = self._direction_buffers(weight, grad_weight, grad_bias)
         if owner is not None and owner != self._communicator.rank:
+            buffers = self._direction_buffers(weight, grad_weight, grad_bias)
             waiting = {weight: buffers[0]}
             if has_bias and bias.grad is not None:
                 waiting[bias] = buffers[1]
             return waiting, None
         scale = None
-        # An exact solve always probes where it can: its direction from δ avoids the
-        # cancellation of τθ·g against the row-space part, which the general form suffers
-        # in float32 (relative errors of ~3e-2 against float64 on the paper MLP on a GPU).
-        if system.supports_dual and (
-            DualKernel.probe_pays(system) or (exact and DualKernel.can_probe(system))
-        ):
+        if system.supports_dual and DualKernel.should_probe(system, exact):
             scale = DualKernel.probe_output_grad_scale(
                 system, grad_weight, grad_bias, self._probe_generator(weight.device)
             )
@@ -404,43 +399,36 @@ class ProxPropOptimizer(Optimizer):
                 f"(d = {layout.row_dim}{'' if system.has_patches else ', no patches'}): its "
                 "exact solve runs CG to convergence instead. This warning is shown once.",
             )
-        if (
-            self._graphs is not None
-            and not exact
-            and self.cg_tol is None
-            and scale is None
-            and communicator is None
-            and self._graphs.runner.supports(weight.device)
-        ):
+        graphed = None
+        if not exact and scale is None and communicator is None:
             graphed = self._graphed_solve(layer, layout, calls, form, dtype, grad_weight, grad_bias)
-            if graphed is not None:
-                (weight_v, bias_v, values), iterations = graphed
-                directions = {weight: weight_v}
-                if has_bias and bias.grad is not None:
-                    directions[bias] = bias_v
-                seconds = time.perf_counter() - started
-                return directions, PendingStats(
-                    form, iterations, values, seconds, system.num_columns, None
-                )
-        solution = solve(
-            system,
-            grad_weight,
-            grad_bias,
-            self.tau_prox,
-            exact=exact,
-            cg_iters=self.cg_iters,
-            cg_tol=self.cg_tol,
-            form=form,
-            output_grad_scale=scale,
-            out=buffers,
-            workspace=self._workspace,
-        )
-        directions = {weight: solution.weight}
+        if graphed is not None:
+            (weight_v, bias_v, values), iterations = graphed
+            # The graph owns its outputs: the eager direction buffers are of no more use.
+            self._buffers.pop(weight, None)
+            seconds = time.perf_counter() - started
+            stats = PendingStats(form, iterations, values, seconds, system.num_columns, None)
+        else:
+            solution = solve(
+                system,
+                grad_weight,
+                grad_bias,
+                self.tau_prox,
+                exact=exact,
+                cg_iters=self.cg_iters,
+                cg_tol=self.cg_tol,
+                form=form,
+                output_grad_scale=scale,
+                out=self._direction_buffers(weight, grad_weight, grad_bias),
+                workspace=self._workspace,
+            )
+            weight_v, bias_v = solution.weight, solution.bias
+            stats = layer_stats(
+                form, solution, grad_weight, grad_bias, time.perf_counter() - started, system, scale
+            )
+        directions = {weight: weight_v}
         if has_bias and bias.grad is not None:
-            directions[bias] = solution.bias
-        stats = layer_stats(
-            form, solution, grad_weight, grad_bias, time.perf_counter() - started, system, scale
-        )
+            directions[bias] = bias_v
         return directions, stats
 
     def _graphed_solve(
@@ -454,7 +442,14 @@ class ProxPropOptimizer(Optimizer):
         grad_bias: Tensor | None,
     ) -> tuple[list[Tensor | None], int] | None:
         """The layer's CG solve through :class:`SolveGraphs`: (v weight, v bias, the stats'
-        numbers) and the iteration count, or None where it must run eagerly this step."""
+        numbers) and the iteration count, or None where it runs eagerly this step (graphs
+        off, another device, ``cg_tol``, or a key not yet captured)."""
+        if (
+            self._graphs is None
+            or self.cg_tol is not None
+            or not self._graphs.runner.supports(layer.weight.device)
+        ):
+            return None
         modules = [call.module for call in calls]
         inputs = [call.input for call in calls] + [grad_weight]
         if grad_bias is not None:

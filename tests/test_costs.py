@@ -91,8 +91,9 @@ def test_accelerators_build_conv_grams_from_patches():
 @pytest.mark.parametrize(("batch", "width", "expected"), [(500, 1000, False), (8192, 8192, True)])
 def test_probe_runs_on_accelerators_only_where_it_pays(batch, width, expected):
     layer = nn.Linear(width, width)
-    assert DualKernel.probe_pays(system(layer, batch, output_grad=True))  # CPU: always
+    assert DualKernel.should_probe(system(layer, batch, output_grad=True), False)  # CPU: always
     on_gpu = system(layer, batch, costs=ACCELERATOR, output_grad=True)
-    assert DualKernel.probe_pays(on_gpu) == expected
+    assert DualKernel.should_probe(on_gpu, False) == expected
+    assert DualKernel.should_probe(on_gpu, True)  # exact solves always probe
     # Without a captured δ there is nothing to probe.
-    assert not DualKernel.probe_pays(system(layer, batch))
+    assert not DualKernel.should_probe(system(layer, batch), True)
