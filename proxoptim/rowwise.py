@@ -8,9 +8,10 @@ from torch import Tensor
 
 def row_dot(a: Tensor, b: Tensor) -> Tensor:
     """⟨a_j, b_j⟩ for every row j, shape (..., 1)."""
-    # One batched-GEMV kernel: no temporary of a's size (a * b would allocate one) and
-    # about 2x faster than multiply-and-sum on a CPU.
-    return torch.einsum("...i,...i->...", a, b).unsqueeze(-1)
+    # Multiply-and-sum, not einsum: einsum's batched GEMV is about 2x faster on a CPU and
+    # needs no temporary, but its float32 dot products were 20x less accurate (3e-6 against
+    # 2e-7 for rows of 3,073), which doubled the matrix-free CG's error against float64.
+    return (a * b).sum(-1, keepdim=True)
 
 
 def guarded_ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
