@@ -275,7 +275,8 @@ def timings(device: str, repeats: int) -> None:
 
 
 def forms(device: str, repeats: int) -> None:
-    """Step time of each forced solve form against backprop, interleaved, batch 500."""
+    """Step time of each forced solve form against backprop, interleaved, batch 500; on
+    CUDA each CG form also with ``cuda_graphs=True``."""
     print("\n## Step time per solve form (batch 500; form: what ran per layer)\n")
     print("| network | method | requested form | forms that ran | step [ms] | ratio |")
     print("|---|---|---|---|---|---|")
@@ -294,22 +295,25 @@ def forms(device: str, repeats: int) -> None:
         y = torch.randint(0, 10, (500,), device=device)
         models = {"backprop": copy.deepcopy(template)}
         optimizers = {"backprop": inner(models["backprop"].parameters(), lr=1e-6, **kwargs)}
+        graph_choices = (False, True) if device.startswith("cuda") else (False,)
         for solver, iters in cases:
             for form in ("auto", "matrix_free", "primal", "dual"):
-                if solver == "exact" and form == "matrix_free":
-                    continue
-                model = copy.deepcopy(template)
-                key = (solver, iters, form)
-                models[key] = model
-                optimizers[key] = ProxPropOptimizer(
-                    model,
-                    inner,
-                    lr=1e-6,
-                    solver=solver,
-                    cg_iters=max(iters, 1),
-                    solver_form=form,
-                    **kwargs,
-                )
+                for graphs in graph_choices if solver == "cg" else (False,):
+                    if solver == "exact" and form == "matrix_free":
+                        continue
+                    model = copy.deepcopy(template)
+                    key = (solver, iters, form, graphs)
+                    models[key] = model
+                    optimizers[key] = ProxPropOptimizer(
+                        model,
+                        inner,
+                        lr=1e-6,
+                        solver=solver,
+                        cg_iters=max(iters, 1),
+                        solver_form=form,
+                        cuda_graphs=graphs,
+                        **kwargs,
+                    )
         samples = {key: [] for key in optimizers}
         for turn in range(2 + repeats):
             for key, opt in optimizers.items():
@@ -328,10 +332,12 @@ def forms(device: str, repeats: int) -> None:
         for key, opt in optimizers.items():
             if key == "backprop":
                 continue
-            solver, iters, form = key
+            solver, iters, form, graphs = key
             used = "/".join(s.form for s in opt.last_stats.values())
             median = statistics.median(samples[key])
             method = "exact" if solver == "exact" else f"cg{iters}"
+            if graphs:
+                method += f"-graphs ({opt.captured_graphs} captured)"
             print(
                 f"| {network} | {method} | {form} | {used} | {1000 * median:.2f} | "
                 f"{median / base:.2f} |"
@@ -383,13 +389,25 @@ def profile(device: str) -> None:
     if device.startswith("cuda"):
         activities.append(ProfilerActivity.CUDA)
         sort = "self_cuda_time_total"
-    for solver in ("cg", "exact"):
+    graphs = device.startswith("cuda")
+    for solver, form, graphed in (
+        ("cg", "auto", False),
+        ("exact", "auto", False),
+        ("cg", "dual", graphs),
+    ):
         torch.manual_seed(0)
         model = build_model("mlp", (3, 32, 32), 10).to(device)
         x = torch.rand(500, 3, 32, 32, device=device)
         y = torch.randint(0, 10, (500,), device=device)
         opt = ProxPropOptimizer(
-            model, torch.optim.SGD, lr=1e-6, momentum=0.9, nesterov=True, solver=solver
+            model,
+            torch.optim.SGD,
+            lr=1e-6,
+            momentum=0.9,
+            nesterov=True,
+            solver=solver,
+            solver_form=form,
+            cuda_graphs=graphed,
         )
         for _ in range(3):
             opt.zero_grad()
@@ -398,7 +416,8 @@ def profile(device: str) -> None:
         nn.functional.cross_entropy(model(x), y).backward()
         with run_profiler(activities=activities) as prof:
             opt.step()
-        print(f"\n## Profile of one MLP {solver} step (after backward), by {sort}\n")
+        label = f"{solver} ({form}{', graphs' if graphed else ''})"
+        print(f"\n## Profile of one MLP {label} step (after backward), by {sort}\n")
         print("```")
         print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=40))
         print("```")
