@@ -18,7 +18,9 @@ Prints everything as Markdown; exits non-zero if a correctness check fails.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import dataclasses
 import statistics
 import sys
 import time
@@ -29,7 +31,7 @@ import torchvision
 from step_ratio import measure
 from torch import nn
 
-from proxoptim import ProxPropOptimizer
+from proxoptim import ProxPropOptimizer, costs
 from proxoptim.conv_gram import conv_gram
 from proxoptim.experiments.models import build_model
 
@@ -139,17 +141,20 @@ def correctness(device: str) -> bool:
         print(f"| {tuple(shape)} | {kernel}, {padding}, {dilation}, {groups} | {error:.2e} |")
 
     print("\n## CUDA graphs (cuda_graphs=True) against eager solves on the device\n")
-    print("| network | form | steps | graphs captured | worst relative difference |")
-    print("|---|---|---|---|---|")
-    for network, form in (
-        ("mlp", "auto"),
-        ("mlp", "dual"),
-        ("cnn", "auto"),
-        ("cnn", "matrix_free"),
+    print("| network | solver | form | steps | graphs captured | worst relative difference |")
+    print("|---|---|---|---|---|---|")
+    for network, solver, form, probe in (
+        ("mlp", "cg", "auto", False),
+        ("mlp", "cg", "dual", False),
+        ("mlp", "cg", "dual", True),
+        ("mlp", "exact", "dual", False),
+        ("cnn", "cg", "auto", False),
+        ("cnn", "cg", "matrix_free", False),
     ):
-        difference, captured = graph_difference(network, form, device)
+        difference, captured = graph_difference(network, form, device, solver, probe)
         ok &= difference <= 1e-4 and (captured > 0 or not device.startswith("cuda"))
-        print(f"| {network} | {form} | 4 | {captured} | {difference:.2e} |")
+        label = f"{solver}{' (δ probed)' if probe else ''}"
+        print(f"| {network} | {label} | {form} | 4 | {captured} | {difference:.2e} |")
 
     print("\n## Mixed precision against fp32 on the device (paper MLP, batch 64)\n")
     print("| autocast | cosine of the whole direction to fp32 | worst single tensor |")
@@ -174,9 +179,12 @@ def correctness(device: str) -> bool:
     return ok
 
 
-def graph_difference(network: str, form: str, device: str) -> tuple[float, int]:
+def graph_difference(
+    network: str, form: str, device: str, solver: str = "cg", probe: bool = False
+) -> tuple[float, int]:
     """Worst relative difference between cuda_graphs=True and eager directions over four
-    steps on different batches (step 1 eager, 2 captures, 3-4 replay), and graphs captured."""
+    steps on different batches (step 1 eager, 2 captures, 3-4 replay), and graphs captured.
+    ``probe``: CG probes for δ too (the δ-form graphs, fed each step's scale)."""
     torch.manual_seed(0)
     template = build_model(network, (3, 32, 32), 10).to(device)
     runs = []
@@ -186,14 +194,19 @@ def graph_difference(network: str, form: str, device: str) -> tuple[float, int]:
     torch.backends.cudnn.allow_tf32 = False
     for graphs in (True, False):
         model = copy.deepcopy(template)
-        opt = ProxPropOptimizer(model, Recorder, solver_form=form, cuda_graphs=graphs)
+        opt = ProxPropOptimizer(
+            model, Recorder, solver=solver, solver_form=form, cuda_graphs=graphs
+        )
         generator = torch.Generator(device=device).manual_seed(1)
-        for _ in range(4):
+        for step in range(4):
             x = torch.rand(64, 3, 32, 32, device=device, generator=generator)
             y = torch.randint(0, 10, (64,), device=device, generator=generator)
             opt.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
+            for param in model.parameters():
+                param.grad.mul_(0.5**step)  # as clipping would: the δ scale changes
+            with always_probing(probe):
+                opt.step()
         runs.append(opt)
     torch.backends.cudnn.allow_tf32 = cudnn_tf32
     worst = 0.0
@@ -232,7 +245,7 @@ def timings(device: str, repeats: int) -> None:
     print("| network | method | step [ms] | backprop [ms] | ratio |")
     print("|---|---|---|---|---|")
     for network, optimizer, methods in (
-        ("mlp", "nesterov", ["cg3", "exact", "cg10", "cg3-graphs", "cg10-graphs"]),
+        ("mlp", "nesterov", ["cg3", "exact", "cg10", "cg3-graphs", "exact-graphs", "cg10-graphs"]),
         ("cnn", "adam", ["cg3", "cg10", "cg3-graphs", "cg10-graphs"]),
     ):
         times = measure(network, optimizer, methods, 500, repeats, 2, device)
@@ -298,11 +311,13 @@ def forms(device: str, repeats: int) -> None:
         graph_choices = (False, True) if device.startswith("cuda") else (False,)
         for solver, iters in cases:
             for form in ("auto", "matrix_free", "primal", "dual"):
-                for graphs in graph_choices if solver == "cg" else (False,):
+                for graphs, probe in [(g, False) for g in graph_choices] + probe_variants(
+                    solver, form, graph_choices
+                ):
                     if solver == "exact" and form == "matrix_free":
                         continue
                     model = copy.deepcopy(template)
-                    key = (solver, iters, form, graphs)
+                    key = (solver, iters, form, graphs, probe)
                     models[key] = model
                     optimizers[key] = ProxPropOptimizer(
                         model,
@@ -322,7 +337,8 @@ def forms(device: str, repeats: int) -> None:
                 started = time.perf_counter()
                 opt.zero_grad()
                 nn.functional.cross_entropy(models[key](x), y).backward()
-                opt.step()
+                with always_probing(key != "backprop" and key[4]):
+                    opt.step()
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
                 if turn >= 2:
@@ -332,18 +348,43 @@ def forms(device: str, repeats: int) -> None:
         for key, opt in optimizers.items():
             if key == "backprop":
                 continue
-            solver, iters, form, graphs = key
+            solver, iters, form, graphs, probe = key
             used = "/".join(s.form for s in opt.last_stats.values())
             median = statistics.median(samples[key])
             method = "exact" if solver == "exact" else f"cg{iters}"
             if graphs:
                 method += f"-graphs ({opt.captured_graphs} captured)"
+            if probe:
+                delta = sum(s.output_grad_scale is not None for s in opt.last_stats.values())
+                method += f", δ probed ({delta} took δ)"
             print(
                 f"| {network} | {method} | {form} | {used} | {1000 * median:.2f} | "
                 f"{median / base:.2f} |"
             )
             opt.remove_hooks()
         del optimizers, models
+
+
+def probe_variants(solver: str, form: str, graph_choices: tuple[bool, ...]) -> list:
+    """(graphs, probe) variants beyond the default: the dual CG with graphs and the δ probe
+    forced on (the accelerator table probes for CG only where it pays)."""
+    if solver == "cg" and form == "dual" and True in graph_choices:
+        return [(True, True)]
+    return []
+
+
+@contextlib.contextmanager
+def always_probing(enabled: bool):
+    """The accelerator cost table with ``always_probe`` on, while ``enabled``."""
+    if not enabled:
+        yield
+        return
+    original = costs.ACCELERATOR
+    costs.ACCELERATOR = dataclasses.replace(original, always_probe=True)
+    try:
+        yield
+    finally:
+        costs.ACCELERATOR = original
 
 
 def factorisations(device: str) -> None:

@@ -8,7 +8,7 @@ The "floor" row is backprop plus one weight-gradient-sized product per precondit
 
     python benchmarks/targets.py                 # CPU
     python benchmarks/targets.py --device cuda   # GPU: max_memory_allocated for memory
-    python benchmarks/targets.py --device cuda --graphs   # also cg3/cg10 with cuda_graphs=True
+    python benchmarks/targets.py --device cuda --graphs   # also each method with cuda_graphs=True
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument(
-        "--graphs", action="store_true", help="also time cg<k>-graphs (cuda_graphs=True) rows"
+        "--graphs", action="store_true", help="also time every method with cuda_graphs=True"
     )
     parser.add_argument(
         "--block",
@@ -58,7 +58,7 @@ def main() -> None:
     for network, optimizer, targets in TABLE:
         methods = list(targets)
         if args.graphs:
-            methods += ["cg3-graphs", "cg10-graphs"]
+            methods += [f"{name}-graphs" for name in targets if name != FLOOR]
         times = measure(
             network,
             optimizer,
@@ -92,8 +92,8 @@ def main() -> None:
                     f"≤ {MEMORY_TARGET} ({'met' if memory_ratio <= MEMORY_TARGET else 'missed'})"
                 )
             print(
-                f"| {network} ({optimizer}) | {name} | {1000 * median:.0f} | "
-                f"{1000 * baseline:.0f} | {ratio:.2f} | {target_cell} | "
+                f"| {network} ({optimizer}) | {name} | {1000 * median:.3g} | "
+                f"{1000 * baseline:.3g} | {ratio:.2f} | {target_cell} | "
                 f"{memory_cell} | {memory_mark} |"
             )
 

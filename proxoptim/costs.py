@@ -32,6 +32,8 @@ class DeviceCosts:
     Attributes:
         name: "cpu" or "accelerator".
         operator_call: one eager tensor operation's fixed cost (dispatch, kernel launch).
+        graph_operator_call: the same operation replayed inside a CUDA graph
+            (``cuda_graphs=True``): no dispatch or launch, only the small kernel's own run.
         host_sync: reading one value back to the host mid-step (the device drains and
             then idles while the host queues the next work).
         eigh_fixed, eigh_per_cube: an n × n symmetric eigendecomposition costs
@@ -39,6 +41,10 @@ class DeviceCosts:
         cholesky_fixed: the fixed cost of a Cholesky factorisation (and solve) of any size.
         inverse_per_cube: the float64 Cholesky factorisation and inverse of an n × n
             kernel (the exact dual form), per n³.
+        explicit_inverse: whether the exact dual form inverts I/τθ + K and multiplies
+            (CPU: float64 triangular solves with thousands of right-hand sides are slow
+            there) or solves for the coefficients with the Cholesky factor (accelerator:
+            cuSOLVER's inverse takes about 1 ms at n = 500, the solves a tenth of that).
         conv_product_slowdown: a convolution (or its weight gradient) against a GEMM of the
             same flops.
         im2col_per_element: copying one element into an im2col patch matrix.
@@ -57,11 +63,13 @@ class DeviceCosts:
 
     name: str
     operator_call: float
+    graph_operator_call: float
     host_sync: float
     eigh_fixed: float
     eigh_per_cube: float
     cholesky_fixed: float
     inverse_per_cube: float
+    explicit_inverse: bool
     conv_product_slowdown: float
     im2col_per_element: float
     float64_slowdown: float
@@ -74,12 +82,14 @@ CPU = DeviceCosts(
     name="cpu",
     # About 5 µs per operator at about 1e11 flop/s: it matters only for tiny layers.
     operator_call=5e5,
+    graph_operator_call=5e5,  # no graphs on a CPU
     host_sync=0.0,
     # LAPACK on n × n, per n³ (eigh: 9-18 ms at n = 500 on the 2-core VM, whose speed varies).
     eigh_fixed=0.0,
     eigh_per_cube=20.0,
     cholesky_fixed=0.0,
     inverse_per_cube=4.0,
+    explicit_inverse=True,
     # Channels-last convolutions run at about 60% of GEMM speed for the channel counts
     # where matrix-free CG competes.
     conv_product_slowdown=1.7,
@@ -97,11 +107,14 @@ CPU = DeviceCosts(
 ACCELERATOR = DeviceCosts(
     name="accelerator",
     operator_call=6e8,  # 15 µs at 4e13 flop/s
+    # A graphed dual cg3 step on the paper MLP ran ~250 small kernels at 2-4 µs each.
+    graph_operator_call=1.6e8,
     host_sync=2e10,  # 0.5 ms: the queue drains, then the device idles while the host works
     eigh_fixed=4e11,  # 10 ms
     eigh_per_cube=100.0,
     cholesky_fixed=1e10,  # 0.25 ms
     inverse_per_cube=4.0,
+    explicit_inverse=False,
     # cuDNN at the paper CNN's 16-20 channels is far from GEMM speed (measured: im2col
     # primal CG beat matrix-free CG at every k there).
     conv_product_slowdown=4.0,
@@ -138,7 +151,13 @@ PROBE_CALLS = 20
 PRIMAL_EXACT_SYNCS = 2
 
 
-def form_overhead(costs: DeviceCosts, form: str, cg_iters: int) -> float:
-    """The fixed, size-independent cost of running ``form`` on one layer."""
+def form_overhead(costs: DeviceCosts, form: str, cg_iters: int, graphed: bool = False) -> float:
+    """The fixed, size-independent cost of running ``form`` on one layer (``graphed``: its
+    solve replayed as a CUDA graph)."""
     base, per_iteration = OPERATOR_CALLS[form]
-    return costs.operator_call * (base + per_iteration * cg_iters)
+    return operator_cost(costs, graphed) * (base + per_iteration * cg_iters)
+
+
+def operator_cost(costs: DeviceCosts, graphed: bool) -> float:
+    """What one operator of a solve costs, eager or replayed in a graph."""
+    return costs.graph_operator_call if graphed else costs.operator_call

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from proxoptim.costs import DUAL_CG_CALLS, PROBE_CALLS, DeviceCosts
+from proxoptim.costs import DUAL_CG_CALLS, PROBE_CALLS, DeviceCosts, operator_cost
 from proxoptim.operators import LayerSystem
 from proxoptim.rowwise import guarded_ratio, row_dot
 from proxoptim.workspace import Workspace
@@ -188,8 +188,26 @@ class DualKernel:
     ) -> float | None:
         """s with .grad = s·δᵀŨᵀ, checked on a random probe ω; None when it does not hold.
 
-        Compares gω with δᵀ(Ũᵀω) summed over the calls: O((m + n)·d) work, against the
-        O(m·n·d) it can save.
+        :meth:`probe_numbers` and :func:`probe_verdict` in one call (one host sync).
+        """
+        numbers = DualKernel.probe_numbers(system, grad_weight, grad_bias, generator)
+        if numbers is None:
+            return None
+        return probe_verdict(numbers.tolist(), grad_weight.dtype)
+
+    @staticmethod
+    def probe_numbers(
+        system: LayerSystem,
+        grad_weight: Tensor,
+        grad_bias: Tensor | None,
+        generator: torch.Generator,
+    ) -> Tensor | None:
+        """The probe's numbers, left on the device: (‖δ̂‖², s, ‖ĝ − s·δ̂‖, ‖ĝ‖) for
+        ĝ = gω and δ̂ = δᵀ(Ũᵀω) summed over the calls, s their least-squares ratio; shape
+        (4,), float64. None where some call has no δ.
+
+        O((m + n)·d) work, against the O(m·n·d) the δ form can save. The optimizer reads
+        every layer's numbers back in one sync (:func:`probe_verdict` decides).
         """
         if any(call.output_grad is None for call in system.calls):
             return None
@@ -212,20 +230,34 @@ class DualKernel:
         for call in system.calls:
             probed_inputs = call.x @ probe + probe_bias
             probed_delta += call.output_grad.reshape(-1, rows).to(dtype).T @ probed_inputs
-        return _fitted_scale(probed_grad, probed_delta)
+        delta_sq = torch.dot(probed_delta, probed_delta)
+        scale = torch.dot(probed_grad, probed_delta) / delta_sq
+        mismatch = (probed_grad - scale * probed_delta).norm()
+        return torch.stack([delta_sq, scale, mismatch, probed_grad.norm()]).double()
 
 
-def _fitted_scale(probed_grad: Tensor, probed_delta: Tensor) -> float | None:
-    """The least-squares s in probed_grad ≈ s·probed_delta, if the fit is within tolerance
-    (one host sync reads every number back at once)."""
-    delta_sq = torch.dot(probed_delta, probed_delta)
-    scale = torch.dot(probed_grad, probed_delta) / delta_sq
-    mismatch = (probed_grad - scale * probed_delta).norm()
-    numbers = torch.stack([delta_sq, scale, mismatch, probed_grad.norm()]).tolist()
-    delta_sq_value, scale_value, mismatch_value, grad_norm = numbers
-    tolerance = PROBE_TOLERANCE.get(probed_grad.dtype, 1e-3)
-    if delta_sq_value > 0 and mismatch_value <= tolerance * grad_norm:
-        return scale_value
+def probe_verdicts(numbers: list[Tensor | None], dtypes: list[torch.dtype]) -> list[float | None]:
+    """:func:`probe_verdict` for every layer's probe numbers (None: not probed), read back
+    with one host sync per device."""
+    by_device: dict[torch.device, list[int]] = {}
+    for position, values in enumerate(numbers):
+        if values is not None:
+            by_device.setdefault(values.device, []).append(position)
+    verdicts: list[float | None] = [None] * len(numbers)
+    for positions in by_device.values():
+        rows = torch.stack([numbers[position] for position in positions]).tolist()
+        for position, row in zip(positions, rows, strict=True):
+            verdicts[position] = probe_verdict(row, dtypes[position])
+    return verdicts
+
+
+def probe_verdict(numbers: list[float], dtype: torch.dtype) -> float | None:
+    """s from :meth:`DualKernel.probe_numbers` read back, if the fit ĝ ≈ s·δ̂ is within
+    :data:`PROBE_TOLERANCE`; else None (the general form runs)."""
+    delta_sq, scale, mismatch, grad_norm = numbers
+    tolerance = PROBE_TOLERANCE.get(dtype, 1e-3)
+    if delta_sq > 0 and mismatch <= tolerance * grad_norm:
+        return scale
     return None
 
 
@@ -303,59 +335,75 @@ def _exact(
     grad_weight: Tensor,
     grad_bias: Tensor | None,
     tau_prox: float,
-    scale: float | None,
+    scale: float | Tensor | None,
     out: tuple[Tensor, Tensor | None] | None,
 ) -> DualSolution:
+    """Woodbury: v = c Ũᵀ (+ τθ g in the general form) with c = ℓ (I/τθ + K)⁻¹, where
+    ℓ = s·δᵀ (δ form) or ℓ = −τθ h (general form); (I/τθ + K) factorised in float64.
+
+    Nothing here reads a value back to the host (so the solve can be captured as a CUDA
+    graph): a kernel that is not positive definite in float64, which only non-finite
+    inputs produce, turns the direction into NaN, which the optimizer names.
+    """
     dtype = grad_weight.dtype
     eye = torch.eye(kernel.columns, dtype=torch.float64, device=kernel.kernel.device)
     shifted = kernel.kernel.double() + eye / tau_prox
     factor, info = torch.linalg.cholesky_ex(shifted)
-    if bool(info != 0):
-        # Not positive definite in float64: non-finite inputs; the optimizer names it.
-        factor = torch.full_like(shifted, float("nan"))
-    inverse = torch.cholesky_inverse(factor).to(dtype)
+    factor = factor.masked_fill(info != 0, float("nan"))
     if scale is not None:
         # v = s·δᵀ (I/τθ + K)⁻¹ Ũᵀ
-        # The scalar goes into the n×n factor, not into the m×n δᵀ.
-        left = kernel.output_grads.T
-        weight, bias = kernel.expand(left, inverse * scale, grad_weight, grad_bias, None, out)
-        residual = _sampled_residual(kernel, left, inverse, shifted, scale)
+        left, gradient_scale = kernel.output_grads.T, None
     else:
         # v = τθ g − τθ h (I/τθ + K)⁻¹ Ũᵀ
-        projected = kernel.project(grad_weight, grad_bias)
+        left = kernel.project(grad_weight, grad_bias) * (-tau_prox)
         gradient_scale = torch.full(
             (grad_weight.shape[0],), tau_prox, dtype=dtype, device=grad_weight.device
         )
-        left = projected * (-tau_prox)
-        weight, bias = kernel.expand(left, inverse, grad_weight, grad_bias, gradient_scale, out)
-        residual = _sampled_residual(kernel, left, inverse, shifted)
+    sample = _sample_rows(left)
+    if kernel.costs.explicit_inverse:
+        inverse = torch.cholesky_inverse(factor)
+        right = inverse.to(dtype)
+        if scale is not None:
+            # The scalar goes into the n×n factor, not into the m×n δᵀ.
+            right = right * scale
+        weight, bias = kernel.expand(left, right, grad_weight, grad_bias, gradient_scale, out)
+        solved_sample = (left[sample].double() @ inverse) * (1.0 if scale is None else scale)
+    else:
+        # Triangular solves against ℓ itself: on a GPU the explicit inverse costs more than
+        # solving for every row's coefficients (2·n²·m float64 flops).
+        solved = torch.cholesky_solve(left.T.double(), factor).T
+        if scale is not None:
+            solved = solved * scale
+        coefficients = solved.to(dtype)
+        weight, bias = kernel.expand(
+            coefficients, None, grad_weight, grad_bias, gradient_scale, out
+        )
+        solved_sample = solved[sample]
+    started_sample = left[sample].double() * (1.0 if scale is None else scale)
+    residual = _sampled_residual(kernel, started_sample, solved_sample, shifted, left.shape[0])
     return DualSolution(weight, bias, 0, residual)
 
 
-def _sampled_residual(
-    kernel: DualKernel,
-    left: Tensor,
-    inverse: Tensor,
-    shifted: Tensor,
-    scale: float = 1.0,
-) -> Tensor:
-    """‖g − M v‖ estimated from up to RESIDUAL_SAMPLE_ROWS evenly spaced rows, scaled to all.
+def _sample_rows(left: Tensor) -> Tensor:
+    """Up to RESIDUAL_SAMPLE_ROWS evenly spaced row indices of ``left``."""
+    rows = left.shape[0]
+    count = min(rows, RESIDUAL_SAMPLE_ROWS)
+    return torch.linspace(0, rows - 1, count, device=left.device).round().long()
 
-    With ℓ = scale·left and c = ℓ(I/τθ + K)⁻¹ the solve's coefficients:
-    δ-form: v = cŨᵀ, g = ℓŨᵀ -> g − Mv = (ℓ − c(I/τθ + K)) Ũᵀ.
+
+def _sampled_residual(
+    kernel: DualKernel, started: Tensor, solved: Tensor, shifted: Tensor, rows: int
+) -> Tensor:
+    """‖g − M v‖ estimated from sampled rows (float64), scaled to all ``rows``.
+
+    ``started`` holds the sampled rows of ℓ, ``solved`` those of c = ℓ(I/τθ + K)⁻¹.
+    δ form: v = cŨᵀ, g = ℓŨᵀ -> g − Mv = (ℓ − c(I/τθ + K)) Ũᵀ.
     General form: v = τθ g + cŨᵀ, ℓ = −τθ h -> g − Mv = (ℓ − c(I/τθ + K)) Ũᵀ as well.
     Either way the residual is ρŨᵀ and ‖ρŨᵀ‖² = ρ K ρᵀ.
     """
-    rows = left.shape[0]
-    index = (
-        torch.linspace(0, rows - 1, min(rows, RESIDUAL_SAMPLE_ROWS), device=left.device)
-        .round()
-        .long()
-    )
-    sample = left[index].double() * scale
-    rho = sample - (sample @ inverse.double()) @ shifted
+    rho = started - solved @ shifted
     squared = (rho @ kernel.kernel.double() * rho).sum()
-    return (squared.clamp_min(0) * (rows / len(index))).sqrt()
+    return (squared.clamp_min(0) * (rows / started.shape[0])).sqrt()
 
 
 # The general form's squared residual counts as rounding noise (the row as converged)
@@ -374,15 +422,15 @@ def _block_rows(kernel: DualKernel, rows: int) -> int:
 
 
 def dual_cg_costs(
-    costs: DeviceCosts, columns: int, rows: int, iterations: int
+    costs: DeviceCosts, columns: int, rows: int, iterations: int, graphed: bool = False
 ) -> tuple[float, float]:
     """(eigenbasis, coefficient-basis) cost of the dual CG's n-dimensional work, in the
     device's float32-GEMM flops: one eigh plus the changes of basis (2·m·n² each way)
     against two (m × n)(n × n) float64 products per iteration, each with the operators its
-    iterations dispatch per block of rows."""
+    iterations dispatch per block of rows (``graphed``: replayed from a CUDA graph)."""
     n, m = columns, rows
     blocks = -(-m // CG_ROW_BLOCK) if costs.row_blocks else 1
-    calls = costs.operator_call * iterations * blocks
+    calls = operator_cost(costs, graphed) * iterations * blocks
     eigenbasis = costs.eigh_fixed + costs.eigh_per_cube * n**3 + 4.0 * m * n * n
     eigenbasis += calls * DUAL_CG_CALLS["eigenbasis"]
     coefficient = iterations * 4.0 * m * n * n * costs.float64_slowdown
@@ -649,8 +697,10 @@ def _general_cg(
         return 0.0 if projected is None else a * row_dot(projected, b)
 
     def inner(a1: Tensor, b1: Tensor, kernel_b1: Tensor, a2: Tensor, b2: Tensor) -> Tensor:
-        value = row_dot(kernel_b1, b2) + cross(a1, b2) + cross(a2, b1)
-        return value if gradient_sq is None else value + a1 * a2 * gradient_sq
+        value = row_dot(kernel_b1, b2)
+        if projected is None:  # δ form: a stays 0
+            return value
+        return value + cross(a1, b2) + cross(a2, b1) + a1 * a2 * gradient_sq
 
     def residual_norm_sq(a: Tensor, b: Tensor) -> Tensor:
         # ‖a·g + bŨᵀ‖²; where its terms cancel down to rounding, the row has converged
@@ -670,23 +720,27 @@ def _general_cg(
         residual_sq = gradient_sq
     else:
         residual_a = torch.zeros(rows, 1, dtype=reference.dtype, device=reference.device)
-        residual_b = start
+        residual_b = start.clone()
         residual_sq = row_dot(kernel_times(start), start)
-    direction_a, direction_b = residual_a, residual_b
+    direction_a, direction_b = residual_a, residual_b.clone()
     solution_a, solution_b = torch.zeros_like(residual_a), torch.zeros_like(residual_b)
     threshold_sq = None if tol is None else (tol * tol) * residual_sq
     new_residual_sq = residual_sq
     done = 0
+    # The (m, n) vectors are updated in place: on a GPU each of these passes is a kernel
+    # of its own, and out-of-place updates would double them.
     for done in range(1, iterations + 1):
         kernel_direction = kernel_times(direction_b)
         image_a = direction_a * inverse_tau
-        image_b = kernel_direction + direction_b * inverse_tau
+        image_b = torch.add(kernel_direction, direction_b, alpha=inverse_tau)
         if projected is not None:
-            image_b = image_b + direction_a * projected
+            image_b.addcmul_(projected, direction_a)
         curvature = inner(direction_a, direction_b, kernel_direction, image_a, image_b)
         alpha = guarded_ratio(residual_sq, curvature)
-        solution_a, solution_b = solution_a + alpha * direction_a, solution_b + alpha * direction_b
-        residual_a, residual_b = residual_a - alpha * image_a, residual_b - alpha * image_b
+        solution_a = solution_a + alpha * direction_a
+        solution_b.addcmul_(direction_b, alpha)
+        residual_a = residual_a - alpha * image_a
+        residual_b.addcmul_(image_b, alpha, value=-1)
         new_residual_sq = residual_norm_sq(residual_a, residual_b)
         if done == iterations or (
             threshold_sq is not None and bool((new_residual_sq <= threshold_sq).all())
@@ -694,6 +748,6 @@ def _general_cg(
             break
         beta = guarded_ratio(new_residual_sq, residual_sq)
         direction_a = residual_a + beta * direction_a
-        direction_b = residual_b + beta * direction_b
+        direction_b.mul_(beta).add_(residual_b)
         residual_sq = new_residual_sq
     return solution_b, done, new_residual_sq.sum(), solution_a

@@ -7,11 +7,14 @@ tensors, so every step copies the layer's captured inputs and gradient into them
 and hands out the graph's own output tensors (overwritten by the next replay).
 
 Only solves whose work is fixed in advance are graphed: CG without ``cg_tol`` (an early
-stop reads the residual back), without the δ probe's scale (a number baked into the
-graph) and without a communicator. A graph is captured the second time its key (layer,
-form, iteration count, τθ, input shapes and dtypes) is seen, so the first step runs
-eagerly and warms every library handle; a capture that fails leaves that key eager for
-good. Each graph keeps a private memory pool for its temporaries: graphs trade memory for
+stop reads the residual back) and exact solves in the dual form (the primal exact solve
+reads its factorisation's status back), never with a communicator. A layer whose δ probe
+holds replays its δ-form graph with the probe's scale as a static input (a device tensor,
+never a number baked into the graph); the probe's verdict picks that graph or the general
+form's. A graph is captured the second time its key (layer, form, exact or CG and its
+iteration count, τθ, input shapes and dtypes) is seen, so the first step runs eagerly
+and warms every library handle; a capture that fails leaves that key eager for good.
+Each graph keeps a private memory pool for its temporaries: graphs trade memory for
 launches.
 """
 

@@ -7,6 +7,7 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from proxoptim.distributed import (
     default_mode,
     gathered_linear_calls,
 )
-from proxoptim.dual import DualKernel
+from proxoptim.dual import DualKernel, probe_verdicts
 from proxoptim.graphs import SolveGraphs
 from proxoptim.layers import Layer, adopt, claim, find_layers, release, resolve_exclusions, unwrap
 from proxoptim.operators import LayerSystem, RowLayout
@@ -32,6 +33,21 @@ from proxoptim.workspace import Workspace
 SOLVERS = ("cg", "exact", "none")
 NONFINITE = ("raise", "skip")
 SOLVER_FORMS = ("auto", *FORMS)
+
+
+@dataclass
+class _Prepared:
+    """One layer's solve, set up: everything but the δ probe's verdict."""
+
+    layer: Layer
+    calls: list[CapturedCall]
+    layout: RowLayout
+    system: LayerSystem
+    dtype: torch.dtype
+    grad_weight: Tensor
+    grad_bias: Tensor | None
+    probe: Tensor | None  # DualKernel.probe_numbers, still on the device
+    seconds: float  # host time spent setting it up
 
 
 class ProxPropOptimizer(Optimizer):
@@ -71,12 +87,14 @@ class ProxPropOptimizer(Optimizer):
             ``FloatingPointError`` naming the layer and the quantity, before anything is
             written; ``"skip"``: the step is skipped with a warning and counted in
             ``skipped_steps``.
-        cuda_graphs: replay each layer's CG solve as a CUDA graph (tensors on a CUDA
-            device; ``solver="cg"`` without ``cg_tol``; not under ``distributed``; layers
-            whose δ probe runs stay eager). One launch replaces the solve's 100-200, which
-            is what a GPU step is bound by (docs/performance.md); each graph keeps copies
-            of its layer's input and gradient and a private memory pool. The first step
-            with a given layer shape runs eagerly, the second captures.
+        cuda_graphs: replay each layer's solve as a CUDA graph (tensors on a CUDA device;
+            CG without ``cg_tol``, and exact solves in the dual form; not under
+            ``distributed``). One launch replaces the solve's 100-200, which is what a GPU
+            step is bound by (docs/performance.md), and the form choice prices operators
+            as replayed kernels. A layer whose δ probe holds replays the δ form with the
+            probe's scale as one of the graph's inputs. Each graph keeps copies of its
+            layer's inputs and gradient and a private memory pool. The first step with a
+            given layer shape runs eagerly, the second captures.
         distributed: ``"global"`` (default inside an initialised process group of several
             ranks: every rank gets the single-process direction on the concatenation of all
             ranks' batches) or ``"local"`` (each rank's own M, directions averaged); see
@@ -312,7 +330,11 @@ class ProxPropOptimizer(Optimizer):
     def _directions(
         self, calls: dict[int, list[CapturedCall]]
     ) -> tuple[dict[Tensor, Tensor], dict[str, LayerStats]]:
-        """v for every layer to precondition, keyed by parameter, and per-layer stats."""
+        """v for every layer to precondition, keyed by parameter, and per-layer stats.
+
+        Two passes: every layer's system and δ probe is set up first, so that all probes
+        are read back in one host sync (not one per layer); then every layer solves.
+        """
         output_layer = None
         if self.exclude_last and calls:
             # The layer backward reached first: the one that ran last in the forward pass.
@@ -320,7 +342,10 @@ class ProxPropOptimizer(Optimizer):
         stepped = {param for group in self.inner.param_groups for param in group["params"]}
         directions: dict[Tensor, Tensor] = {}
         pending: dict[str, PendingStats] = {}
-        spread: list[tuple[int, Layer, dict[Tensor, Tensor]]] = []
+        # (position, owner rank, layer, directions): broadcast in layer order on every rank.
+        spread: list[tuple[int, int, Layer, dict[Tensor, Tensor]]] = []
+        prepared: list[tuple[int, int | None, _Prepared]] = []
+        owned = 0
         for index, layer in enumerate(self._layers):
             weight = layer.weight
             if layer.excluded or index == output_layer:
@@ -332,15 +357,26 @@ class ProxPropOptimizer(Optimizer):
                 continue
             owner = None
             if self.distributed == "global" and not layer.kind.im2col:
-                owner = len(spread) % self._communicator.world_size
-            layer_directions, layer_stats = self._precondition(layer, calls[index], owner)
+                # Round-robin over the ranks, in layer order (the same on every rank).
+                owner = owned % self._communicator.world_size
+                owned += 1
+            setup = self._prepare(layer, calls[index], owner)
+            if isinstance(setup, dict):  # another rank solves this layer
+                spread.append((index, owner, layer, setup))
+                directions.update(setup)
+            else:
+                prepared.append((index, owner, setup))
+        scales = probe_verdicts(
+            [setup.probe for _, _, setup in prepared], [setup.dtype for _, _, setup in prepared]
+        )
+        for (index, owner, setup), scale in zip(prepared, scales, strict=True):
+            layer_directions, layer_stats = self._solve(setup, scale)
             if owner is not None:
-                spread.append((owner, layer, layer_directions))
-            if layer_stats is not None:
-                pending[layer.name] = layer_stats
+                spread.append((index, owner, setup.layer, layer_directions))
+            pending[setup.layer.name] = layer_stats
             directions.update(layer_directions)
         stats = resolve_stats(pending)
-        for owner, layer, layer_directions in spread:
+        for _, owner, layer, layer_directions in sorted(spread, key=lambda entry: entry[0]):
             for direction in layer_directions.values():
                 self._communicator.broadcast_(direction, owner)
             packed = pack(stats.get(layer.name))
@@ -349,19 +385,18 @@ class ProxPropOptimizer(Optimizer):
             stats[layer.name] = unpack(self._communicator.broadcast_(packed, owner))
         return {param: v.to(param.dtype) for param, v in directions.items()}, stats
 
-    def _precondition(
+    def _prepare(
         self, layer: Layer, calls: list[CapturedCall], owner: int | None = None
-    ) -> tuple[dict[Tensor, Tensor], PendingStats | None]:
-        """v = M⁻¹g (or k CG iterations) for one layer, as {parameter: direction} in the
-        solve dtype. With an ``owner`` rank, only that rank solves: the others take part in
-        the gathers and return the buffers the owner's direction will be broadcast into."""
+    ) -> _Prepared | dict[Tensor, Tensor]:
+        """One layer's system, gradient in the solve dtype and δ probe (left on the device).
+        With an ``owner`` rank other than this one, only the gathers run here and the
+        buffers the owner's direction will be broadcast into are returned instead."""
         started = time.perf_counter()
         weight, bias = layer.weight, layer.bias
         has_bias = bias is not None and bias.requires_grad
         layout = RowLayout(
             weight.shape, layer.kind.groups(layer.modules[0]), has_bias, layer.kind.rows_axis
         )
-        exact = self.solver == "exact"
         # Solve in at least float32 whatever the parameter (or autocast input) dtype.
         dtype = torch.promote_types(weight.dtype, torch.float32)
         grad_weight = weight.grad.to(dtype)
@@ -385,92 +420,135 @@ class ProxPropOptimizer(Optimizer):
             waiting = {weight: buffers[0]}
             if has_bias and bias.grad is not None:
                 waiting[bias] = buffers[1]
-            return waiting, None
-        scale = None
+            return waiting
+        exact = self.solver == "exact"
+        probe = None
         if system.supports_dual and DualKernel.should_probe(system, exact):
-            scale = DualKernel.probe_output_grad_scale(
+            probe = DualKernel.probe_numbers(
                 system, grad_weight, grad_bias, self._probe_generator(weight.device)
             )
-        form = choose_form(system, exact, self.cg_iters, self.solver_form, scale is not None)
+        return _Prepared(
+            layer,
+            calls,
+            layout,
+            system,
+            dtype,
+            grad_weight,
+            grad_bias,
+            probe,
+            time.perf_counter() - started,
+        )
+
+    def _graphs_apply(self, setup: _Prepared, exact: bool) -> bool:
+        """Whether this layer's solve may replay as a CUDA graph: fixed work (no ``cg_tol``
+        for CG), no communicator, a device the runner supports."""
+        return (
+            self._graphs is not None
+            and (exact or self.cg_tol is None)
+            and setup.system.communicator is None
+            and self._graphs.runner.supports(setup.layer.weight.device)
+        )
+
+    def _solve(
+        self, setup: _Prepared, scale: float | None
+    ) -> tuple[dict[Tensor, Tensor], PendingStats]:
+        """v = M⁻¹g (or k CG iterations) for one prepared layer, as {parameter: direction}
+        in the solve dtype, and its pending stats; ``scale``: the probe's verdict."""
+        started = time.perf_counter()
+        layer, system = setup.layer, setup.system
+        weight, bias = layer.weight, layer.bias
+        exact = self.solver == "exact"
+        graphs_apply = self._graphs_apply(setup, exact)
+        form = choose_form(
+            system,
+            exact,
+            self.cg_iters,
+            self.solver_form,
+            scale is not None,
+            graphed=graphs_apply and not exact,
+        )
         if exact and form == "matrix_free":
             self._warn_once(
                 layer.name,
                 f"ProxProp: layer {layer.name!r} has no Gram within the memory limit "
-                f"(d = {layout.row_dim}{'' if system.has_patches else ', no patches'}): its "
-                "exact solve runs CG to convergence instead. This warning is shown once.",
+                f"(d = {setup.layout.row_dim}{'' if system.has_patches else ', no patches'}): "
+                "its exact solve runs CG to convergence instead. This warning is shown once.",
             )
         graphed = None
-        if not exact and scale is None and communicator is None:
-            graphed = self._graphed_solve(layer, layout, calls, form, dtype, grad_weight, grad_bias)
+        # Exact solves replay only in the dual form: the others read values back mid-solve.
+        if graphs_apply and (not exact or form == "dual"):
+            graphed = self._graphed_solve(setup, form, None if scale is None else setup.probe)
         if graphed is not None:
             (weight_v, bias_v, values), iterations = graphed
             # The graph owns its outputs: the eager direction buffers are of no more use.
             self._buffers.pop(weight, None)
-            seconds = time.perf_counter() - started
-            stats = PendingStats(form, iterations, values, seconds, system.num_columns, None)
+            seconds = setup.seconds + time.perf_counter() - started
+            stats = PendingStats(form, iterations, values, seconds, system.num_columns, scale)
         else:
             solution = solve(
                 system,
-                grad_weight,
-                grad_bias,
+                setup.grad_weight,
+                setup.grad_bias,
                 self.tau_prox,
                 exact=exact,
                 cg_iters=self.cg_iters,
                 cg_tol=self.cg_tol,
                 form=form,
                 output_grad_scale=scale,
-                out=self._direction_buffers(weight, grad_weight, grad_bias),
+                out=self._direction_buffers(weight, setup.grad_weight, setup.grad_bias),
                 workspace=self._workspace,
             )
             weight_v, bias_v = solution.weight, solution.bias
+            seconds = setup.seconds + time.perf_counter() - started
             stats = layer_stats(
-                form, solution, grad_weight, grad_bias, time.perf_counter() - started, system, scale
+                form, solution, setup.grad_weight, setup.grad_bias, seconds, system, scale
             )
         directions = {weight: weight_v}
-        if has_bias and bias.grad is not None:
+        if setup.grad_bias is not None and bias.grad is not None:
             directions[bias] = bias_v
         return directions, stats
 
     def _graphed_solve(
-        self,
-        layer: Layer,
-        layout: RowLayout,
-        calls: list[CapturedCall],
-        form: str,
-        dtype: torch.dtype,
-        grad_weight: Tensor,
-        grad_bias: Tensor | None,
+        self, setup: _Prepared, form: str, probe: Tensor | None
     ) -> tuple[list[Tensor | None], int] | None:
-        """The layer's CG solve through :class:`SolveGraphs`: (v weight, v bias, the stats'
-        numbers) and the iteration count, or None where it runs eagerly this step (graphs
-        off, another device, ``cg_tol``, or a key not yet captured)."""
-        if (
-            self._graphs is None
-            or self.cg_tol is not None
-            or not self._graphs.runner.supports(layer.weight.device)
-        ):
-            return None
-        modules = [call.module for call in calls]
-        inputs = [call.input for call in calls] + [grad_weight]
-        if grad_bias is not None:
-            inputs.append(grad_bias)
+        """The layer's solve through :class:`SolveGraphs`: (v weight, v bias, the stats'
+        numbers) and the iteration count, or None where it runs eagerly this step (a key
+        not yet captured, or one whose capture failed). ``probe``: the layer's probe
+        numbers when its verdict was δ; the scale then stays on the device, one of the
+        graph's inputs, and the graph runs the δ form."""
+        modules = [call.module for call in setup.calls]
+        inputs = [call.input for call in setup.calls]
+        if probe is not None:
+            inputs += [call.output_grad for call in setup.calls] + [probe]
+        inputs.append(setup.grad_weight)
+        if setup.grad_bias is not None:
+            inputs.append(setup.grad_bias)
+        exact = self.solver == "exact"
         key = (
-            layer.name,
+            setup.layer.name,
             form,
+            exact,
             self.cg_iters,
             self.tau_prox,
-            dtype,
+            setup.dtype,
             tuple((tuple(value.shape), value.dtype, value.stride()) for value in inputs),
         )
-        kind, tau_prox, cg_iters = layer.kind, self.tau_prox, self.cg_iters
+        kind, layout, dtype = setup.layer.kind, setup.layout, setup.dtype
+        tau_prox, cg_iters, calls = self.tau_prox, self.cg_iters, len(modules)
 
         def solve_static(static: list[Tensor]) -> tuple[list[Tensor | None], int]:
-            xs, grads = static[: len(modules)], static[len(modules) :]
-            static_weight, static_bias = grads[0], grads[1] if len(grads) > 1 else None
-            # δ stays out: without the probe's verdict the general form runs.
+            xs, rest = static[:calls], static[calls:]
+            output_grads: list[Tensor | None] = [None] * calls
+            scale = None
+            if probe is not None:
+                output_grads, scale, rest = rest[:calls], rest[calls][1], rest[calls + 1 :]
+            static_weight, static_bias = rest[0], rest[1] if len(rest) > 1 else None
             system = LayerSystem(
                 layout,
-                [(module, kind, x, None) for module, x in zip(modules, xs, strict=True)],
+                [
+                    (module, kind, x, grad)
+                    for module, x, grad in zip(modules, xs, output_grads, strict=True)
+                ],
                 dtype,
             )
             solution = solve(
@@ -478,10 +556,11 @@ class ProxPropOptimizer(Optimizer):
                 static_weight,
                 static_bias,
                 tau_prox,
-                exact=False,
+                exact=exact,
                 cg_iters=cg_iters,
                 cg_tol=None,
                 form=form,
+                output_grad_scale=scale,
                 workspace=Workspace(),  # the graph's own: shared slots could be reallocated
             )
             pending = layer_stats(form, solution, static_weight, static_bias, 0.0, system, None)

@@ -179,11 +179,16 @@ class Costs:
 
 
 def estimate_costs(
-    system: LayerSystem, exact: bool, cg_iters: int, output_grad_known: bool = False
+    system: LayerSystem,
+    exact: bool,
+    cg_iters: int,
+    output_grad_known: bool = False,
+    graphed: bool = False,
 ) -> Costs:
     """Cost of each form for n columns, row dim d, m rows in total, k iterations, in the
     float32-GEMM flops of the layer's device (proxoptim.costs): the flops of its products,
-    its dense factorisations, and the fixed cost of the operators it dispatches.
+    its dense factorisations, and the fixed cost of the operators it dispatches (replayed
+    from a CUDA graph when ``graphed``: a kernel's run, not a host-side launch).
 
     Forms whose memory (a Gram or kernel above :data:`MAX_GRAM_ELEMENTS`) or layer kind rule
     them out cost inf; so does matrix-free for an exact solve.
@@ -195,9 +200,9 @@ def estimate_costs(
     matrix_free = float("inf") if exact else 4.0 * k * n * d * m
     if system.im2col:
         matrix_free *= device.conv_product_slowdown
-    matrix_free += form_overhead(device, "matrix_free", k)
+    matrix_free += form_overhead(device, "matrix_free", k, graphed)
 
-    primal = system.gram_cost() + form_overhead(device, "primal", k)
+    primal = system.gram_cost() + form_overhead(device, "primal", k, graphed)
     if exact:
         primal += groups * (device.cholesky_fixed + d**3 / 3.0)
         primal += PRIMAL_EXACT_SYNCS * device.host_sync
@@ -216,10 +221,14 @@ def estimate_costs(
         if not output_grad_known:
             dual += 2.0 * n * m * d  # h = gŨ
         if exact:
-            dual += device.cholesky_fixed + device.inverse_per_cube * n**3 + 2.0 * m * n * n
+            dual += device.cholesky_fixed
+            if device.explicit_inverse:
+                dual += device.inverse_per_cube * n**3 + 2.0 * m * n * n
+            else:
+                dual += 2.0 * m * n * n * device.float64_slowdown  # two triangular solves
         else:
-            dual += min(dual_cg_costs(device, n, m, k))
-        dual += form_overhead(device, "dual", k)
+            dual += min(dual_cg_costs(device, n, m, k, graphed))
+        dual += form_overhead(device, "dual", k, graphed)
     return Costs(matrix_free, primal, dual)
 
 
@@ -229,15 +238,17 @@ def choose_form(
     cg_iters: int,
     requested: str = "auto",
     output_grad_known: bool = False,
+    graphed: bool = False,
 ) -> str:
     """The form to run for one layer.
 
     A requested form runs wherever the layer allows it (dual: Linear layers; primal: layers
     with patches whose Gram fits the memory limit); elsewhere, and under "auto", the
-    cheapest by :func:`estimate_costs`. An exact solve with neither a Gram nor a kernel
-    available runs "matrix_free" CG to convergence.
+    cheapest by :func:`estimate_costs` (``graphed``: priced as replayed in a CUDA graph).
+    An exact solve with neither a Gram nor a kernel available runs "matrix_free" CG to
+    convergence.
     """
-    costs = estimate_costs(system, exact, cg_iters, output_grad_known)
+    costs = estimate_costs(system, exact, cg_iters, output_grad_known, graphed)
     if requested != "auto" and getattr(costs, requested) < float("inf"):
         return requested
     cheapest = costs.cheapest(FORMS)

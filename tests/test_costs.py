@@ -97,3 +97,27 @@ def test_probe_runs_on_accelerators_only_where_it_pays(batch, width, expected):
     assert DualKernel.should_probe(on_gpu, True)  # exact solves always probe
     # Without a captured δ there is nothing to probe.
     assert not DualKernel.should_probe(system(layer, batch), True)
+
+
+def test_graphed_solves_are_priced_by_their_kernels_not_their_launches():
+    """Replayed from a CUDA graph, the dual CG's many small operators cost their kernels'
+    run time only; measured on the H200 (gpu_check.py, forms with graphs): the paper MLP's
+    cg3 dual 7.0 ms against matrix-free 8.3, cg10 13.3 against 19.3; eager, matrix-free won
+    (8.3 against 13.5)."""
+    on_gpu = system(nn.Linear(3072, 4000), 500, costs=ACCELERATOR)
+    for iterations in (3, 10):
+        assert choose_form(on_gpu, False, iterations) == "matrix_free"
+        assert choose_form(on_gpu, False, iterations, graphed=True) == "dual"
+    assert form_overhead(ACCELERATOR, "dual", 3, graphed=True) < form_overhead(
+        ACCELERATOR, "dual", 3
+    )
+    # No graphs on a CPU: the flag changes nothing there.
+    on_cpu = system(nn.Linear(3072, 4000), 500)
+    assert estimate_costs(on_cpu, False, 3, graphed=True) == estimate_costs(on_cpu, False, 3)
+
+
+def test_exact_dual_on_accelerators_is_priced_by_its_triangular_solves():
+    on_gpu = system(nn.Linear(3072, 4000), 500, costs=ACCELERATOR)
+    on_cpu = system(nn.Linear(3072, 4000), 500)
+    assert not ACCELERATOR.explicit_inverse and CPU.explicit_inverse
+    assert choose_form(on_gpu, True, 3) == "dual" and choose_form(on_cpu, True, 3) == "dual"

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from oracle import Recorder, flatten_pair, oracle_direction, relative_error
 from torch import nn
 
 from proxoptim import ProxPropOptimizer
-from proxoptim.dual import SYMMETRIC_KERNEL_MIN_COLUMNS, symmetric_product
+from proxoptim.dual import SYMMETRIC_KERNEL_MIN_COLUMNS, probe_verdicts, symmetric_product
 
 BASES = {"eigenbasis": (0.0, 1.0), "coefficient": (1.0, 0.0)}
 
@@ -18,6 +20,17 @@ def cg_basis(request, monkeypatch):
     """Run the dual CG in the given basis (its cost model picks per device and size)."""
     costs = BASES[request.param]
     monkeypatch.setattr("proxoptim.dual.dual_cg_costs", lambda *args: costs)
+    return request.param
+
+
+@pytest.fixture(params=["inverse", "solve"])
+def exact_path(request, monkeypatch):
+    """The exact dual solve by the explicit inverse (the CPU's choice) or by triangular
+    solves against the coefficients (the accelerators')."""
+    from proxoptim import costs
+
+    explicit = request.param == "inverse"
+    monkeypatch.setattr(costs, "CPU", dataclasses.replace(costs.CPU, explicit_inverse=explicit))
     return request.param
 
 
@@ -51,6 +64,7 @@ def step_with(layer, x, weights, modify_grad=None, solver="exact", **kwargs):
 
 @pytest.mark.parametrize("solver", ["exact", "cg"])
 @pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.usefixtures("exact_path")
 def test_untouched_gradient_takes_the_output_gradient_shortcut(solver, bias):
     layer, x, weights = layer_and_batch(bias=bias)
     direction, grad, stats = step_with(layer, x, weights, solver=solver, tau_prox=0.7)
@@ -60,6 +74,7 @@ def test_untouched_gradient_takes_the_output_gradient_shortcut(solver, bias):
 
 
 @pytest.mark.parametrize("solver", ["exact", "cg"])
+@pytest.mark.usefixtures("exact_path")
 def test_clipped_gradient_is_a_scaled_shortcut(solver):
     layer, x, weights = layer_and_batch(seed=1)
 
@@ -73,6 +88,7 @@ def test_clipped_gradient_is_a_scaled_shortcut(solver):
 
 
 @pytest.mark.parametrize("solver", ["exact", "cg"])
+@pytest.mark.usefixtures("exact_path")
 def test_gradient_with_extra_terms_uses_the_general_form(solver):
     """Weight decay added to .grad, or a gradient averaged with another batch's (as DDP does):
     the probe must notice, and the general form must solve with the gradient as it is."""
@@ -116,6 +132,7 @@ def test_grad_scaler_unscaling_gives_the_unscaled_direction():
     assert relative_error(opt.inner.seen[-1][model[0].weight], expected) < 1e-5
 
 
+@pytest.mark.usefixtures("exact_path")
 def test_rank_deficient_kernel():
     """More samples than fan-in, and repeated samples: K is singular, I/τθ + K is not."""
     layer, x, weights = layer_and_batch(seed=4, n=12, d_in=3)
@@ -136,6 +153,7 @@ def test_probe_leaves_the_global_random_stream_alone():
     assert torch.equal(torch.rand(3), expected)
 
 
+@pytest.mark.usefixtures("exact_path")
 def test_exact_dual_residual_is_reported():
     layer, x, weights = layer_and_batch(seed=5)
     _, _, stats = step_with(layer, x, weights)
@@ -233,3 +251,16 @@ def test_cg_in_each_basis_matches_the_oracle(cg_basis, modify, cg_iters):
     expected = oracle_direction(layer, [x], grad, 0.6, cg_iters)
     assert relative_error(direction, expected) <= TOLERANCE
     assert 0 <= stats.relative_residual < (1e-6 if cg_iters == 8 else 1.0)
+
+
+def test_probe_verdicts_read_every_layer_at_once():
+    """One list per device, one verdict per layer in order; None where not probed, where δ
+    vanished, or where the fit misses the tolerance."""
+    fits = torch.tensor([4.0, 0.5, 0.0, 2.0], dtype=torch.float64)
+    misses = torch.tensor([4.0, 0.5, 1e-2, 2.0], dtype=torch.float64)
+    no_delta = torch.tensor([0.0, 0.0, 0.0, 2.0], dtype=torch.float64)
+    verdicts = probe_verdicts(
+        [fits, None, misses, no_delta, fits], [torch.float32] * 4 + [torch.float64]
+    )
+    assert verdicts == [0.5, None, None, None, 0.5]
+    assert probe_verdicts([], []) == []

@@ -6,6 +6,7 @@ what is tested."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -144,10 +145,66 @@ def test_cuda_graphs_must_be_a_bool():
         ProxPropOptimizer(network(), torch.optim.SGD, lr=0.1, cuda_graphs="yes")
 
 
-def test_a_layer_with_a_probed_scale_stays_eager(monkeypatch):
+def run_scaled_steps(opt, model, batches, factors):
+    """Steps whose .grad is scaled after backward (as clipping does): the probe's s = factor."""
+    scales = []
+    for (x, y), factor in zip(batches, factors, strict=True):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        for param in model.parameters():
+            param.grad.mul_(factor)
+        opt.step()
+        scales.append(opt.last_stats["3"].output_grad_scale)
+    return opt.inner.seen, scales
+
+
+@pytest.mark.parametrize("solver", ["cg", "exact"])
+def test_probed_layers_replay_the_delta_form_with_each_steps_scale(monkeypatch, solver):
+    """The probe's scale is one of the graph's inputs (on the device), not a captured number:
+    replays with another step's scale give that step's eager direction."""
     monkeypatch.setattr("proxoptim.dual.DualKernel.should_probe", lambda system, exact: True)
     model = network()
-    opt = graphed(model)
+    eager_model = copy.deepcopy(model)
+    batches = [batch(seed) for seed in range(4)]
+    factors = [1.0, 0.5, 0.25, 2.0]
+    kwargs = {"solver": solver, "solver_form": "dual", "tau_prox": 0.3}
+    opt = graphed(model, **kwargs)
+    seen, scales = run_scaled_steps(opt, model, batches, factors)
+    eager = ProxPropOptimizer(eager_model, Recorder, **kwargs)
+    expected, eager_scales = run_scaled_steps(eager, eager_model, batches, factors)
+    assert opt.captured_graphs == 2  # the conv (dual from its patches) and the Linear layer
+    assert scales == pytest.approx(factors, rel=1e-5)
+    assert scales == pytest.approx(eager_scales, rel=1e-12)
+    for step_seen, step_expected in zip(seen, expected, strict=True):
+        for direction, reference in zip(step_seen.values(), step_expected.values(), strict=True):
+            torch.testing.assert_close(direction, reference, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("explicit_inverse", [True, False])
+def test_exact_dual_solves_replay(monkeypatch, explicit_inverse):
+    """Exact solves replay in the dual form (nothing in it reads a value back), with the
+    inverse (CPU) or the triangular solves (accelerators)."""
+    from proxoptim import costs
+
+    monkeypatch.setattr(
+        costs, "CPU", dataclasses.replace(costs.CPU, explicit_inverse=explicit_inverse)
+    )
+    model = network()
+    eager_model = copy.deepcopy(model)
+    batches = [batch(seed) for seed in range(4)]
+    opt = graphed(model, solver="exact", solver_form="dual")
+    seen = run_steps(opt, model, batches)
+    eager = ProxPropOptimizer(eager_model, Recorder, solver="exact", solver_form="dual")
+    expected = run_steps(eager, eager_model, batches)
+    assert opt.captured_graphs == 2
+    for step_seen, step_expected in zip(seen, expected, strict=True):
+        for direction, reference in zip(step_seen.values(), step_expected.values(), strict=True):
+            torch.testing.assert_close(direction, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_exact_primal_solves_stay_eager():
+    """The primal exact solve reads its factorisation's status back: no graph."""
+    model = network()
+    opt = graphed(model, solver="exact", solver_form="primal")
     run_steps(opt, model, [batch(seed) for seed in range(3)])
-    assert opt.captured_graphs == 1  # the conv; the Linear layer's gradient is s·δᵀX
-    assert opt.last_stats["3"].output_grad_scale == pytest.approx(1.0)
+    assert opt.captured_graphs == 0

@@ -27,7 +27,7 @@ OPTIMIZERS = ("nesterov", "adam")
 @dataclass(frozen=True)
 class Method:
     """A way to compute the update direction: ``backprop``, ``cg<k>`` or ``exact``;
-    ``cg<k>-graphs`` is ``cg<k>`` with its solves replayed as CUDA graphs."""
+    ``cg<k>-graphs`` and ``exact-graphs`` replay their solves as CUDA graphs."""
 
     name: str
     solver: str
@@ -43,13 +43,14 @@ class Method:
         name = name.strip().lower()
         if name in ("backprop", "bp"):
             return cls("backprop", "none")
-        if name == "exact":
-            return cls("exact", "exact")
+        if name in ("exact", "exact-graphs"):
+            return cls(name, "exact", cuda_graphs=name.endswith("-graphs"))
         match = re.fullmatch(r"cg(\d+)(-graphs)?", name)
         if match and int(match.group(1)) >= 1:
             return cls(name, "cg", int(match.group(1)), match.group(2) is not None)
         raise ValueError(
-            f"unknown method {name!r}; use backprop, exact, cg<k> such as cg3, or cg<k>-graphs"
+            f"unknown method {name!r}; use backprop, exact, cg<k> such as cg3, or either with "
+            "-graphs (cuda_graphs=True)"
         )
 
 

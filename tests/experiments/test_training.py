@@ -28,6 +28,7 @@ def test_method_names():
     assert Method.parse("BP").is_backprop
     assert Method.parse("cg7") == Method("cg7", "cg", 7)
     assert Method.parse("cg3-graphs") == Method("cg3-graphs", "cg", 3, cuda_graphs=True)
+    assert Method.parse("exact-graphs") == Method("exact-graphs", "exact", cuda_graphs=True)
     assert Method.parse("exact").solver == "exact"
     for bad in ("cg0", "cg", "newton"):
         with pytest.raises(ValueError, match="cg<k>"):
