@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.autograd.profiler import record_function
 from torch.optim import Optimizer
 
 from proxoptim.capture import Capture, CapturedCall
@@ -302,7 +303,8 @@ class ProxPropOptimizer(Optimizer):
             directions, stats = self._directions(calls)
             if self.distributed == "local" and directions:
                 average_over_ranks(list(directions.values()), self._communicator)
-        problem = self._nonfinite_problem(directions, stats, calls)
+        with record_function("ProxProp.nonfinite_check"):
+            problem = self._nonfinite_problem(directions, stats, calls)
         if problem is not None:
             if self.nonfinite == "raise":
                 raise FloatingPointError(
@@ -360,22 +362,27 @@ class ProxPropOptimizer(Optimizer):
                 # Round-robin over the ranks, in layer order (the same on every rank).
                 owner = owned % self._communicator.world_size
                 owned += 1
-            setup = self._prepare(layer, calls[index], owner)
+            with record_function(f"ProxProp.prepare#{layer.name}"):
+                setup = self._prepare(layer, calls[index], owner)
             if isinstance(setup, dict):  # another rank solves this layer
                 spread.append((index, owner, layer, setup))
                 directions.update(setup)
             else:
                 prepared.append((index, owner, setup))
-        scales = probe_verdicts(
-            [setup.probe for _, _, setup in prepared], [setup.dtype for _, _, setup in prepared]
-        )
+        with record_function("ProxProp.probe_verdicts"):
+            scales = probe_verdicts(
+                [setup.probe for _, _, setup in prepared],
+                [setup.dtype for _, _, setup in prepared],
+            )
         for (index, owner, setup), scale in zip(prepared, scales, strict=True):
-            layer_directions, layer_stats = self._solve(setup, scale)
+            with record_function(f"ProxProp.solve#{setup.layer.name}"):
+                layer_directions, layer_stats = self._solve(setup, scale)
             if owner is not None:
                 spread.append((index, owner, setup.layer, layer_directions))
             pending[setup.layer.name] = layer_stats
             directions.update(layer_directions)
-        stats = resolve_stats(pending)
+        with record_function("ProxProp.resolve_stats"):
+            stats = resolve_stats(pending)
         for _, owner, layer, layer_directions in sorted(spread, key=lambda entry: entry[0]):
             for direction in layer_directions.values():
                 self._communicator.broadcast_(direction, owner)
