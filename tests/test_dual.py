@@ -264,3 +264,24 @@ def test_probe_verdicts_read_every_layer_at_once():
     )
     assert verdicts == [0.5, None, None, None, 0.5]
     assert probe_verdicts([], []) == []
+
+
+def test_every_layers_probe_is_read_back_at_once(monkeypatch):
+    """The optimizer sets up every layer (and its probe) before any solve, and reads all
+    the probes' numbers in one call: one host sync per step, not one per layer."""
+    import proxoptim.optimizer as optimizer_module
+
+    calls = []
+
+    def counting(numbers, dtypes):
+        calls.append(len(numbers))
+        return probe_verdicts(numbers, dtypes)
+
+    monkeypatch.setattr(optimizer_module, "probe_verdicts", counting)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(9, 7), nn.ReLU(), nn.Linear(7, 5), nn.ReLU(), nn.Linear(5, 3))
+    opt = ProxPropOptimizer(model, Recorder, solver_form="dual")
+    nn.functional.cross_entropy(model(torch.rand(6, 9)), torch.randint(0, 3, (6,))).backward()
+    opt.step()
+    assert calls == [2]  # both hidden layers' probes, in one read-back
+    assert all(stats.output_grad_scale == pytest.approx(1.0) for stats in opt.last_stats.values())

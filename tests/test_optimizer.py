@@ -646,3 +646,26 @@ def test_multihead_attention_out_proj_gets_the_plain_gradient_with_a_warning():
     assert torch.equal(seen[attention.out_proj.weight], attention.out_proj.weight.grad)
     assert torch.equal(seen[attention.in_proj_weight], attention.in_proj_weight.grad)
     assert set(opt.last_stats) == {"head"}
+
+
+def test_profiler_sees_each_phase_of_a_step():
+    """torch.profiler shows where a step's time goes: per-layer setup and solve ranges, the
+    one probe read-back, the stats read-back and the non-finite check."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = make_mlp()
+    opt = ProxPropOptimizer(model, torch.optim.SGD, lr=0.1, solver_form="dual")
+    nn.functional.mse_loss(
+        model(torch.rand(5, 6, dtype=torch.float64)), torch.zeros(5, 3)
+    ).backward()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        opt.step()
+    names = {event.key for event in prof.key_averages()}
+    for layer in ("0", "2"):  # the output layer keeps its gradient
+        assert {f"ProxProp.prepare#{layer}", f"ProxProp.solve#{layer}"} <= names
+    assert "ProxProp.prepare#4" not in names
+    assert {
+        "ProxProp.probe_verdicts",
+        "ProxProp.resolve_stats",
+        "ProxProp.nonfinite_check",
+    } <= names
