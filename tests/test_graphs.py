@@ -20,8 +20,8 @@ from proxoptim.graphs import EagerRunner, SolveGraphs
 
 @pytest.fixture(autouse=True)
 def no_probe_for_cg(monkeypatch):
-    """As on an accelerator at these sizes: CG does not probe for δ (a probed scale would
-    be a number baked into the graph, so such layers stay eager)."""
+    """As on an accelerator at these sizes: CG does not probe for δ, so these tests graph
+    the general form (the δ form's graphs are tested where the probe is forced on)."""
     original = DualKernel.should_probe
     monkeypatch.setattr(
         "proxoptim.dual.DualKernel.should_probe",
