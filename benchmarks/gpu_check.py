@@ -421,7 +421,7 @@ def factorisations(device: str) -> None:
 
 
 def profile(device: str) -> None:
-    """Where the time of one MLP step goes on the device: the host time of each phase of
+    """Where the time of one step goes on the device: the host time of each phase of
     ProxProp's step (its ``record_function`` ranges) and the top kernels (torch.profiler)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as run_profiler
@@ -432,20 +432,21 @@ def profile(device: str) -> None:
         activities.append(ProfilerActivity.CUDA)
         sort = "self_cuda_time_total"
     graphs = device.startswith("cuda")
-    for solver, graphed in (("cg", graphs), ("exact", graphs), ("cg", False)):
+    for network, solver, graphed in (
+        ("mlp", "cg", graphs),
+        ("mlp", "exact", graphs),
+        ("mlp", "cg", False),
+        ("cnn", "cg", graphs),
+    ):
         torch.manual_seed(0)
-        model = build_model("mlp", (3, 32, 32), 10).to(device)
+        model = build_model(network, (3, 32, 32), 10).to(device)
         x = torch.rand(500, 3, 32, 32, device=device)
         y = torch.randint(0, 10, (500,), device=device)
-        opt = ProxPropOptimizer(
-            model,
-            torch.optim.SGD,
-            lr=1e-6,
-            momentum=0.9,
-            nesterov=True,
-            solver=solver,
-            cuda_graphs=graphed,
-        )
+        if network == "mlp":
+            inner, kwargs = torch.optim.SGD, {"lr": 1e-6, "momentum": 0.9, "nesterov": True}
+        else:
+            inner, kwargs = torch.optim.Adam, {"lr": 1e-6}
+        opt = ProxPropOptimizer(model, inner, solver=solver, cuda_graphs=graphed, **kwargs)
         for _ in range(3):
             opt.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
@@ -462,7 +463,7 @@ def profile(device: str) -> None:
             wall = time.perf_counter() - started
         label = f"{solver}{' with graphs' if graphed else ''}"
         forms = "/".join(stats.form for stats in opt.last_stats.values())
-        print(f"\n## Profile of one MLP {label} step ({forms}; after backward)\n")
+        print(f"\n## Profile of one {network} {label} step ({forms}; after backward)\n")
         print(f"Step {1000 * wall:.2f} ms under the profiler; host time per phase:\n")
         print("| phase | host ms | calls |\n|---|---|---|")
         phases: dict[str, list[float]] = {}
