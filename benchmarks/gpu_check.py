@@ -311,9 +311,7 @@ def forms(device: str, repeats: int) -> None:
         graph_choices = (False, True) if device.startswith("cuda") else (False,)
         for solver, iters in cases:
             for form in ("auto", "matrix_free", "primal", "dual"):
-                for graphs, probe in [(g, False) for g in graph_choices] + probe_variants(
-                    solver, form, graph_choices
-                ):
+                for graphs, probe in [(g, False) for g in graph_choices]:
                     if solver == "exact" and form == "matrix_free":
                         continue
                     model = copy.deepcopy(template)
@@ -363,14 +361,6 @@ def forms(device: str, repeats: int) -> None:
             )
             opt.remove_hooks()
         del optimizers, models
-
-
-def probe_variants(solver: str, form: str, graph_choices: tuple[bool, ...]) -> list:
-    """(graphs, probe) variants beyond the default: the dual CG with graphs and the δ probe
-    forced on (the accelerator table probes for CG only where it pays)."""
-    if solver == "cg" and form == "dual" and True in graph_choices:
-        return [(True, True)]
-    return []
 
 
 @contextlib.contextmanager

@@ -202,38 +202,52 @@ class DualKernel:
         grad_bias: Tensor | None,
         generator: torch.Generator,
     ) -> Tensor | None:
-        """The probe's numbers, left on the device: (‖δ̂‖², s, ‖ĝ − s·δ̂‖, ‖ĝ‖) for
-        ĝ = gω and δ̂ = δᵀ(Ũᵀω) summed over the calls, s their least-squares ratio; shape
-        (4,), float64. None where some call has no δ.
+        """The probe's numbers for a fresh random probe (:func:`draw_probe`), left on the
+        device: see :func:`probe_numbers_for`. None where some call has no δ.
 
-        O((m + n)·d) work, against the O(m·n·d) the δ form can save. The optimizer reads
-        every layer's numbers back in one sync (:func:`probe_verdict` decides).
+        The optimizer reads every layer's numbers back in one sync (:func:`probe_verdict`
+        decides).
         """
         if any(call.output_grad is None for call in system.calls):
             return None
-        dtype = grad_weight.dtype
-        has_bias = grad_bias is not None
-        probe = torch.randn(
-            grad_weight.shape[1], generator=generator, dtype=dtype, device=grad_weight.device
-        )
-        probe_bias: Tensor | float = 0.0
-        if has_bias:
-            # A 0-d tensor: reading it back as a float would be one more host sync.
-            probe_bias = torch.randn(
-                (), generator=generator, dtype=dtype, device=grad_weight.device
-            )
-        probed_grad = grad_weight @ probe
-        if has_bias:
-            probed_grad += grad_bias * probe_bias
-        probed_delta = torch.zeros_like(probed_grad)
-        rows = system.layout.rows
-        for call in system.calls:
-            probed_inputs = call.x @ probe + probe_bias
-            probed_delta += call.output_grad.reshape(-1, rows).to(dtype).T @ probed_inputs
-        delta_sq = torch.dot(probed_delta, probed_delta)
-        scale = torch.dot(probed_grad, probed_delta) / delta_sq
-        mismatch = (probed_grad - scale * probed_delta).norm()
-        return torch.stack([delta_sq, scale, mismatch, probed_grad.norm()]).double()
+        probe = draw_probe(grad_weight, grad_bias, generator)
+        return probe_numbers_for(system, grad_weight, grad_bias, probe)
+
+
+def draw_probe(grad_weight: Tensor, grad_bias: Tensor | None, generator: torch.Generator) -> Tensor:
+    """A standard normal probe ω for the gradient's rows: (d_in,), or (d_in + 1,) with a
+    bias (its last entry probes the bias column)."""
+    size = grad_weight.shape[1] + (grad_bias is not None)
+    return torch.randn(
+        size, generator=generator, dtype=grad_weight.dtype, device=grad_weight.device
+    )
+
+
+def probe_numbers_for(
+    system: LayerSystem, grad_weight: Tensor, grad_bias: Tensor | None, probe: Tensor
+) -> Tensor:
+    """(‖δ̂‖², s, ‖ĝ − s·δ̂‖, ‖ĝ‖) for ĝ = gω and δ̂ = δᵀ(Ũᵀω) summed over the calls, s
+    their least-squares ratio; shape (4,), float64, on the device (nothing is read back, so
+    a CUDA graph can compute it). Every call must have its δ.
+
+    O((m + n)·d) work, against the O(m·n·d) the δ form can save.
+    """
+    dtype = grad_weight.dtype
+    columns = grad_weight.shape[1]
+    weight_probe = probe[:columns]
+    probe_bias: Tensor | float = probe[columns] if grad_bias is not None else 0.0
+    probed_grad = grad_weight @ weight_probe
+    if grad_bias is not None:
+        probed_grad += grad_bias * probe_bias
+    probed_delta = torch.zeros_like(probed_grad)
+    rows = system.layout.rows
+    for call in system.calls:
+        probed_inputs = call.x @ weight_probe + probe_bias
+        probed_delta += call.output_grad.reshape(-1, rows).to(dtype).T @ probed_inputs
+    delta_sq = torch.dot(probed_delta, probed_delta)
+    scale = torch.dot(probed_grad, probed_delta) / delta_sq
+    mismatch = (probed_grad - scale * probed_delta).norm()
+    return torch.stack([delta_sq, scale, mismatch, probed_grad.norm()]).double()
 
 
 def probe_verdicts(numbers: list[Tensor | None], dtypes: list[torch.dtype]) -> list[float | None]:

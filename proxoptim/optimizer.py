@@ -23,7 +23,7 @@ from proxoptim.distributed import (
     default_mode,
     gathered_linear_calls,
 )
-from proxoptim.dual import DualKernel, probe_verdicts
+from proxoptim.dual import DualKernel, draw_probe, probe_numbers_for, probe_verdicts
 from proxoptim.graphs import SolveGraphs
 from proxoptim.layers import Layer, adopt, claim, find_layers, release, resolve_exclusions, unwrap
 from proxoptim.operators import LayerSystem, RowLayout
@@ -49,6 +49,23 @@ class _Prepared:
     grad_bias: Tensor | None
     probe: Tensor | None  # DualKernel.probe_numbers, still on the device
     seconds: float  # host time spent setting it up
+
+
+@dataclass
+class _Speculation:
+    """The outputs of a speculative δ-form graph, pending the probe's verdict."""
+
+    weight: Tensor
+    bias: Tensor | None
+    values: Tensor  # the stats' numbers (proxoptim.stats.PendingStats.values)
+    iterations: int
+
+
+# After a speculative δ-form solve whose probe failed, the layer runs the general form for
+# this many steps before speculating again: a gradient that is not s·δᵀŨᵀ once (weight
+# decay added to it, a custom hook) usually stays so, and every failed speculation is a
+# solve thrown away.
+SPECULATION_BACKOFF = 100
 
 
 class ProxPropOptimizer(Optimizer):
@@ -179,6 +196,7 @@ class ProxPropOptimizer(Optimizer):
         self._generators: dict[torch.device, torch.Generator] = {}
         self._buffers: dict[Tensor, tuple[Tensor, Tensor | None]] = {}
         self._workspace = Workspace()
+        self._speculation_backoff: dict[str, int] = {}
         self._warned: set[tuple[str, str]] = set()
         self._capture = Capture(
             (index, module, not layer.excluded, layer.kind.uses_output_grad)
@@ -369,14 +387,25 @@ class ProxPropOptimizer(Optimizer):
                 directions.update(setup)
             else:
                 prepared.append((index, owner, setup))
+        speculations = []
+        for _, _, setup in prepared:
+            with record_function(f"ProxProp.probe#{setup.layer.name}"):
+                speculations.append(self._probe(setup))
         with record_function("ProxProp.probe_verdicts"):
             scales = probe_verdicts(
                 [setup.probe for _, _, setup in prepared],
                 [setup.dtype for _, _, setup in prepared],
             )
-        for (index, owner, setup), scale in zip(prepared, scales, strict=True):
+        for (index, owner, setup), scale, speculation in zip(
+            prepared, scales, speculations, strict=True
+        ):
             with record_function(f"ProxProp.solve#{setup.layer.name}"):
-                layer_directions, layer_stats = self._solve(setup, scale)
+                if speculation is not None and scale is not None:
+                    layer_directions, layer_stats = self._speculated(setup, speculation, scale)
+                else:
+                    if speculation is not None:  # the probe failed: the general form
+                        self._speculation_backoff[setup.layer.name] = SPECULATION_BACKOFF
+                    layer_directions, layer_stats = self._solve(setup, scale)
             if owner is not None:
                 spread.append((index, owner, setup.layer, layer_directions))
             pending[setup.layer.name] = layer_stats
@@ -428,12 +457,6 @@ class ProxPropOptimizer(Optimizer):
             if has_bias and bias.grad is not None:
                 waiting[bias] = buffers[1]
             return waiting
-        exact = self.solver == "exact"
-        probe = None
-        if system.supports_dual and DualKernel.should_probe(system, exact):
-            probe = DualKernel.probe_numbers(
-                system, grad_weight, grad_bias, self._probe_generator(weight.device)
-            )
         return _Prepared(
             layer,
             calls,
@@ -442,9 +465,52 @@ class ProxPropOptimizer(Optimizer):
             dtype,
             grad_weight,
             grad_bias,
-            probe,
+            None,
             time.perf_counter() - started,
         )
+
+    def _probe(self, setup: _Prepared) -> _Speculation | None:
+        """Starts the layer's δ probe (its numbers stay on the device, in ``setup.probe``).
+
+        Where the layer's solve replays as a graph and the δ form is its cheapest, the
+        probe runs inside the δ-form solve's graph, speculatively: the direction is computed
+        before the verdict is known, and redone in the general form if the probe fails
+        (then the layer runs the general form for :data:`SPECULATION_BACKOFF` steps before
+        trying again). Returns that graph's outputs, or None where the probe ran eagerly
+        (or not at all)."""
+        started = time.perf_counter()
+        system, weight = setup.system, setup.layer.weight
+        exact = self.solver == "exact"
+        if not system.supports_dual or any(call.output_grad is None for call in system.calls):
+            return None
+        speculates = self._speculates(setup, exact)
+        if not speculates and not DualKernel.should_probe(system, exact):
+            return None
+        probe = draw_probe(setup.grad_weight, setup.grad_bias, self._probe_generator(weight.device))
+        speculation = None
+        if speculates:
+            graphed = self._graphed_solve(setup, "dual", probe, speculative=True)
+            if graphed is not None:
+                (weight_v, bias_v, values, setup.probe), iterations = graphed
+                speculation = _Speculation(weight_v, bias_v, values, iterations)
+        if speculation is None:  # eagerly (a graph's first sighting runs eagerly too)
+            setup.probe = probe_numbers_for(system, setup.grad_weight, setup.grad_bias, probe)
+        setup.seconds += time.perf_counter() - started
+        return speculation
+
+    def _speculates(self, setup: _Prepared, exact: bool) -> bool:
+        """Whether this step's solve of the layer is a speculative δ-form graph."""
+        name = setup.layer.name
+        backoff = self._speculation_backoff.get(name, 0)
+        if backoff > 0:
+            self._speculation_backoff[name] = backoff - 1
+            return False
+        if not self._graphs_apply(setup, exact):
+            return False
+        form = choose_form(
+            setup.system, exact, self.cg_iters, self.solver_form, True, graphed=not exact
+        )
+        return form == "dual"
 
     def _graphs_apply(self, setup: _Prepared, exact: bool) -> bool:
         """Whether this layer's solve may replay as a CUDA graph: fixed work (no ``cg_tol``
@@ -515,14 +581,36 @@ class ProxPropOptimizer(Optimizer):
             directions[bias] = bias_v
         return directions, stats
 
+    def _speculated(
+        self, setup: _Prepared, speculation: _Speculation, scale: float
+    ) -> tuple[dict[Tensor, Tensor], PendingStats]:
+        """A speculative δ-form solve whose probe held: its graph's outputs as the layer's
+        directions and stats."""
+        # The graph owns its outputs: the eager direction buffers are of no more use.
+        self._buffers.pop(setup.layer.weight, None)
+        stats = PendingStats(
+            "dual",
+            speculation.iterations,
+            speculation.values,
+            setup.seconds,
+            setup.system.num_columns,
+            scale,
+        )
+        directions = {setup.layer.weight: speculation.weight}
+        if setup.grad_bias is not None and setup.layer.bias.grad is not None:
+            directions[setup.layer.bias] = speculation.bias
+        return directions, stats
+
     def _graphed_solve(
-        self, setup: _Prepared, form: str, probe: Tensor | None
+        self, setup: _Prepared, form: str, probe: Tensor | None, speculative: bool = False
     ) -> tuple[list[Tensor | None], int] | None:
         """The layer's solve through :class:`SolveGraphs`: (v weight, v bias, the stats'
         numbers) and the iteration count, or None where it runs eagerly this step (a key
         not yet captured, or one whose capture failed). ``probe``: the layer's probe
         numbers when its verdict was δ; the scale then stays on the device, one of the
-        graph's inputs, and the graph runs the δ form."""
+        graph's inputs, and the graph runs the δ form. With ``speculative``, ``probe`` is
+        the probe vector ω instead: the graph computes the probe's numbers itself, runs the
+        δ form with their scale and returns the numbers as a fourth output."""
         modules = [call.module for call in setup.calls]
         inputs = [call.input for call in setup.calls]
         if probe is not None:
@@ -534,6 +622,7 @@ class ProxPropOptimizer(Optimizer):
         key = (
             setup.layer.name,
             form,
+            "speculative" if speculative else probe is not None,
             exact,
             self.cg_iters,
             self.tau_prox,
@@ -546,9 +635,9 @@ class ProxPropOptimizer(Optimizer):
         def solve_static(static: list[Tensor]) -> tuple[list[Tensor | None], int]:
             xs, rest = static[:calls], static[calls:]
             output_grads: list[Tensor | None] = [None] * calls
-            scale = None
+            probed = None
             if probe is not None:
-                output_grads, scale, rest = rest[:calls], rest[calls][1], rest[calls + 1 :]
+                output_grads, probed, rest = rest[:calls], rest[calls], rest[calls + 1 :]
             static_weight, static_bias = rest[0], rest[1] if len(rest) > 1 else None
             system = LayerSystem(
                 layout,
@@ -558,6 +647,9 @@ class ProxPropOptimizer(Optimizer):
                 ],
                 dtype,
             )
+            numbers = probed
+            if speculative:
+                numbers = probe_numbers_for(system, static_weight, static_bias, probed)
             solution = solve(
                 system,
                 static_weight,
@@ -567,11 +659,14 @@ class ProxPropOptimizer(Optimizer):
                 cg_iters=cg_iters,
                 cg_tol=None,
                 form=form,
-                output_grad_scale=scale,
+                output_grad_scale=None if numbers is None else numbers[1],
                 workspace=Workspace(),  # the graph's own: shared slots could be reallocated
             )
             pending = layer_stats(form, solution, static_weight, static_bias, 0.0, system, None)
-            return [solution.weight, solution.bias, pending.values], solution.iterations
+            outputs = [solution.weight, solution.bias, pending.values]
+            if speculative:
+                outputs.append(numbers)
+            return outputs, solution.iterations
 
         return self._graphs.run(key, inputs, solve_static)
 

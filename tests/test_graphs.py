@@ -17,16 +17,26 @@ from proxoptim import ProxPropOptimizer
 from proxoptim.dual import DualKernel
 from proxoptim.graphs import EagerRunner, SolveGraphs
 
+SPECULATES = ProxPropOptimizer._speculates
+
 
 @pytest.fixture(autouse=True)
 def no_probe_for_cg(monkeypatch):
-    """As on an accelerator at these sizes: CG does not probe for δ, so these tests graph
-    the general form (the δ form's graphs are tested where the probe is forced on)."""
+    """As on an accelerator at these sizes, eagerly: CG does not probe for δ, and nothing
+    speculates, so these tests graph the general form (the δ form's graphs, probed eagerly
+    or speculatively, are tested where they are switched on)."""
     original = DualKernel.should_probe
     monkeypatch.setattr(
         "proxoptim.dual.DualKernel.should_probe",
         lambda system, exact: exact and original(system, exact),
     )
+    monkeypatch.setattr(ProxPropOptimizer, "_speculates", lambda self, setup, exact: False)
+
+
+@pytest.fixture
+def speculation(monkeypatch):
+    """The optimizer's own rule for speculative δ-form graphs (undoing no_probe_for_cg's)."""
+    monkeypatch.setattr(ProxPropOptimizer, "_speculates", SPECULATES)
 
 
 def network():
@@ -208,3 +218,65 @@ def test_exact_primal_solves_stay_eager():
     opt = graphed(model, solver="exact", solver_form="primal")
     run_steps(opt, model, [batch(seed) for seed in range(3)])
     assert opt.captured_graphs == 0
+
+
+@pytest.mark.parametrize("solver", ["cg", "exact"])
+def test_speculative_delta_graphs_give_the_eager_directions(monkeypatch, speculation, solver):
+    """With graphs the probe runs inside the δ-form solve's graph, before its verdict is
+    known; where it holds, the directions and scales are the eager probed ones."""
+    monkeypatch.setattr("proxoptim.dual.DualKernel.should_probe", lambda system, exact: True)
+    model = network()
+    eager_model = copy.deepcopy(model)
+    batches = [batch(seed) for seed in range(4)]
+    factors = [1.0, 0.5, 0.25, 2.0]
+    kwargs = {"solver": solver, "solver_form": "dual", "tau_prox": 0.3}
+    opt = graphed(model, **kwargs)
+    seen, scales = run_scaled_steps(opt, model, batches, factors)
+    eager = ProxPropOptimizer(eager_model, Recorder, **kwargs)
+    expected, eager_scales = run_scaled_steps(eager, eager_model, batches, factors)
+    speculative = [key for key in opt._graphs._entries if key[2] == "speculative"]
+    assert [key[0] for key in speculative] == ["3"]  # the Linear layer, whose δ is captured
+    assert scales == pytest.approx(factors, rel=1e-5)
+    assert scales == pytest.approx(eager_scales, rel=1e-12)
+    for step_seen, step_expected in zip(seen, expected, strict=True):
+        for direction, reference in zip(step_seen.values(), step_expected.values(), strict=True):
+            torch.testing.assert_close(direction, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_failed_speculation_redoes_the_layer_in_the_general_form_and_backs_off(
+    monkeypatch, speculation
+):
+    """A step whose gradient is not s·δᵀŨᵀ (weight decay added to it) fails the probe
+    inside the speculative graph: the layer is solved again in the general form, and
+    speculates again only after SPECULATION_BACKOFF steps."""
+    monkeypatch.setattr("proxoptim.optimizer.SPECULATION_BACKOFF", 2)
+    model = network()
+    eager_model = copy.deepcopy(model)
+    batches = [batch(seed) for seed in range(7)]
+    decayed = {2}
+
+    def run(opt, model, record):
+        for step, (x, y) in enumerate(batches):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            if step in decayed:
+                model[3].weight.grad.add_(model[3].weight.detach(), alpha=1e-2)
+            opt.step()
+            record.append((opt.last_stats["3"].output_grad_scale, dict(opt._speculation_backoff)))
+        return opt.inner.seen
+
+    opt = graphed(model, solver="exact", solver_form="dual")
+    eager = ProxPropOptimizer(eager_model, Recorder, solver="exact", solver_form="dual")
+    record, eager_record = [], []
+    seen = run(opt, model, record)
+    expected = run(eager, eager_model, eager_record)
+    for step_seen, step_expected in zip(seen, expected, strict=True):
+        for direction, reference in zip(step_seen.values(), step_expected.values(), strict=True):
+            torch.testing.assert_close(direction, reference, rtol=1e-5, atol=1e-7)
+    scales = [scale for scale, _ in record]
+    assert scales[2] is None  # the general form, after the failed speculation
+    assert all(scale == pytest.approx(1.0) for i, scale in enumerate(scales) if i != 2)
+    assert [scale for scale, _ in eager_record] == pytest.approx(scales)
+    backoff = [state.get("3", 0) for _, state in record]
+    # Set at the failure, counted down on the next two steps, speculating again after.
+    assert backoff == [0, 0, 2, 1, 0, 0, 0]
