@@ -34,6 +34,9 @@ class DeviceCosts:
         operator_call: one eager tensor operation's fixed cost (dispatch, kernel launch).
         graph_operator_call: the same operation replayed inside a CUDA graph
             (``cuda_graphs=True``): no dispatch or launch, only the small kernel's own run.
+        memory_byte: one byte read or written by an elementwise pass over a CG's vectors:
+            0 on a CPU, where the fitted constants absorb it; on a GPU the products run so
+            fast that the CG's passes over its layer-sized vectors cost as much.
         host_sync: reading one value back to the host mid-step (the device drains and
             then idles while the host queues the next work).
         eigh_fixed, eigh_per_cube: an n × n symmetric eigendecomposition costs
@@ -56,6 +59,9 @@ class DeviceCosts:
         correlation_gram: whether the correlation-form Gram (proxoptim.conv_gram) may be
             chosen; its cost constants were fitted on a CPU, and on an accelerator its
             few hundred small operations cost more than one im2col GEMM.
+        overlaps_host: whether the device works while the host dispatches (an
+            accelerator's queue): an eager solve then costs the larger of its device work
+            and its dispatching (:func:`combined`), not their sum as on a CPU.
         always_probe: whether the δ probe (proxoptim.dual) runs on every eligible layer;
             otherwise only where the product it can save outweighs its operators and host
             sync.
@@ -64,6 +70,7 @@ class DeviceCosts:
     name: str
     operator_call: float
     graph_operator_call: float
+    memory_byte: float
     host_sync: float
     eigh_fixed: float
     eigh_per_cube: float
@@ -75,6 +82,7 @@ class DeviceCosts:
     float64_slowdown: float
     row_blocks: bool
     correlation_gram: bool
+    overlaps_host: bool
     always_probe: bool
 
 
@@ -83,6 +91,7 @@ CPU = DeviceCosts(
     # About 5 µs per operator at about 1e11 flop/s: it matters only for tiny layers.
     operator_call=5e5,
     graph_operator_call=5e5,  # no graphs on a CPU
+    memory_byte=0.0,
     host_sync=0.0,
     # LAPACK on n × n, per n³ (eigh: 9-18 ms at n = 500 on the 2-core VM, whose speed varies).
     eigh_fixed=0.0,
@@ -99,6 +108,7 @@ CPU = DeviceCosts(
     float64_slowdown=2.0,
     row_blocks=True,
     correlation_gram=True,
+    overlaps_host=False,
     # The probe's O((m + n)·d) work and ~20 operators (at most about 0.1 ms) are noise
     # next to any CPU step.
     always_probe=True,
@@ -109,6 +119,7 @@ ACCELERATOR = DeviceCosts(
     operator_call=6e8,  # 15 µs at 4e13 flop/s
     # A graphed dual cg3 step on the paper MLP ran ~250 small kernels at 2-4 µs each.
     graph_operator_call=1.6e8,
+    memory_byte=10.0,  # about 4e12 bytes/s of elementwise traffic against 4e13 flop/s
     host_sync=2e10,  # 0.5 ms: the queue drains, then the device idles while the host works
     eigh_fixed=4e11,  # 10 ms
     eigh_per_cube=100.0,
@@ -122,6 +133,7 @@ ACCELERATOR = DeviceCosts(
     float64_slowdown=1.0,
     row_blocks=False,
     correlation_gram=False,
+    overlaps_host=True,
     always_probe=False,
 )
 
@@ -132,17 +144,35 @@ def device_costs(device: torch.device | str) -> DeviceCosts:
     return CPU if torch.device(device).type == "cpu" else ACCELERATOR
 
 
-# Operators each form dispatches per layer (measured with a TorchDispatchMode counter on a
-# small Linear layer: matrix-free 50 + 27 per CG iteration, primal 55 + 19 plus its Gram,
-# dual 80 plus its CG's; the stats, probe and inner step are included in each base).
+# Operators a step dispatches per layer and form (measured with a TorchDispatchMode
+# counter on a one-layer step with the accelerator table: matrix-free 74 + 29 per CG
+# iteration, primal 97 + 17 with a Linear layer's Gram, dual 101 plus its CG's; the
+# stats, checks and inner step are in each base).
 OPERATOR_CALLS = {
-    "matrix_free": (50, 27),
-    "primal": (55, 19),
-    "dual": (80, 0),
+    "matrix_free": (74, 29),
+    "primal": (95, 17),
+    "dual": (101, 0),
 }
-# Per iteration and block of rows of the dual CG (proxoptim.dual.dual_cg_costs): the
-# eigenbasis δ form's elementwise steps, the coefficient basis's general recurrences.
-DUAL_CG_CALLS = {"eigenbasis": 17, "coefficient": 57}
+# Per iteration and block of rows of the dual CG (proxoptim.dual.dual_cg_costs), by basis
+# and by whether the δ form runs (True) or the general one (False); counted as above.
+DUAL_CG_CALLS = {
+    ("eigenbasis", True): 19,
+    ("eigenbasis", False): 53,
+    ("coefficient", True): 33,
+    ("coefficient", False): 53,
+}
+# Memory traffic of one CG iteration, in reads and writes per element of its large vectors
+# (counted from the recurrences: each in-place update reads two and writes one, each row
+# dot product reads two and writes a temporary, which the sum reads again), and the bytes
+# of those elements: batched CG's (m, d) rows in the working dtype (matrix-free and primal
+# forms), the dual CG's (m, n) coordinates (float64, but float32 in the eigenbasis δ form).
+ROW_CG_ACCESSES = 23
+DUAL_CG_ACCESSES = {
+    ("eigenbasis", True): (20, 4),
+    ("eigenbasis", False): (39, 8),
+    ("coefficient", True): (24, 8),
+    ("coefficient", False): (39, 8),
+}
 # Building a Gram from im2col patches: about five operators per chunk of patches.
 PATCH_CHUNK_CALLS = 5
 # The δ probe (DualKernel.probe_output_grad_scale): about 20 operators and one sync.
@@ -151,13 +181,26 @@ PROBE_CALLS = 20
 PRIMAL_EXACT_SYNCS = 2
 
 
+def form_operators(form: str, cg_iters: int) -> int:
+    """Operators a step dispatches for one layer in ``form`` (without the dual CG's, see
+    :data:`DUAL_CG_CALLS`)."""
+    base, per_iteration = OPERATOR_CALLS[form]
+    return base + per_iteration * cg_iters
+
+
 def form_overhead(costs: DeviceCosts, form: str, cg_iters: int, graphed: bool = False) -> float:
     """The fixed, size-independent cost of running ``form`` on one layer (``graphed``: its
-    solve replayed as a CUDA graph)."""
-    base, per_iteration = OPERATOR_CALLS[form]
-    return operator_cost(costs, graphed) * (base + per_iteration * cg_iters)
+    solve replayed as a CUDA graph), on its own."""
+    return combined(costs, 0.0, form_operators(form, cg_iters), graphed)
 
 
-def operator_cost(costs: DeviceCosts, graphed: bool) -> float:
-    """What one operator of a solve costs, eager or replayed in a graph."""
-    return costs.graph_operator_call if graphed else costs.operator_call
+def combined(costs: DeviceCosts, work: float, operators: float, graphed: bool = False) -> float:
+    """The cost of ``work`` (device-side: products, factorisations, memory traffic) done by
+    ``operators`` tensor operations. Replayed from a CUDA graph, each operation costs only
+    its kernel's fixed run time on top of the work; eager on an accelerator, the host's
+    dispatching and the device's work overlap, so the larger of the two counts; on a CPU
+    they add up."""
+    if graphed:
+        return work + operators * costs.graph_operator_call
+    dispatch = operators * costs.operator_call
+    return max(work, dispatch) if costs.overlaps_host else work + dispatch

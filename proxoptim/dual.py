@@ -41,7 +41,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from proxoptim.costs import DUAL_CG_CALLS, PROBE_CALLS, DeviceCosts, operator_cost
+from proxoptim.costs import (
+    DUAL_CG_ACCESSES,
+    DUAL_CG_CALLS,
+    PROBE_CALLS,
+    DeviceCosts,
+    combined,
+)
 from proxoptim.operators import LayerSystem
 from proxoptim.rowwise import guarded_ratio, row_dot
 from proxoptim.workspace import Workspace
@@ -325,7 +331,11 @@ def solve_dual(
     if exact:
         return _exact(kernel, grad_weight, grad_bias, tau_prox, output_grad_scale, out)
     eigenbasis, coefficient = dual_cg_costs(
-        kernel.costs, kernel.columns, grad_weight.shape[0], cg_iters
+        kernel.costs,
+        kernel.columns,
+        grad_weight.shape[0],
+        cg_iters,
+        output_grad_known=output_grad_scale is not None,
     )
     if coefficient < eigenbasis:
         return _coefficient_cg(
@@ -436,20 +446,44 @@ def _block_rows(kernel: DualKernel, rows: int) -> int:
 
 
 def dual_cg_costs(
-    costs: DeviceCosts, columns: int, rows: int, iterations: int, graphed: bool = False
+    costs: DeviceCosts,
+    columns: int,
+    rows: int,
+    iterations: int,
+    graphed: bool = False,
+    output_grad_known: bool = False,
 ) -> tuple[float, float]:
-    """(eigenbasis, coefficient-basis) cost of the dual CG's n-dimensional work, in the
-    device's float32-GEMM flops: one eigh plus the changes of basis (2·m·n² each way)
-    against two (m × n)(n × n) float64 products per iteration, each with the operators its
-    iterations dispatch per block of rows (``graphed``: replayed from a CUDA graph)."""
+    """(eigenbasis, coefficient-basis) cost of the dual CG's n-dimensional work on its own
+    (:func:`dual_cg_parts` combined by :func:`proxoptim.costs.combined`)."""
+    parts = dual_cg_parts(costs, columns, rows, iterations, output_grad_known)
+    eigenbasis, coefficient = (combined(costs, *parts[basis], graphed) for basis in BASES)
+    return eigenbasis, coefficient
+
+
+BASES = ("eigenbasis", "coefficient")
+
+
+def dual_cg_parts(
+    costs: DeviceCosts, columns: int, rows: int, iterations: int, output_grad_known: bool
+) -> dict[str, tuple[float, int]]:
+    """(device work, operators) of the dual CG's n-dimensional work per basis, the work in
+    the device's float32-GEMM flops: one eigh plus the changes of basis (2·m·n² each way)
+    against two (m × n)(n × n) float64 products per iteration, each basis with the memory
+    traffic of its recurrences and the operators they dispatch per block of rows, in the
+    δ form (``output_grad_known``) or the general one."""
     n, m = columns, rows
     blocks = -(-m // CG_ROW_BLOCK) if costs.row_blocks else 1
-    calls = operator_cost(costs, graphed) * iterations * blocks
-    eigenbasis = costs.eigh_fixed + costs.eigh_per_cube * n**3 + 4.0 * m * n * n
-    eigenbasis += calls * DUAL_CG_CALLS["eigenbasis"]
-    coefficient = iterations * 4.0 * m * n * n * costs.float64_slowdown
-    coefficient += calls * DUAL_CG_CALLS["coefficient"]
-    return eigenbasis, coefficient
+    parts = {}
+    for basis in BASES:
+        accesses, item = DUAL_CG_ACCESSES[(basis, output_grad_known)]
+        work = iterations * accesses * item * m * n * costs.memory_byte
+        if basis == "eigenbasis":
+            work += costs.eigh_fixed + costs.eigh_per_cube * n**3 + 4.0 * m * n * n
+        else:
+            work += iterations * 4.0 * m * n * n * costs.float64_slowdown
+        operators = iterations * blocks * DUAL_CG_CALLS[(basis, output_grad_known)]
+        parts[basis] = (work, operators)
+    return parts
 
 
 def _gradient_sq(grad_weight: Tensor, grad_bias: Tensor | None) -> Tensor:

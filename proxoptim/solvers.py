@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from proxoptim.costs import PRIMAL_EXACT_SYNCS, form_overhead
-from proxoptim.dual import DualKernel, dual_cg_costs, solve_dual
+from proxoptim.costs import PRIMAL_EXACT_SYNCS, ROW_CG_ACCESSES, combined, form_operators
+from proxoptim.dual import DualKernel, dual_cg_parts, solve_dual
 from proxoptim.operators import LayerSystem
 from proxoptim.rowwise import guarded_ratio, row_dot
 from proxoptim.workspace import Workspace
@@ -186,9 +186,10 @@ def estimate_costs(
     graphed: bool = False,
 ) -> Costs:
     """Cost of each form for n columns, row dim d, m rows in total, k iterations, in the
-    float32-GEMM flops of the layer's device (proxoptim.costs): the flops of its products,
-    its dense factorisations, and the fixed cost of the operators it dispatches (replayed
-    from a CUDA graph when ``graphed``: a kernel's run, not a host-side launch).
+    float32-GEMM flops of the layer's device (proxoptim.costs): the device work of its
+    products, dense factorisations and memory traffic, and the operators it dispatches,
+    combined as the device does (:func:`proxoptim.costs.combined`; ``graphed``: replayed
+    from a CUDA graph).
 
     Forms whose memory (a Gram or kernel above :data:`MAX_GRAM_ELEMENTS`) or layer kind rule
     them out cost inf; so does matrix-free for an exact solve.
@@ -197,38 +198,50 @@ def estimate_costs(
     n, d, m, groups = system.num_columns, layout.row_dim, layout.rows, layout.groups
     k = 0 if exact else cg_iters
     device = system.costs
-    matrix_free = float("inf") if exact else 4.0 * k * n * d * m
-    if system.im2col:
-        matrix_free *= device.conv_product_slowdown
-    matrix_free += form_overhead(device, "matrix_free", k, graphed)
+    # Both row forms' CG recurrences pass over (m, d) rows in the working dtype.
+    row_traffic = k * ROW_CG_ACCESSES * system.dtype.itemsize * m * d * device.memory_byte
 
-    primal = system.gram_cost() + form_overhead(device, "primal", k, graphed)
-    if exact:
-        primal += groups * (device.cholesky_fixed + d**3 / 3.0)
-        primal += PRIMAL_EXACT_SYNCS * device.host_sync
-        primal += 4.0 * m * d * d
-    else:
-        primal += 2.0 * k * m * d * d
-    if groups * d * d > MAX_GRAM_ELEMENTS or not system.has_patches:
-        primal = float("inf")
+    matrix_free = float("inf")
+    if not exact:
+        work = 4.0 * k * n * d * m
+        if system.im2col:
+            work *= device.conv_product_slowdown
+        work += row_traffic
+        matrix_free = combined(device, work, form_operators("matrix_free", k), graphed)
+
+    primal = float("inf")
+    if groups * d * d <= MAX_GRAM_ELEMENTS and system.has_patches:
+        work = system.gram_cost() + row_traffic
+        if exact:
+            work += groups * (device.cholesky_fixed + d**3 / 3.0) + 4.0 * m * d * d
+        else:
+            work += 2.0 * k * m * d * d
+        primal = combined(device, work, form_operators("primal", k), graphed)
+        if exact:
+            primal += PRIMAL_EXACT_SYNCS * device.host_sync
 
     dual = float("inf")
     patches_fit = not system.im2col or n * d <= MAX_GRAM_ELEMENTS
     if system.supports_dual and n * n <= MAX_GRAM_ELEMENTS and patches_fit:
-        dual = 2.0 * n * n * d + 2.0 * n * m * d  # the kernel and the final product
+        work = 2.0 * n * n * d + 2.0 * n * m * d  # the kernel and the final product
+        operators = form_operators("dual", k)
         if system.im2col:
-            dual += device.im2col_per_element * n * d  # the patches, copied once
+            work += device.im2col_per_element * n * d  # the patches, copied once
         if not output_grad_known:
-            dual += 2.0 * n * m * d  # h = gŨ
+            work += 2.0 * n * m * d  # h = gŨ
         if exact:
-            dual += device.cholesky_fixed
+            work += device.cholesky_fixed
             if device.explicit_inverse:
-                dual += device.inverse_per_cube * n**3 + 2.0 * m * n * n
+                work += device.inverse_per_cube * n**3 + 2.0 * m * n * n
             else:
-                dual += 2.0 * m * n * n * device.float64_slowdown  # two triangular solves
+                work += 2.0 * m * n * n * device.float64_slowdown  # two triangular solves
+            dual = combined(device, work, operators, graphed)
         else:
-            dual += min(dual_cg_costs(device, n, m, k, graphed))
-        dual += form_overhead(device, "dual", k, graphed)
+            parts = dual_cg_parts(device, n, m, k, output_grad_known)
+            dual = min(
+                combined(device, work + basis_work, operators + basis_operators, graphed)
+                for basis_work, basis_operators in parts.values()
+            )
     return Costs(matrix_free, primal, dual)
 
 
