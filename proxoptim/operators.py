@@ -561,15 +561,18 @@ class LayerSystem:
         )
         if communicator is not None:
             # Every rank must see the global n and Gram cost: the cost model then decides
-            # identically on all of them.
+            # identically on all of them. Work adds up over ranks (as the global n does in
+            # the other forms' products); the patch chunks' dispatch is priced from the
+            # global patch count, as one process holding every rank's columns would be.
+            elements, dispatch = self._patch_chunks()
             totals = torch.tensor(
-                [float(self.local_columns), self._gram_cost],
+                [float(self.local_columns), self._gram_cost - dispatch, float(elements)],
                 dtype=torch.float64,
                 device=self.calls[0].raw.device,
             )
             communicator.all_reduce_(totals)
             self.num_columns = round(float(totals[0]))
-            self._gram_cost = float(totals[1])
+            self._gram_cost = float(totals[1]) + self._chunk_dispatch(round(float(totals[2])))
 
     def gram_apply(self, rows: Tensor) -> Tensor:
         """V ↦ V Ũ Ũᵀ = A*(A V) for rows V of shape (groups, rows_per_group, row_dim).
@@ -609,14 +612,30 @@ class LayerSystem:
             elements = groups * call.columns * dim
             patches = 2.0 * elements * dim
             if call.kind.im2col:
-                patches += costs.im2col_per_element * elements
-                chunks = -(-elements // PATCH_CHUNK_ELEMENTS)
-                patches += costs.operator_call * PATCH_CHUNK_CALLS * chunks
+                patches += costs.im2col_per_element * elements + self._chunk_dispatch(elements)
             correlation = float("inf")
             if costs.correlation_gram:
                 correlation = call.kind.correlation_gram_cost(call.module, call.raw)
             sources.append((correlation < patches, min(correlation, patches)))
         return sources
+
+    def _chunk_dispatch(self, elements: int) -> float:
+        """The operators' cost of building a Gram from ``elements`` patch elements in
+        chunks of :data:`PATCH_CHUNK_ELEMENTS`."""
+        chunks = -(-elements // PATCH_CHUNK_ELEMENTS)
+        return self.costs.operator_call * PATCH_CHUNK_CALLS * chunks
+
+    def _patch_chunks(self) -> tuple[int, float]:
+        """(patch elements, their chunks' dispatch cost) over the calls whose Gram comes
+        from im2col patches."""
+        elements, dispatch = 0, 0.0
+        dim, groups = self.layout.weight_row_dim, self.layout.groups
+        for call, (from_correlation, _) in zip(self.calls, self._sources, strict=True):
+            if call.kind.im2col and not from_correlation:
+                call_elements = groups * call.columns * dim
+                elements += call_elements
+                dispatch += self._chunk_dispatch(call_elements)
+        return elements, dispatch
 
     def _gram_sources(self) -> list[tuple[bool, float]]:
         return self._sources
