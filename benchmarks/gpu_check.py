@@ -143,12 +143,14 @@ def correctness(device: str) -> bool:
     print("\n## CUDA graphs (cuda_graphs=True) against eager solves on the device\n")
     print("| network | solver | form | steps | graphs captured | worst relative difference |")
     print("|---|---|---|---|---|---|")
+    # Forms are pinned: under "auto" a graphed solve may choose another form than an eager
+    # one (graphed operators cost less), and two forms agree only to float32 rounding.
     for network, solver, form, probe in (
-        ("mlp", "cg", "auto", False),
+        ("mlp", "cg", "matrix_free", False),
         ("mlp", "cg", "dual", False),
         ("mlp", "cg", "dual", True),
         ("mlp", "exact", "dual", False),
-        ("cnn", "cg", "auto", False),
+        ("cnn", "cg", "primal", False),
         ("cnn", "cg", "matrix_free", False),
     ):
         difference, captured = graph_difference(network, form, device, solver, probe)

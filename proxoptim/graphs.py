@@ -1,4 +1,4 @@
-"""Replaying a layer's fixed-iteration CG solve as a CUDA graph (``cuda_graphs=True``).
+"""Replaying a layer's fixed-work solve as a CUDA graph (``cuda_graphs=True``).
 
 On a GPU a ProxProp step is mostly host-bound: a layer's solve dispatches 100-200 eager operators
 whose launches cost more host time than their kernels take (docs/performance.md). A CUDA
@@ -8,14 +8,14 @@ and hands out the graph's own output tensors (overwritten by the next replay).
 
 Only solves whose work is fixed in advance are graphed: CG without ``cg_tol`` (an early
 stop reads the residual back) and exact solves in the dual form (the primal exact solve
-reads its factorisation's status back), never with a communicator. A layer whose δ probe
-holds replays its δ-form graph with the probe's scale as a static input (a device tensor,
-never a number baked into the graph); the probe's verdict picks that graph or the general
-form's. A graph is captured the second time its key (layer, form, exact or CG and its
-iteration count, τθ, input shapes and dtypes) is seen, so the first step runs eagerly
-and warms every library handle; a capture that fails leaves that key eager for good.
-Each graph keeps a private memory pool for its temporaries: graphs trade memory for
-launches.
+reads its factorisation's status back), never with a communicator. δ-form graphs take
+the scale from the δ probe's numbers on the device (never a number baked into the graph),
+and when speculating compute the probe themselves; the optimizer reads the verdict
+afterwards and falls back to the general form where it failed. A graph is captured the
+second time its key (layer, form, δ or not, exact or CG and its iteration count, τθ,
+input shapes and dtypes) is seen, so the first step runs eagerly and warms every library
+handle; a capture that fails leaves that key eager for good. Each graph keeps a private
+memory pool for its temporaries: graphs trade memory for launches.
 """
 
 from __future__ import annotations

@@ -109,10 +109,12 @@ class ProxPropOptimizer(Optimizer):
             CG without ``cg_tol``, and exact solves in the dual form; not under
             ``distributed``). One launch replaces the solve's 100-200, which is what a GPU
             step is bound by (docs/performance.md), and the form choice prices operators
-            as replayed kernels. A layer whose δ probe holds replays the δ form with the
-            probe's scale as one of the graph's inputs. Each graph keeps copies of its
-            layer's inputs and gradient and a private memory pool. The first step with a
-            given layer shape runs eagerly, the second captures.
+            as replayed kernels. Where the dual form is chosen and δ was captured, the δ
+            form runs speculatively: its probe runs inside the graph, and a layer whose
+            probe fails is solved again in the general form (and stays with it for
+            ``SPECULATION_BACKOFF`` steps). Each graph keeps copies of its layer's inputs,
+            δ and gradient and a private memory pool. The first step with a given layer
+            shape runs eagerly, the second captures.
         distributed: ``"global"`` (default inside an initialised process group of several
             ranks: every rank gets the single-process direction on the concatenation of all
             ranks' batches) or ``"local"`` (each rank's own M, directions averaged); see
