@@ -175,7 +175,8 @@ DUAL_CG_ACCESSES = {
 }
 # Building a Gram from im2col patches: about five operators per chunk of patches.
 PATCH_CHUNK_CALLS = 5
-# The δ probe (DualKernel.probe_output_grad_scale): about 20 operators and one sync.
+# The δ probe (proxoptim.dual.probe_numbers_for, read back with every layer's in one
+# sync): about 20 operators.
 PROBE_CALLS = 20
 # A primal exact solve reads back its factorisation's status and its accuracy check.
 PRIMAL_EXACT_SYNCS = 2

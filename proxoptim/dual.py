@@ -170,7 +170,7 @@ class DualKernel:
 
     @staticmethod
     def should_probe(system: LayerSystem, exact: bool) -> bool:
-        """Whether to probe for δ (see :meth:`probe_output_grad_scale`; every call must have
+        """Whether to probe for δ (see :func:`probe_numbers_for`; every call must have
         captured δ). An exact solve always does: its direction from δ avoids the
         cancellation of τθ·g against the row-space part, which the general form suffers in
         float32 (relative errors of ~3e-2 against float64 on the paper MLP on a GPU). For
@@ -184,40 +184,6 @@ class DualKernel:
         layout, costs = system.layout, system.costs
         saved = 2.0 * system.num_columns * layout.rows * layout.row_dim
         return costs.always_probe or saved > PROBE_CALLS * costs.operator_call + costs.host_sync
-
-    @staticmethod
-    def probe_output_grad_scale(
-        system: LayerSystem,
-        grad_weight: Tensor,
-        grad_bias: Tensor | None,
-        generator: torch.Generator,
-    ) -> float | None:
-        """s with .grad = s·δᵀŨᵀ, checked on a random probe ω; None when it does not hold.
-
-        :meth:`probe_numbers` and :func:`probe_verdict` in one call (one host sync).
-        """
-        numbers = DualKernel.probe_numbers(system, grad_weight, grad_bias, generator)
-        if numbers is None:
-            return None
-        return probe_verdict(numbers.tolist(), grad_weight.dtype)
-
-    @staticmethod
-    def probe_numbers(
-        system: LayerSystem,
-        grad_weight: Tensor,
-        grad_bias: Tensor | None,
-        generator: torch.Generator,
-    ) -> Tensor | None:
-        """The probe's numbers for a fresh random probe (:func:`draw_probe`), left on the
-        device: see :func:`probe_numbers_for`. None where some call has no δ.
-
-        The optimizer reads every layer's numbers back in one sync (:func:`probe_verdict`
-        decides).
-        """
-        if any(call.output_grad is None for call in system.calls):
-            return None
-        probe = draw_probe(grad_weight, grad_bias, generator)
-        return probe_numbers_for(system, grad_weight, grad_bias, probe)
 
 
 def draw_probe(grad_weight: Tensor, grad_bias: Tensor | None, generator: torch.Generator) -> Tensor:
@@ -324,7 +290,7 @@ def solve_dual(
     Args:
         grad_weight: g_W, (m, d_in); grad_bias: g_b, (m,) or None.
         output_grad_scale: s when .grad is known to equal s·δᵀŨᵀ (see
-            :meth:`DualKernel.probe_output_grad_scale`); None for the general form.
+            :func:`probe_numbers_for` and :func:`probe_verdict`); None for the general form.
         out: optional (W, b) buffers to write v into.
         workspace: scratch buffers reused across calls (a private one when None).
     """

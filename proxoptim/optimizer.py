@@ -354,8 +354,10 @@ class ProxPropOptimizer(Optimizer):
     ) -> tuple[dict[Tensor, Tensor], dict[str, LayerStats]]:
         """v for every layer to precondition, keyed by parameter, and per-layer stats.
 
-        Two passes: every layer's system and δ probe is set up first, so that all probes
-        are read back in one host sync (not one per layer); then every layer solves.
+        In passes over the layers: every layer's system is set up, then probed for δ (the
+        numbers stay on the device; under CUDA graphs the probe is part of a speculative
+        δ-form solve), then all probes are read back in one host sync (not one per layer),
+        then every layer solves (or keeps its speculative solve, where its probe held).
         """
         output_layer = None
         if self.exclude_last and calls:
@@ -426,9 +428,9 @@ class ProxPropOptimizer(Optimizer):
     def _prepare(
         self, layer: Layer, calls: list[CapturedCall], owner: int | None = None
     ) -> _Prepared | dict[Tensor, Tensor]:
-        """One layer's system, gradient in the solve dtype and δ probe (left on the device).
-        With an ``owner`` rank other than this one, only the gathers run here and the
-        buffers the owner's direction will be broadcast into are returned instead."""
+        """One layer's system and gradient in the solve dtype. With an ``owner`` rank other
+        than this one, only the gathers run here and the buffers the owner's direction will
+        be broadcast into are returned instead."""
         started = time.perf_counter()
         weight, bias = layer.weight, layer.bias
         has_bias = bias is not None and bias.requires_grad
