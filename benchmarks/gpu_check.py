@@ -218,6 +218,16 @@ def graph_difference(
     return worst, runs[0].captured_graphs
 
 
+def ready_step(opt, model, x, y, warmup: int) -> None:
+    """``warmup`` full steps, then a backward: the next ``opt.step()`` is the one to watch."""
+    for _ in range(warmup):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+
+
 def synchronisations(device: str) -> None:
     if not device.startswith("cuda"):
         return
@@ -227,12 +237,7 @@ def synchronisations(device: str) -> None:
     x = torch.rand(500, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (500,), device=device)
     opt = ProxPropOptimizer(model, torch.optim.SGD, lr=1e-6, momentum=0.9, nesterov=True)
-    for _ in range(2):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    opt.zero_grad()
-    nn.functional.cross_entropy(model(x), y).backward()
+    ready_step(opt, model, x, y, warmup=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -313,11 +318,11 @@ def forms(device: str, repeats: int) -> None:
         graph_choices = (False, True) if device.startswith("cuda") else (False,)
         for solver, iters in cases:
             for form in ("auto", "matrix_free", "primal", "dual"):
-                for graphs, probe in [(g, False) for g in graph_choices]:
+                for graphs in graph_choices:
                     if solver == "exact" and form == "matrix_free":
                         continue
                     model = copy.deepcopy(template)
-                    key = (solver, iters, form, graphs, probe)
+                    key = (solver, iters, form, graphs)
                     models[key] = model
                     optimizers[key] = ProxPropOptimizer(
                         model,
@@ -337,8 +342,7 @@ def forms(device: str, repeats: int) -> None:
                 started = time.perf_counter()
                 opt.zero_grad()
                 nn.functional.cross_entropy(models[key](x), y).backward()
-                with always_probing(key != "backprop" and key[4]):
-                    opt.step()
+                opt.step()
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
                 if turn >= 2:
@@ -348,15 +352,12 @@ def forms(device: str, repeats: int) -> None:
         for key, opt in optimizers.items():
             if key == "backprop":
                 continue
-            solver, iters, form, graphs, probe = key
+            solver, iters, form, graphs = key
             used = "/".join(s.form for s in opt.last_stats.values())
             median = statistics.median(samples[key])
             method = "exact" if solver == "exact" else f"cg{iters}"
             if graphs:
                 method += f"-graphs ({opt.captured_graphs} captured)"
-            if probe:
-                delta = sum(s.output_grad_scale is not None for s in opt.last_stats.values())
-                method += f", δ probed ({delta} took δ)"
             print(
                 f"| {network} | {method} | {form} | {used} | {1000 * median:.2f} | "
                 f"{median / base:.2f} |"
@@ -439,12 +440,7 @@ def profile(device: str) -> None:
         else:
             inner, kwargs = torch.optim.Adam, {"lr": 1e-6}
         opt = ProxPropOptimizer(model, inner, solver=solver, cuda_graphs=graphed, **kwargs)
-        for _ in range(3):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
+        ready_step(opt, model, x, y, warmup=3)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         with run_profiler(activities=activities) as prof:

@@ -49,6 +49,7 @@ from proxoptim.costs import (
     combined,
 )
 from proxoptim.operators import LayerSystem
+from proxoptim.readback import read_back
 from proxoptim.rowwise import guarded_ratio, row_dot
 from proxoptim.workspace import Workspace
 
@@ -225,16 +226,10 @@ def probe_numbers_for(
 def probe_verdicts(numbers: list[Tensor | None], dtypes: list[torch.dtype]) -> list[float | None]:
     """:func:`probe_verdict` for every layer's probe numbers (None: not probed), read back
     with one host sync per device."""
-    by_device: dict[torch.device, list[int]] = {}
-    for position, values in enumerate(numbers):
-        if values is not None:
-            by_device.setdefault(values.device, []).append(position)
-    verdicts: list[float | None] = [None] * len(numbers)
-    for positions in by_device.values():
-        rows = torch.stack([numbers[position] for position in positions]).tolist()
-        for position, row in zip(positions, rows, strict=True):
-            verdicts[position] = probe_verdict(row, dtypes[position])
-    return verdicts
+    return [
+        None if row is None else probe_verdict(row, dtype)
+        for row, dtype in zip(read_back(numbers), dtypes, strict=True)
+    ]
 
 
 def probe_verdict(numbers: list[float], dtype: torch.dtype) -> float | None:
@@ -350,6 +345,7 @@ def _exact(
             (grad_weight.shape[0],), tau_prox, dtype=dtype, device=grad_weight.device
         )
     sample = _sample_rows(left)
+    left_scale = 1.0 if scale is None else scale
     if kernel.costs.explicit_inverse:
         inverse = torch.cholesky_inverse(factor)
         right = inverse.to(dtype)
@@ -357,19 +353,19 @@ def _exact(
             # The scalar goes into the n×n factor, not into the m×n δᵀ.
             right = right * scale
         weight, bias = kernel.expand(left, right, grad_weight, grad_bias, gradient_scale, out)
-        solved_sample = (left[sample].double() @ inverse) * (1.0 if scale is None else scale)
+        solved_sample = (left[sample].double() @ inverse) * left_scale
     else:
         # Triangular solves against ℓ itself: on a GPU the explicit inverse costs more than
         # solving for every row's coefficients (2·n²·m float64 flops).
         solved = torch.cholesky_solve(left.T.double(), factor).T
-        if scale is not None:
+        if scale is not None:  # (no pass over m × n numbers to multiply by 1)
             solved = solved * scale
         coefficients = solved.to(dtype)
         weight, bias = kernel.expand(
             coefficients, None, grad_weight, grad_bias, gradient_scale, out
         )
         solved_sample = solved[sample]
-    started_sample = left[sample].double() * (1.0 if scale is None else scale)
+    started_sample = left[sample].double() * left_scale
     residual = _sampled_residual(kernel, started_sample, solved_sample, shifted, left.shape[0])
     return DualSolution(weight, bias, 0, residual)
 

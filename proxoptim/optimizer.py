@@ -533,7 +533,6 @@ class ProxPropOptimizer(Optimizer):
         in the solve dtype, and its pending stats; ``scale``: the probe's verdict."""
         started = time.perf_counter()
         layer, system = setup.layer, setup.system
-        weight, bias = layer.weight, layer.bias
         exact = self.solver == "exact"
         graphs_apply = self._graphs_apply(setup, exact)
         form = choose_form(
@@ -557,41 +556,33 @@ class ProxPropOptimizer(Optimizer):
             graphed = self._graphed_solve(setup, form, None if scale is None else setup.probe)
         if graphed is not None:
             (weight_v, bias_v, values), iterations = graphed
-            # The graph owns its outputs: the eager direction buffers are of no more use.
-            self._buffers.pop(weight, None)
             seconds = setup.seconds + time.perf_counter() - started
             stats = PendingStats(form, iterations, values, seconds, system.num_columns, scale)
-        else:
-            solution = solve(
-                system,
-                setup.grad_weight,
-                setup.grad_bias,
-                self.tau_prox,
-                exact=exact,
-                cg_iters=self.cg_iters,
-                cg_tol=self.cg_tol,
-                form=form,
-                output_grad_scale=scale,
-                out=self._direction_buffers(weight, setup.grad_weight, setup.grad_bias),
-                workspace=self._workspace,
-            )
-            weight_v, bias_v = solution.weight, solution.bias
-            seconds = setup.seconds + time.perf_counter() - started
-            stats = layer_stats(
-                form, solution, setup.grad_weight, setup.grad_bias, seconds, system, scale
-            )
-        directions = {weight: weight_v}
-        if setup.grad_bias is not None and bias.grad is not None:
-            directions[bias] = bias_v
-        return directions, stats
+            return self._graph_directions(setup, weight_v, bias_v), stats
+        solution = solve(
+            system,
+            setup.grad_weight,
+            setup.grad_bias,
+            self.tau_prox,
+            exact=exact,
+            cg_iters=self.cg_iters,
+            cg_tol=self.cg_tol,
+            form=form,
+            output_grad_scale=scale,
+            out=self._direction_buffers(layer.weight, setup.grad_weight, setup.grad_bias),
+            workspace=self._workspace,
+        )
+        seconds = setup.seconds + time.perf_counter() - started
+        stats = layer_stats(
+            form, solution, setup.grad_weight, setup.grad_bias, seconds, system, scale
+        )
+        return _layer_directions(setup, solution.weight, solution.bias), stats
 
     def _speculated(
         self, setup: _Prepared, speculation: _Speculation, scale: float
     ) -> tuple[dict[Tensor, Tensor], PendingStats]:
         """A speculative δ-form solve whose probe held: its graph's outputs as the layer's
         directions and stats."""
-        # The graph owns its outputs: the eager direction buffers are of no more use.
-        self._buffers.pop(setup.layer.weight, None)
         stats = PendingStats(
             "dual",
             speculation.iterations,
@@ -600,10 +591,15 @@ class ProxPropOptimizer(Optimizer):
             setup.system.num_columns,
             scale,
         )
-        directions = {setup.layer.weight: speculation.weight}
-        if setup.grad_bias is not None and setup.layer.bias.grad is not None:
-            directions[setup.layer.bias] = speculation.bias
-        return directions, stats
+        return self._graph_directions(setup, speculation.weight, speculation.bias), stats
+
+    def _graph_directions(
+        self, setup: _Prepared, weight_v: Tensor, bias_v: Tensor | None
+    ) -> dict[Tensor, Tensor]:
+        """The layer's directions from a graph's outputs. The graph owns them: the layer's
+        eager direction buffers are of no more use."""
+        self._buffers.pop(setup.layer.weight, None)
+        return _layer_directions(setup, weight_v, bias_v)
 
     def _graphed_solve(
         self, setup: _Prepared, form: str, probe: Tensor | None, speculative: bool = False
@@ -756,6 +752,16 @@ class ProxPropOptimizer(Optimizer):
             return
         self._warned.add((name, message))
         warnings.warn(message, stacklevel=4)
+
+
+def _layer_directions(
+    setup: _Prepared, weight_v: Tensor, bias_v: Tensor | None
+) -> dict[Tensor, Tensor]:
+    """{parameter: direction} for a solved layer (the bias only where it has a gradient)."""
+    directions = {setup.layer.weight: weight_v}
+    if setup.grad_bias is not None and setup.layer.bias.grad is not None:
+        directions[setup.layer.bias] = bias_v
+    return directions
 
 
 def _finite(tensor: Tensor) -> bool:

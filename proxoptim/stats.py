@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from proxoptim.operators import LayerSystem
+from proxoptim.readback import read_back
 from proxoptim.solvers import FORMS, Solution
 
 
@@ -102,15 +103,12 @@ def layer_stats(
 
 def resolve_stats(pending: dict[str, PendingStats]) -> dict[str, LayerStats]:
     """Every layer's LayerStats, reading the numbers back with one sync per device (not
-    one per layer: each sync stalls an accelerator's queue)."""
-    names_by_device: dict[torch.device, list[str]] = {}
-    for name, stats in pending.items():
-        names_by_device.setdefault(stats.values.device, []).append(name)
-    numbers: dict[str, list[float]] = {}
-    for names in names_by_device.values():
-        rows = torch.stack([pending[name].values for name in names]).tolist()
-        numbers.update(zip(names, rows, strict=True))
-    return {name: stats.resolve(numbers[name]) for name, stats in pending.items()}
+    one per layer)."""
+    rows = read_back([stats.values for stats in pending.values()])
+    return {
+        name: stats.resolve(numbers)
+        for (name, stats), numbers in zip(pending.items(), rows, strict=True)
+    }
 
 
 def pack(stats: LayerStats | None) -> Tensor:

@@ -66,6 +66,13 @@ def run_steps(opt, model, batches):
     return opt.inner.seen
 
 
+def assert_same_directions(seen, expected, **tolerance):
+    """Every step's directions, parameter by parameter (Recorder.seen of two runs)."""
+    for step_seen, step_expected in zip(seen, expected, strict=True):
+        for direction, reference in zip(step_seen.values(), step_expected.values(), strict=True):
+            torch.testing.assert_close(direction, reference, **tolerance)
+
+
 def graphed(model, runner=None, **kwargs):
     opt = ProxPropOptimizer(model, Recorder, cuda_graphs=True, **kwargs)
     opt._graphs = SolveGraphs(runner if runner is not None else EagerRunner())
@@ -83,9 +90,7 @@ def test_replayed_solves_give_the_eager_directions(form):
     expected = run_steps(eager, eager_model, batches)
     # Step 1 eager, step 2 captures, steps 3-4 replay with new inputs.
     assert opt.captured_graphs == 2  # the conv and the hidden Linear; the output layer is plain
-    for step_seen, step_expected in zip(seen, expected, strict=True):
-        for direction, reference in zip(step_seen.values(), step_expected.values(), strict=True):
-            torch.testing.assert_close(direction, reference, rtol=1e-5, atol=1e-7)
+    assert_same_directions(seen, expected, rtol=1e-5, atol=1e-7)
     for name, stats in opt.last_stats.items():
         reference = eager.last_stats[name]
         assert (stats.form, stats.iterations, stats.columns) == (
@@ -145,9 +150,7 @@ def test_a_failed_capture_warns_and_stays_eager():
         seen = run_steps(opt, model, batches)
     expected = run_steps(ProxPropOptimizer(eager_model, Recorder), eager_model, batches)
     assert opt.captured_graphs == 0
-    for step_seen, step_expected in zip(seen, expected, strict=True):
-        for direction, reference in zip(step_seen.values(), step_expected.values(), strict=True):
-            torch.testing.assert_close(direction, reference)
+    assert_same_directions(seen, expected)
 
 
 def test_cuda_graphs_must_be_a_bool():
@@ -168,26 +171,34 @@ def run_scaled_steps(opt, model, batches, factors):
     return opt.inner.seen, scales
 
 
+# Each step's .grad scaled by these after backward: the δ probe's scale changes every step.
+FACTORS = [1.0, 0.5, 0.25, 2.0]
+
+
+def probed_runs(solver):
+    """The same scaled steps with graphs and eagerly, the δ form wherever it applies:
+    (graphed optimizer, its directions and scales, the eager directions and scales)."""
+    model = network()
+    eager_model = copy.deepcopy(model)
+    batches = [batch(seed) for seed in range(len(FACTORS))]
+    kwargs = {"solver": solver, "solver_form": "dual", "tau_prox": 0.3}
+    opt = graphed(model, **kwargs)
+    seen, scales = run_scaled_steps(opt, model, batches, FACTORS)
+    eager = ProxPropOptimizer(eager_model, Recorder, **kwargs)
+    expected, eager_scales = run_scaled_steps(eager, eager_model, batches, FACTORS)
+    return opt, seen, scales, expected, eager_scales
+
+
 @pytest.mark.parametrize("solver", ["cg", "exact"])
 def test_probed_layers_replay_the_delta_form_with_each_steps_scale(monkeypatch, solver):
     """The probe's scale is one of the graph's inputs (on the device), not a captured number:
     replays with another step's scale give that step's eager direction."""
     monkeypatch.setattr("proxoptim.dual.DualKernel.should_probe", lambda system, exact: True)
-    model = network()
-    eager_model = copy.deepcopy(model)
-    batches = [batch(seed) for seed in range(4)]
-    factors = [1.0, 0.5, 0.25, 2.0]
-    kwargs = {"solver": solver, "solver_form": "dual", "tau_prox": 0.3}
-    opt = graphed(model, **kwargs)
-    seen, scales = run_scaled_steps(opt, model, batches, factors)
-    eager = ProxPropOptimizer(eager_model, Recorder, **kwargs)
-    expected, eager_scales = run_scaled_steps(eager, eager_model, batches, factors)
+    opt, seen, scales, expected, eager_scales = probed_runs(solver)
     assert opt.captured_graphs == 2  # the conv (dual from its patches) and the Linear layer
-    assert scales == pytest.approx(factors, rel=1e-5)
+    assert scales == pytest.approx(FACTORS, rel=1e-5)
     assert scales == pytest.approx(eager_scales, rel=1e-12)
-    for step_seen, step_expected in zip(seen, expected, strict=True):
-        for direction, reference in zip(step_seen.values(), step_expected.values(), strict=True):
-            torch.testing.assert_close(direction, reference, rtol=1e-5, atol=1e-7)
+    assert_same_directions(seen, expected, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("explicit_inverse", [True, False])
@@ -207,9 +218,7 @@ def test_exact_dual_solves_replay(monkeypatch, explicit_inverse):
     eager = ProxPropOptimizer(eager_model, Recorder, solver="exact", solver_form="dual")
     expected = run_steps(eager, eager_model, batches)
     assert opt.captured_graphs == 2
-    for step_seen, step_expected in zip(seen, expected, strict=True):
-        for direction, reference in zip(step_seen.values(), step_expected.values(), strict=True):
-            torch.testing.assert_close(direction, reference, rtol=1e-5, atol=1e-7)
+    assert_same_directions(seen, expected, rtol=1e-5, atol=1e-7)
 
 
 def test_exact_primal_solves_stay_eager():
@@ -225,22 +234,12 @@ def test_speculative_delta_graphs_give_the_eager_directions(monkeypatch, specula
     """With graphs the probe runs inside the δ-form solve's graph, before its verdict is
     known; where it holds, the directions and scales are the eager probed ones."""
     monkeypatch.setattr("proxoptim.dual.DualKernel.should_probe", lambda system, exact: True)
-    model = network()
-    eager_model = copy.deepcopy(model)
-    batches = [batch(seed) for seed in range(4)]
-    factors = [1.0, 0.5, 0.25, 2.0]
-    kwargs = {"solver": solver, "solver_form": "dual", "tau_prox": 0.3}
-    opt = graphed(model, **kwargs)
-    seen, scales = run_scaled_steps(opt, model, batches, factors)
-    eager = ProxPropOptimizer(eager_model, Recorder, **kwargs)
-    expected, eager_scales = run_scaled_steps(eager, eager_model, batches, factors)
+    opt, seen, scales, expected, eager_scales = probed_runs(solver)
     speculative = [key for key in opt._graphs._entries if key[2] == "speculative"]
     assert [key[0] for key in speculative] == ["3"]  # the Linear layer, whose δ is captured
-    assert scales == pytest.approx(factors, rel=1e-5)
+    assert scales == pytest.approx(FACTORS, rel=1e-5)
     assert scales == pytest.approx(eager_scales, rel=1e-12)
-    for step_seen, step_expected in zip(seen, expected, strict=True):
-        for direction, reference in zip(step_seen.values(), step_expected.values(), strict=True):
-            torch.testing.assert_close(direction, reference, rtol=1e-5, atol=1e-7)
+    assert_same_directions(seen, expected, rtol=1e-5, atol=1e-7)
 
 
 def test_failed_speculation_redoes_the_layer_in_the_general_form_and_backs_off(
@@ -270,9 +269,7 @@ def test_failed_speculation_redoes_the_layer_in_the_general_form_and_backs_off(
     record, eager_record = [], []
     seen = run(opt, model, record)
     expected = run(eager, eager_model, eager_record)
-    for step_seen, step_expected in zip(seen, expected, strict=True):
-        for direction, reference in zip(step_seen.values(), step_expected.values(), strict=True):
-            torch.testing.assert_close(direction, reference, rtol=1e-5, atol=1e-7)
+    assert_same_directions(seen, expected, rtol=1e-5, atol=1e-7)
     scales = [scale for scale, _ in record]
     assert scales[2] is None  # the general form, after the failed speculation
     assert all(scale == pytest.approx(1.0) for i, scale in enumerate(scales) if i != 2)
