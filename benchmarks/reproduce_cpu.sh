@@ -25,6 +25,7 @@ python benchmarks/cg_iterations.py --dataset cifar10 --data-dir "$data" --train-
 
 # Step time and memory against backprop on the paper's networks (docs/performance.md).
 python benchmarks/targets.py --repeats 9 | tee "$out/targets-cpu.md"
+python benchmarks/dual_budget.py --repeats 15 | tee "$out/dual-budget-cpu.md"
 python benchmarks/profile_step.py | tee "$out/profile-mlp-cg3.md"
 python benchmarks/conv_gram_cost.py | tee "$out/conv-gram-cost.md"
 python benchmarks/dual_cg_block.py --processes 8 | tee "$out/dual-cg-block.md"
