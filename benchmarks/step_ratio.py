@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 from proxoptim.experiments.models import build_model
 from proxoptim.experiments.training import Method, make_optimizer
@@ -143,12 +144,14 @@ def peak_memory(
     device: str,
     tau_prox: float,
     width: float,
+    tensors: bool = False,
 ) -> float:
     """Peak memory in MiB of ``steps`` training steps of one method, alone in a fresh process.
 
     CPU: the child's peak resident set size (VmHWM; ru_maxrss would include the parent's
     peak, which survives fork and exec), so the baseline includes the Python and torch
-    runtime, as a user's process does; CUDA: torch.cuda.max_memory_allocated.
+    runtime, as a user's process does; with ``tensors``, the peak of live CPU tensors
+    instead (:func:`peak_tensor_mib`). CUDA: torch.cuda.max_memory_allocated.
     """
     command = [
         sys.executable,
@@ -170,21 +173,45 @@ def peak_memory(
         "--repeats",
         str(steps),
     ]
+    if tensors:
+        command.append("--tensor-memory")
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return float(output.strip().splitlines()[-1])
 
 
+def peak_tensor_mib(run: Callable[[], object]) -> float:
+    """Peak MiB of live CPU tensors while ``run`` runs: every allocation and free the
+    profiler records, summed in time order. This is the accounting
+    torch.cuda.max_memory_allocated does on a GPU (tensors only, no runtime), so it shows
+    what a method holds beyond backprop, which the CPU's peak RSS dilutes with the
+    Python and torch runtime. Tensors that exist before ``run`` are not counted."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        run()
+    events = [e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
+
+
 def _memory_child(args: argparse.Namespace) -> None:
-    torch.manual_seed(0)
-    model = build_network(args.network, args.width).to(args.device)
-    x = torch.rand(args.batch_size, 3, 32, 32, device=args.device)
-    y = torch.randint(0, 10, (args.batch_size,), device=args.device)
-    opt = make_optimizer(
-        model, Method.parse(args.memory_child), args.optimizer, 1e-6, args.tau_prox
-    )
-    step = make_step(model, opt, x, y)
-    for _ in range(args.repeats):
-        step()
+    def run() -> None:
+        torch.manual_seed(0)
+        model = build_network(args.network, args.width).to(args.device)
+        x = torch.rand(args.batch_size, 3, 32, 32, device=args.device)
+        y = torch.randint(0, 10, (args.batch_size,), device=args.device)
+        opt = make_optimizer(
+            model, Method.parse(args.memory_child), args.optimizer, 1e-6, args.tau_prox
+        )
+        step = make_step(model, opt, x, y)
+        for _ in range(args.repeats):
+            step()
+
+    if args.tensor_memory:
+        print(peak_tensor_mib(run))
+        return
+    run()
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         print(torch.cuda.max_memory_allocated() / 2**20)
@@ -211,6 +238,7 @@ def main() -> None:
         help="also measure peak memory, each method in a fresh process",
     )
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    parser.add_argument("--tensor-memory", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the raw times here")
     args = parser.parse_args()
     if args.memory_child:

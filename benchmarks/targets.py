@@ -2,7 +2,9 @@
 
 ProxProp step time / backprop step time (same inner optimizer, same process, interleaved,
 median of the repeats after warm-up) for the paper's MLP (Nesterov SGD) and CNN (Adam) at
-batch 500, and peak memory of each method against backprop's (each in a fresh process).
+batch 500, and peak memory of each method against backprop's (each in a fresh process):
+max RSS on a CPU (the target's measure), max_memory_allocated on a GPU, and on a CPU also
+the peak of live tensors, the accounting max_memory_allocated does (no runtime in it).
 The "floor" row is backprop plus one weight-gradient-sized product per preconditioned layer
 (the least any dual-form step adds; see benchmarks/step_ratio.py).
 
@@ -50,11 +52,13 @@ def main() -> None:
         f"median of {args.repeats} interleaved steps after {args.warmup} warm-up, "
         f"{'strict alternation' if args.block == 1 else f'turns of {args.block} steps'}"
     )
+    tensor_column = not args.no_memory and not args.device.startswith("cuda")
     print(
         "| network | method | step [ms] | backprop [ms] | ratio | target "
         "| peak memory ratio | memory target |"
+        + (" peak tensor memory ratio |" if tensor_column else "")
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if tensor_column else ""))
     for network, optimizer, targets in TABLE:
         methods = list(targets)
         if args.graphs:
@@ -70,10 +74,14 @@ def main() -> None:
             block=args.block,
         )
         baseline = statistics.median(times["backprop"])
-        memory = {}
+        memory, tensor_memory = {}, {}
         if not args.no_memory:
             for name in ["backprop", *[m for m in methods if m != FLOOR]]:
                 memory[name] = peak_memory(network, optimizer, name, 500, 3, args.device, 1.0, 1.0)
+                if tensor_column:
+                    tensor_memory[name] = peak_memory(
+                        network, optimizer, name, 500, 3, args.device, 1.0, 1.0, tensors=True
+                    )
         for name in methods:
             median = statistics.median(times[name])
             ratio = median / baseline
@@ -91,10 +99,19 @@ def main() -> None:
                 memory_mark = (
                     f"≤ {MEMORY_TARGET} ({'met' if memory_ratio <= MEMORY_TARGET else 'missed'})"
                 )
+            tensor_cell = ""
+            if tensor_column:
+                tensor_cell = " – |"
+                if name in tensor_memory:
+                    tensor_ratio = tensor_memory[name] / tensor_memory["backprop"]
+                    tensor_cell = (
+                        f" {tensor_ratio:.2f} ({tensor_memory[name]:.0f} / "
+                        f"{tensor_memory['backprop']:.0f} MiB) |"
+                    )
             print(
                 f"| {network} ({optimizer}) | {name} | {1000 * median:.3g} | "
                 f"{1000 * baseline:.3g} | {ratio:.2f} | {target_cell} | "
-                f"{memory_cell} | {memory_mark} |"
+                f"{memory_cell} | {memory_mark} |{tensor_cell}"
             )
 
 

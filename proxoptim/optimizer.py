@@ -309,7 +309,9 @@ class ProxPropOptimizer(Optimizer):
         The closure, if given, is evaluated once (with grad enabled) before the solve.
         Every direction is computed before any ``.grad`` is touched: if a solve raises,
         parameters, gradients, optimizer state and the captured inputs are left as they
-        were; if the inner step raises, the original gradients are put back.
+        were (the step can be retried); if the inner step raises, the original gradients
+        are put back, but the captured inputs are already released (a retry needs a new
+        backward).
         """
         loss = None
         if closure is not None:
@@ -337,6 +339,11 @@ class ProxPropOptimizer(Optimizer):
             self._capture.clear()
             return loss
 
+        # The captured inputs and output gradients have served: release them before the
+        # inner step, whose temporaries make a training step's memory peak (backprop would
+        # have freed the inputs at the end of backward).
+        self._capture.clear()
+        del calls
         originals = {param: param.grad for param in directions}
         for param, direction in directions.items():
             param.grad = direction
@@ -346,7 +353,6 @@ class ProxPropOptimizer(Optimizer):
             for param, grad in originals.items():
                 param.grad = grad
         self.last_stats = stats
-        self._capture.clear()
         return loss
 
     def _directions(

@@ -49,3 +49,24 @@ def test_dual_budget_captures_each_preconditioned_layers_input_delta_and_gradien
                 piece()
     finally:
         monkeypatch.delitem(sys.modules, "dual_budget")
+
+
+def test_peak_tensor_memory_counts_live_tensors_not_their_sum(monkeypatch):
+    """The CPU stand-in for max_memory_allocated: 4 MiB and 2 MiB alive together peak at
+    6 MiB; freed before a 5 MiB tensor, the peak stays 6 (not 11)."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    step_ratio = importlib.import_module("step_ratio")
+    try:
+
+        def run() -> None:
+            first = torch.ones(1 << 20)  # 4 MiB of float32
+            second = torch.ones(1 << 19)  # 2 MiB
+            del first, second
+            third = torch.ones(5 << 18)  # 5 MiB
+            del third
+
+        assert abs(step_ratio.peak_tensor_mib(run) - 6.0) < 0.1
+    finally:
+        monkeypatch.delitem(sys.modules, "step_ratio")

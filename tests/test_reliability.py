@@ -172,6 +172,29 @@ def test_captured_tensors_are_released_after_step():
     assert reference() is None
 
 
+def test_captured_tensors_are_released_before_the_inner_step():
+    """The inner step is a training step's memory peak: the inputs and output gradients
+    ProxProp captured must not be alive during it."""
+    alive_during_step = []
+
+    class Checking(torch.optim.SGD):
+        def step(self, closure=None):
+            gc.collect()
+            alive_during_step.append(reference() is not None)
+            return super().step(closure)
+
+    model = make_model()
+    opt = ProxPropOptimizer(model, Checking, lr=0.1)
+    x, y = batch()
+    x = x.clone()
+    reference = weakref.ref(x)
+    nn.functional.cross_entropy(model(x), y).backward()
+    del x
+    opt.step()
+    assert alive_during_step == [False]
+    assert set(opt.last_stats) == {"0", "2"}
+
+
 def test_zero_grad_between_forward_and_backward_still_counts_the_call():
     model = make_model()
     opt = ProxPropOptimizer(model, Recorder)
