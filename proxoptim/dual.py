@@ -504,19 +504,40 @@ def _coefficient_cg(
     out: tuple[Tensor, Tensor | None] | None,
 ) -> DualSolution:
     """CG on (a, c) coordinates with K itself (float64): no factorisation at all."""
-    dtype = grad_weight.dtype
     kernel64 = kernel.kernel.double()
 
     def kernel_times(coefficients: Tensor) -> Tensor:
         return coefficients @ kernel64
 
-    if scale is not None:
-        start = kernel.output_grads.T.double() * scale
-        projected, gradient_sq = None, None
-    else:
-        start = None
-        projected = kernel.project(grad_weight, grad_bias).double()
-        gradient_sq = _gradient_sq(grad_weight, grad_bias)
+    start = None if scale is None else kernel.output_grads.T.double() * scale
+    return _general_solution(
+        kernel, grad_weight, grad_bias, tau_prox, iterations, tol, out, kernel_times, start=start
+    )
+
+
+def _general_solution(
+    kernel: DualKernel,
+    grad_weight: Tensor,
+    grad_bias: Tensor | None,
+    tau_prox: float,
+    iterations: int,
+    tol: float | None,
+    out: tuple[Tensor, Tensor | None] | None,
+    kernel_times: Callable[[Tensor], Tensor],
+    basis: Tensor | None = None,
+    start: Tensor | None = None,
+) -> DualSolution:
+    """:func:`_general_cg_blocks` in the coefficient basis (``basis`` None) or in the
+    orthonormal ``basis`` whose K is ``kernel_times``, then v = a·g + c·basisᵀ·Ũᵀ.
+    ``start``: s·δᵀ for the δ form (coefficient basis only); else CG starts from g, with
+    h = gŨ (in ``basis``) and ‖g‖² in float64, where the general form's inner products
+    cancel as the residual shrinks."""
+    projected, gradient_sq = None, None
+    if start is None:
+        projected = kernel.project(grad_weight, grad_bias)
+        if basis is not None:
+            projected = projected @ basis
+        projected, gradient_sq = projected.double(), _gradient_sq(grad_weight, grad_bias)
     coefficients, done, residual_sq, gradient_scale = _general_cg_blocks(
         projected,
         gradient_sq,
@@ -524,12 +545,13 @@ def _coefficient_cg(
         tau_prox,
         iterations,
         tol,
-        dtype,
+        grad_weight.dtype,
         _block_rows(kernel, grad_weight.shape[0]),
         start,
     )
-    weight, bias = kernel.expand(coefficients, None, grad_weight, grad_bias, gradient_scale, out)
-    return DualSolution(weight, bias, done, residual_sq.sqrt())
+    right = None if basis is None else basis.T
+    weight, bias = kernel.expand(coefficients, right, grad_weight, grad_bias, gradient_scale, out)
+    return DualSolution(weight, bias, done, residual_sq.double().sqrt())
 
 
 def _eigenbasis_cg(
@@ -544,7 +566,6 @@ def _eigenbasis_cg(
     workspace: Workspace,
 ) -> DualSolution:
     """CG on (a, c̃) coordinates in K's eigenbasis: every iteration elementwise."""
-    dtype = grad_weight.dtype
     eigenvalues, basis = torch.linalg.eigh(kernel.kernel)
     eigenvalues = eigenvalues.clamp_min(0)
     if scale is not None:
@@ -556,20 +577,14 @@ def _eigenbasis_cg(
         weight, bias = kernel.expand_blocks(blocks, basis.T, grad_weight.shape[0], out)
         return DualSolution(weight, bias, blocks.done, blocks.residual_sq.double().sqrt())
 
-    # The general form's inner products cancel as the residual shrinks: float64.
-    block_rows = _block_rows(kernel, grad_weight.shape[0])
-    projected = (kernel.project(grad_weight, grad_bias) @ basis).double()
-    gradient_sq = _gradient_sq(grad_weight, grad_bias)
     eigenvalues64 = eigenvalues.double()
 
     def kernel_times(coefficients: Tensor) -> Tensor:
         return coefficients * eigenvalues64
 
-    coefficients, done, residual_sq, gradient_scale = _general_cg_blocks(
-        projected, gradient_sq, kernel_times, tau_prox, iterations, tol, dtype, block_rows
+    return _general_solution(
+        kernel, grad_weight, grad_bias, tau_prox, iterations, tol, out, kernel_times, basis
     )
-    weight, bias = kernel.expand(coefficients, basis.T, grad_weight, grad_bias, gradient_scale, out)
-    return DualSolution(weight, bias, done, residual_sq.double().sqrt())
 
 
 class _ShortcutBlocks:

@@ -47,13 +47,14 @@ class _Prepared:
     dtype: torch.dtype
     grad_weight: Tensor
     grad_bias: Tensor | None
-    probe: Tensor | None  # DualKernel.probe_numbers, still on the device
+    probe: Tensor | None  # probe_numbers_for's numbers, still on the device
     seconds: float  # host time spent setting it up
 
 
 @dataclass
-class _Speculation:
-    """The outputs of a speculative δ-form graph, pending the probe's verdict."""
+class _GraphOutputs:
+    """A graphed solve's outputs; for a speculative δ-form graph, pending the probe's
+    verdict."""
 
     weight: Tensor
     bias: Tensor | None
@@ -410,8 +411,10 @@ class ProxPropOptimizer(Optimizer):
             prepared, scales, speculations, strict=True
         ):
             with record_function(f"ProxProp.solve#{setup.layer.name}"):
-                if speculation is not None and scale is not None:
-                    layer_directions, layer_stats = self._speculated(setup, speculation, scale)
+                if speculation is not None and scale is not None:  # the speculation held
+                    layer_directions, layer_stats = self._graph_result(
+                        setup, "dual", speculation, setup.seconds, scale
+                    )
                 else:
                     if speculation is not None:  # the probe failed: the general form
                         self._speculation_backoff[setup.layer.name] = SPECULATION_BACKOFF
@@ -479,7 +482,7 @@ class ProxPropOptimizer(Optimizer):
             time.perf_counter() - started,
         )
 
-    def _probe(self, setup: _Prepared) -> _Speculation | None:
+    def _probe(self, setup: _Prepared) -> _GraphOutputs | None:
         """Starts the layer's δ probe (its numbers stay on the device, in ``setup.probe``).
 
         Where the layer's solve replays as a graph and the δ form is its cheapest, the
@@ -502,7 +505,7 @@ class ProxPropOptimizer(Optimizer):
             graphed = self._graphed_solve(setup, "dual", probe, speculative=True)
             if graphed is not None:
                 (weight_v, bias_v, values, setup.probe), iterations = graphed
-                speculation = _Speculation(weight_v, bias_v, values, iterations)
+                speculation = _GraphOutputs(weight_v, bias_v, values, iterations)
         if speculation is None:  # eagerly (a graph's first sighting runs eagerly too)
             setup.probe = probe_numbers_for(system, setup.grad_weight, setup.grad_bias, probe)
         setup.seconds += time.perf_counter() - started
@@ -563,8 +566,8 @@ class ProxPropOptimizer(Optimizer):
         if graphed is not None:
             (weight_v, bias_v, values), iterations = graphed
             seconds = setup.seconds + time.perf_counter() - started
-            stats = PendingStats(form, iterations, values, seconds, system.num_columns, scale)
-            return self._graph_directions(setup, weight_v, bias_v), stats
+            outputs = _GraphOutputs(weight_v, bias_v, values, iterations)
+            return self._graph_result(setup, form, outputs, seconds, scale)
         solution = solve(
             system,
             setup.grad_weight,
@@ -584,28 +587,21 @@ class ProxPropOptimizer(Optimizer):
         )
         return _layer_directions(setup, solution.weight, solution.bias), stats
 
-    def _speculated(
-        self, setup: _Prepared, speculation: _Speculation, scale: float
+    def _graph_result(
+        self,
+        setup: _Prepared,
+        form: str,
+        outputs: _GraphOutputs,
+        seconds: float,
+        scale: float | None,
     ) -> tuple[dict[Tensor, Tensor], PendingStats]:
-        """A speculative δ-form solve whose probe held: its graph's outputs as the layer's
-        directions and stats."""
-        stats = PendingStats(
-            "dual",
-            speculation.iterations,
-            speculation.values,
-            setup.seconds,
-            setup.system.num_columns,
-            scale,
-        )
-        return self._graph_directions(setup, speculation.weight, speculation.bias), stats
-
-    def _graph_directions(
-        self, setup: _Prepared, weight_v: Tensor, bias_v: Tensor | None
-    ) -> dict[Tensor, Tensor]:
-        """The layer's directions from a graph's outputs. The graph owns them: the layer's
-        eager direction buffers are of no more use."""
+        """A graph's outputs as the layer's directions and pending stats. The graph owns
+        the directions: the layer's eager direction buffers are of no more use."""
         self._buffers.pop(setup.layer.weight, None)
-        return _layer_directions(setup, weight_v, bias_v)
+        stats = PendingStats(
+            form, outputs.iterations, outputs.values, seconds, setup.system.num_columns, scale
+        )
+        return _layer_directions(setup, outputs.weight, outputs.bias), stats
 
     def _graphed_solve(
         self, setup: _Prepared, form: str, probe: Tensor | None, speculative: bool = False
