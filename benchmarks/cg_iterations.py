@@ -17,6 +17,7 @@ import math
 
 from proxoptim.experiments.data import load_dataset
 from proxoptim.experiments.models import build_model
+from proxoptim.experiments.provenance import provenance_comment
 from proxoptim.experiments.training import Method, train
 
 
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="also write every run here")
     args = parser.parse_args()
+    print(provenance_comment())
 
     splits = load_dataset(args.dataset, data_dir=args.data_dir)
     if args.train_subset:

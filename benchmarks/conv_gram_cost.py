@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from proxoptim.costs import CPU
+from proxoptim.experiments.provenance import provenance_comment
 from proxoptim.operators import LayerSystem, RowLayout, kind_for
 from proxoptim.solvers import estimate_costs
 
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--skip-im2col", action="store_true", help="the slowest column")
     args = parser.parse_args()
+    print(provenance_comment())
     torch.manual_seed(0)
     print(f"CPU, {torch.get_num_threads()} threads, medians of {args.repeats} [ms]")
     print(

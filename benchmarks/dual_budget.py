@@ -28,6 +28,7 @@ from step_ratio import build_network, make_step
 from torch import Tensor, nn
 
 from proxoptim.dual import symmetric_product
+from proxoptim.experiments.provenance import provenance_comment
 
 TARGETS = {"exact": 1.5, "cg3": 1.6, "cg10": 1.7}
 
@@ -104,6 +105,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--tau-prox", type=float, default=1.0)
     args = parser.parse_args()
+    print(provenance_comment())
 
     torch.manual_seed(0)
     model = build_network("mlp", 1.0)

@@ -20,6 +20,7 @@ import time
 import torch
 
 from proxoptim.dual import _diagonal_cg
+from proxoptim.experiments.provenance import provenance_comment
 from proxoptim.workspace import Workspace
 
 
@@ -49,6 +50,7 @@ def main() -> None:
     if args.child:
         print(child(args.child, args.iterations, args.repeats))
         return
+    print(provenance_comment())
     print(f"dual CG, {args.iterations} iterations on a 1024×500 block, median [ms] per process")
     print("| process | 2 threads | 1 thread |")
     print("|---|---|---|")

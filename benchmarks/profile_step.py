@@ -15,6 +15,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from proxoptim.experiments.models import build_model
+from proxoptim.experiments.provenance import provenance_comment
 from proxoptim.experiments.training import Method, make_optimizer
 
 
@@ -26,6 +27,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
+    print(provenance_comment())
 
     torch.manual_seed(0)
     model = build_model(args.network, (3, 32, 32), 10)

@@ -19,6 +19,7 @@ import torchvision
 from torch import nn
 
 from proxoptim import ProxPropOptimizer
+from proxoptim.experiments.provenance import provenance_comment
 
 
 def child(method: str, batch_size: int) -> None:
@@ -48,6 +49,7 @@ def main() -> None:
     if args.child:
         child(args.child, args.batch_size)
         return
+    print(provenance_comment())
     print(f"ResNet-18, 224×224, batch {args.batch_size}, CPU, one step")
     print("| method | peak RSS [MiB] | step [s] | forms |")
     print("|---|---|---|---|")

@@ -27,6 +27,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from proxoptim.experiments.models import build_model
+from proxoptim.experiments.provenance import provenance_comment
 from proxoptim.experiments.training import Method, make_optimizer
 
 NETWORKS = ("mlp", "cnn", "cnn-reference", "resnet18")
@@ -244,6 +245,7 @@ def main() -> None:
     if args.memory_child:
         _memory_child(args)
         return
+    print(provenance_comment())
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     times = measure(
         args.network,

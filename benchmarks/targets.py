@@ -21,6 +21,8 @@ import statistics
 import torch
 from step_ratio import FLOOR, measure, peak_memory
 
+from proxoptim.experiments.provenance import provenance_comment
+
 # (network, inner optimizer, {method: target ratio}); None: no target, measured anyway.
 TABLE = [
     ("mlp", "nesterov", {FLOOR: None, "cg3": 1.6, "exact": 1.5, "cg10": 1.7}),
@@ -46,6 +48,7 @@ def main() -> None:
         "alternation",
     )
     args = parser.parse_args()
+    print(provenance_comment())
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(
         f"{device_name}, {torch.get_num_threads()} threads, torch {torch.__version__}, batch 500, "

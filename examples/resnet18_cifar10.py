@@ -1,7 +1,13 @@
 """An unmodified torchvision ResNet-18 on CIFAR-10: Adam, then ProxProp wrapping Adam.
 
-    python examples/resnet18_cifar10.py --data-dir ../shared/data            # a few hundred steps
-    python examples/resnet18_cifar10.py --steps 3 --batch-size 8 --train-subset 64
+    python examples/resnet18_cifar10.py --download                  # fetch into ./data, 300 steps
+    python examples/resnet18_cifar10.py --data-dir ~/datasets/cifar10 --steps 3 --batch-size 8
+
+``--data-dir`` (default ``./data``) may hold torchvision's ``cifar-10-batches-py/``, an
+ImageFolder tree ``train/<class>/...`` and ``test/<class>/...``, or a ``.tar.gz`` of either, or
+be the path of such an archive; ``--download`` fetches the official files (about 170 MB) there
+if none is found. Decoded images are cached under ``$PROXOPTIM_CACHE`` (default
+``~/.cache/proxoptim``).
 
 The only change from a plain Adam training script is the optimizer line.
 """
@@ -16,7 +22,7 @@ import torchvision
 from torch import nn
 
 from proxoptim import ProxPropOptimizer
-from proxoptim.experiments.data import load_cifar10
+from proxoptim.experiments.data import DatasetError, load_cifar10
 
 
 def train(make_optimizer, data, steps: int, batch_size: int, device: str) -> tuple[float, float]:
@@ -42,14 +48,24 @@ def train(make_optimizer, data, steps: int, batch_size: int, device: str) -> tup
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--data-dir", default="../shared/data")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument(
+        "--data-dir",
+        default="data",
+        help="CIFAR-10 batches, ImageFolder tree or .tar.gz (default ./data)",
+    )
+    parser.add_argument(
+        "--download", action="store_true", help="fetch CIFAR-10 into --data-dir if missing"
+    )
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--train-subset", type=int)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    data = load_cifar10(args.data_dir, progress=False)
+    try:
+        data = load_cifar10(args.data_dir, download=args.download, progress=False)
+    except DatasetError as error:  # no dataset there: say what to do, without a traceback
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     if args.train_subset:
         data = data.subset(train=args.train_subset)
 

@@ -189,12 +189,6 @@ def form_operators(form: str, cg_iters: int) -> int:
     return base + per_iteration * cg_iters
 
 
-def form_overhead(costs: DeviceCosts, form: str, cg_iters: int, graphed: bool = False) -> float:
-    """The fixed, size-independent cost of running ``form`` on one layer (``graphed``: its
-    solve replayed as a CUDA graph), on its own."""
-    return combined(costs, 0.0, form_operators(form, cg_iters), graphed)
-
-
 def combined(costs: DeviceCosts, work: float, operators: float, graphed: bool = False) -> float:
     """The cost of ``work`` (device-side: products, factorisations, memory traffic) done by
     ``operators`` tensor operations. Replayed from a CUDA graph, each operation costs only

@@ -327,8 +327,9 @@ def _exact(
     ℓ = s·δᵀ (δ form) or ℓ = −τθ h (general form); (I/τθ + K) factorised in float64.
 
     Nothing here reads a value back to the host (so the solve can be captured as a CUDA
-    graph): a kernel that is not positive definite in float64, which only non-finite
-    inputs produce, turns the direction into NaN, which the optimizer names.
+    graph): a kernel that is not positive definite in float64 (non-finite inputs, or
+    repeated samples with a τθ so large that I/τθ vanishes beside K) turns the direction
+    into NaN, which the optimizer names (tests/test_reliability.py).
     """
     dtype = grad_weight.dtype
     eye = torch.eye(kernel.columns, dtype=torch.float64, device=kernel.kernel.device)

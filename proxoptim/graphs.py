@@ -64,7 +64,11 @@ class CudaGraphRunner:
 
 class EagerRunner:
     """The same bookkeeping without CUDA: a replay reruns the solve on the static inputs
-    and copies its results into the first run's outputs. Tests the plumbing anywhere."""
+    and copies its results into the first run's outputs.
+
+    Public on purpose: it checks the graph plumbing (keys, static inputs, outputs, fallbacks)
+    on machines without a GPU, in the tests and in ``benchmarks/gpu_check.py --device cpu``,
+    which exercises the graphs-against-eager check before a device run depends on it."""
 
     @staticmethod
     def supports(device: torch.device) -> bool:

@@ -1,19 +1,43 @@
-"""Every benchmark script imports against the current library (they run outside CI)."""
+"""Every benchmark script imports against the current library (they run outside CI), writes
+its provenance first, and the device check's own checks fail when they should."""
 
 from __future__ import annotations
 
 import importlib
 import pathlib
+import re
+import subprocess
 import sys
+import traceback
 
 import pytest
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+# The scripts (each with a main()); bench_*.py are pytest-benchmark files.
 SCRIPTS = sorted(
     path.stem
     for path in BENCHMARKS.glob("*.py")
-    if path.stem != "conftest" and not path.stem.startswith("test_")
+    if path.stem != "conftest" and not path.stem.startswith(("test_", "bench_"))
 )
+PROVENANCE = re.compile(
+    r"<!-- commit ([0-9a-f]{12} \((clean|dirty)\)|unknown \(not a git checkout\)), \S+, `"
+)
+
+
+@pytest.fixture
+def benchmark_module(monkeypatch):
+    """Imports a benchmark script by name (as a script sees its siblings) and forgets it
+    afterwards."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    imported = []
+
+    def load(name):
+        imported.append(name)
+        return importlib.import_module(name)
+
+    yield load
+    for name in imported:
+        sys.modules.pop(name, None)
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -70,3 +94,197 @@ def test_peak_tensor_memory_counts_live_tensors_not_their_sum(monkeypatch):
         assert abs(step_ratio.peak_tensor_mib(run) - 6.0) < 0.1
     finally:
         monkeypatch.delitem(sys.modules, "step_ratio")
+
+
+def run_main(module, argv, monkeypatch, capsys) -> tuple[list[str], int]:
+    """The lines ``module.main()`` prints with ``argv``, and its exit status."""
+    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *argv])
+    status = 0
+    try:
+        module.main()
+    except SystemExit as stopped:
+        status = stopped.code
+    return capsys.readouterr().out.splitlines(), status
+
+
+@pytest.mark.parametrize(
+    ("name", "argv"),
+    [
+        ("dual_cg_block", ["--processes", "0"]),
+        (
+            "step_ratio",
+            ["--width", "0.02", "--batch-size", "4", "--repeats", "1", "--warmup", "0"]
+            + ["--methods", "cg1"],
+        ),
+        (
+            "profile_step",
+            ["--network", "cnn", "--optimizer", "adam", "--method", "cg1"]
+            + ["--batch-size", "2", "--steps", "1"],
+        ),
+    ],
+)
+def test_a_benchmarks_output_starts_with_its_provenance(
+    name, argv, benchmark_module, monkeypatch, capsys
+):
+    lines, status = run_main(benchmark_module(name), argv, monkeypatch, capsys)
+    assert status == 0
+    assert PROVENANCE.match(lines[0]), lines[0]
+    assert f"`{name}.py {argv[0]}" in lines[0]
+
+
+def test_the_targets_table_starts_with_its_provenance(benchmark_module, monkeypatch, capsys):
+    targets = benchmark_module("targets")
+
+    def measure(network, optimizer, methods, *args, **kwargs):
+        return {name: [0.01] for name in ["backprop", *methods]}
+
+    monkeypatch.setattr(targets, "measure", measure)
+    lines, _ = run_main(targets, ["--no-memory"], monkeypatch, capsys)
+    assert PROVENANCE.match(lines[0]), lines[0]
+    assert any(line.startswith("| mlp (nesterov) | cg3 |") for line in lines)
+
+
+def test_the_step_time_benchmark_is_collected_when_named(tmp_path):
+    """bench_step_time.py is no test file by name; pytest collects it when given its path."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]
+        + [str(BENCHMARKS / "bench_step_time.py"), "--rootdir", str(BENCHMARKS.parent)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "test_step_time[mlp-cg3-cpu]" in result.stdout
+
+
+def frames(package, *places):
+    """A stack, outermost frame first, from (file in ``package`` or a path, function)."""
+    stack = [traceback.FrameSummary(str(BENCHMARKS / "gpu_check.py"), 1, "synchronisations")]
+    for file, function in places:
+        path = file if file.startswith("/") else str(package / file)
+        stack.append(traceback.FrameSummary(path, 10, function))
+    return stack
+
+
+def test_gpu_check_places_each_sync_and_holds_it_to_the_docs(benchmark_module):
+    gpu_check = benchmark_module("gpu_check")
+    package, step, directions = (
+        gpu_check.PACKAGE,
+        ("optimizer.py", "step"),
+        ("optimizer.py", "_directions"),
+    )
+    statistics = frames(
+        package, step, directions, ("stats.py", "resolve_stats"), ("readback.py", "read_back")
+    )
+    probes = frames(
+        package, step, directions, ("dual.py", "probe_verdicts"), ("readback.py", "read_back")
+    )
+    finite = frames(package, step, ("optimizer.py", "_nonfinite_problem"))
+    torch_own = frames(package, step, ("/usr/lib/torch/optim/sgd.py", "step"))
+    loop = frames(
+        package,
+        step,
+        ("optimizer.py", "_solve"),
+        ("solvers.py", "solve"),
+        ("dual.py", "_diagonal_cg"),
+    )
+    sites = [gpu_check.sync_site(stack) for stack in (statistics, probes, finite, torch_own, loop)]
+    assert sites[:3] == ["statistics", "δ probes", "finiteness check"]
+    assert sites[3] == "other: sgd.py:10 (step) via optimizer.py:10 (step)"
+    assert sites[4] == "in a solve: dual.py:10 (_diagonal_cg)"
+
+    assert gpu_check.sync_problems(sites[:4]) == []  # 3 claimed, one more for the probes
+    assert gpu_check.sync_problems([sites[0], sites[2], sites[3]]) == []
+    assert gpu_check.sync_problems([sites[0], sites[2], sites[3], sites[3]]) == [
+        "4 syncs, more than the 3 claimed"
+    ]
+    assert gpu_check.sync_problems([sites[0], sites[0]]) == [
+        "2 syncs for the statistics (one per step)"
+    ]
+    assert gpu_check.sync_problems([sites[4]]) == [
+        "syncs inside a solve (in a solve: dual.py:10 (_diagonal_cg))"
+    ]
+
+
+def test_gpu_check_records_torchs_cpp_warnings_with_the_stack_that_raised_them(
+    benchmark_module,
+):
+    """As torch raises a sync in sync debug mode: a C++ warning, here a resized output."""
+    import torch
+
+    gpu_check = benchmark_module("gpu_check")
+
+    def resize_an_output():
+        torch.add(torch.ones(3), 1, out=torch.empty(2))
+
+    with gpu_check.recorded_warnings("An output with one or more elements was resized") as seen:
+        resize_an_output()
+        resize_an_output()
+    assert len(seen) == 2  # every one, not once per place
+    assert all(stack[-1].name == "resize_an_output" for _, stack in seen)
+
+
+def test_gpu_check_fails_solves_a_graphed_run_left_eager(benchmark_module):
+    """A capture that failed (proxoptim.graphs warns and stays eager) and a layer whose solve
+    never replayed (here: the CUDA runner on CPU tensors) each fail the check."""
+    import torch
+    from torch import nn
+
+    from proxoptim import ProxPropOptimizer
+    from proxoptim.graphs import EagerRunner, SolveGraphs
+
+    gpu_check = benchmark_module("gpu_check")
+
+    class Failing(EagerRunner):
+        def capture(self, entry):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    def run(runner):
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)
+        )
+        opt = ProxPropOptimizer(model, torch.optim.SGD, lr=0.1, cuda_graphs=True)
+        if runner is not None:
+            opt._graphs = SolveGraphs(runner)
+        with gpu_check.recorded_warnings(gpu_check.CAPTURE_FAILED) as failures:
+            for _ in range(3):
+                opt.zero_grad()
+                nn.functional.cross_entropy(
+                    model(torch.rand(8, 6)), torch.randint(0, 3, (8,))
+                ).backward()
+                opt.step()
+        return gpu_check.graph_problems(opt, failures)
+
+    assert run(EagerRunner()) == []
+    failed = run(Failing())
+    assert len(failed) == 2
+    assert failed[0].startswith("2 failed capture(s) left solves eager: ProxProp: a solve")
+    assert failed[1] == "0 graphs for 2 layers whose solves should replay"
+    assert run(None) == ["0 graphs for 2 layers whose solves should replay"]
+
+
+def test_gpu_check_exits_non_zero_with_a_summary_when_a_check_fails(
+    benchmark_module, monkeypatch, capsys
+):
+    gpu_check = benchmark_module("gpu_check")
+    argv = ["--device", "cpu", "--sections", "correctness"]
+
+    def passing(device, checks):
+        checks("one", [])
+
+    monkeypatch.setattr(gpu_check, "correctness", passing)
+    lines, status = run_main(gpu_check, argv, monkeypatch, capsys)
+    assert status == 0
+    assert PROVENANCE.match(lines[0]), lines[0]
+    assert lines[-1] == "gpu_check: all 1 checks passed"
+
+    def failing(device, checks):
+        checks("one", [])
+        checks("two", ["relative error 3.00e-03 > 2e-03"])
+
+    monkeypatch.setattr(gpu_check, "correctness", failing)
+    lines, status = run_main(gpu_check, argv, monkeypatch, capsys)
+    assert status == 1
+    assert "- FAILED two: relative error 3.00e-03 > 2e-03" in lines
+    assert lines[-1] == "gpu_check: FAILED 1 of 2 checks"

@@ -68,13 +68,6 @@ def from_correlations(monkeypatch):
     _prefer_correlations(monkeypatch)
 
 
-@pytest.fixture
-def from_patches(monkeypatch):
-    monkeypatch.setattr(
-        "proxoptim.operators.ConvKind.correlation_gram_cost", lambda *args: float("inf")
-    )
-
-
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_gram_is_each_diagonal_block_of_jtj(name, from_correlations):
     module, x = build(name)
@@ -109,7 +102,11 @@ def test_float32_correlation_gram_is_accurate():
     single, single_sums = conv_gram(x, (5, 5), (1, 1), padding, 1)
     double, double_sums = conv_gram(x.double(), (5, 5), (1, 1), padding, 1)
     assert single.dtype == torch.float32
-    assert relative_error(single.double(), double) <= 1e-5
+    # FFT roundoff grows like u32·c·log₂N (u32 = 6e-8, c ≤ 5, transforms of N ≤ 20² points:
+    # about 45 ulps, 2.7e-6) plus a few ulps for the batch sum; measured 2.9e-7. The patch
+    # sums add 2048 inputs: pairwise summation stays within log₂2048 = 11 ulps (measured
+    # 3e-8). Cancellation in the edge corrections would cost far more than either bound.
+    assert relative_error(single.double(), double) <= 4e-6
     assert relative_error(single_sums.double(), double_sums) <= 1e-6
 
 
@@ -184,7 +181,7 @@ def stride_one_convolutions(draw):
 
 
 @given(stride_one_convolutions(), st.integers(0, 2**16))
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])  # deadline: profile
 def test_correlation_gram_equals_im2col_for_random_geometries(config, seed):
     """Asymmetric zero padding (any amount), dilation, groups, 1-3 spatial dims."""
     dims, groups, kernel, dilation, padding, sizes, channels, batch = config

@@ -101,6 +101,54 @@ def test_nonfinite_solve_is_named():
         opt.step()
 
 
+def singular_dual_step(nonfinite):
+    """A model whose first layer's exact dual solve meets a kernel that is not positive
+    definite in float64, one Adam step into training, its backward done: two equal samples
+    x = (3, 4) make K = XXᵀ = 25·[[1, 1], [1, 1]] singular, and τθ = 1e16 puts I/τθ below
+    half an ulp of 25, so I/τθ + K rounds to K itself. Every operation of its Cholesky
+    factorisation is exact (√25 = 5, 25/5, 25 − 5·5), so the last pivot is exactly 0 on any
+    LAPACK: an honest input, no mocked factorisation."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3, bias=False), nn.Tanh(), nn.Linear(3, 2)).double()
+    opt = ProxPropOptimizer(
+        model,
+        torch.optim.Adam,
+        lr=1e-2,
+        tau_prox=1e16,
+        solver="exact",
+        solver_form="dual",
+        nonfinite=nonfinite,
+    )
+    y = torch.tensor([0, 1])
+    distinct = torch.tensor([[3.0, 4.0], [1.0, 2.0]], dtype=torch.float64)
+    nn.functional.cross_entropy(model(distinct), y).backward()
+    opt.step()  # a regular step, so that there is optimizer state to keep
+    assert opt.last_stats["0"].form == "dual"
+    opt.zero_grad()
+    equal = torch.tensor([[3.0, 4.0], [3.0, 4.0]], dtype=torch.float64)
+    shifted = equal @ equal.T + torch.eye(2, dtype=torch.float64) / opt.tau_prox
+    assert int(torch.linalg.cholesky_ex(shifted).info) != 0  # the path under test
+    nn.functional.cross_entropy(model(equal), y).backward()
+    return model, opt
+
+
+def test_exact_dual_solve_that_is_not_positive_definite_in_float64_is_named():
+    model, opt = singular_dual_step("raise")
+    before = snapshot(model, opt)
+    with pytest.raises(FloatingPointError, match="solve for layer '0' produced a non-finite"):
+        opt.step()
+    assert_unchanged(model, opt, before)
+
+
+def test_exact_dual_solve_that_is_not_positive_definite_in_float64_is_skipped():
+    model, opt = singular_dual_step("skip")
+    before = snapshot(model, opt)
+    with pytest.warns(UserWarning, match="solve for layer '0' produced a non-finite.*skipped"):
+        opt.step()
+    assert opt.skipped_steps == 1 and opt.last_stats == {}
+    assert_unchanged(model, opt, before)
+
+
 def test_skip_policy_warns_counts_and_keeps_training():
     model, opt = trained(nonfinite="skip")
     model[0].weight.grad[0, 0] = float("nan")
@@ -204,6 +252,29 @@ def test_zero_grad_between_forward_and_backward_still_counts_the_call():
     loss.backward()
     opt.step()
     assert opt.last_stats["0"].columns == 10
+
+
+def test_load_state_dict_with_a_state_tensor_of_the_wrong_shape_keeps_the_old_state():
+    """torch.optim would load it silently and fail (or broadcast) at a later step."""
+    model, opt = trained()
+    good = copy.deepcopy(opt.state_dict())
+    # The state of the last parameter ('4.bias', (3,)): every earlier entry is fine.
+    last = max(good["state"])
+    bad = copy.deepcopy(good)
+    bad["state"][last]["exp_avg_sq"] = torch.zeros(4)
+    with pytest.raises(ValueError, match=r"'exp_avg_sq' of '4.bias' has shape \(4,\)"):
+        opt.load_state_dict(bad)
+    assert_same_state(opt.state_dict(), good)
+    opt.step()  # still usable, with the state it had
+
+
+def assert_same_state(actual, expected):
+    assert actual["param_groups"] == expected["param_groups"]
+    assert actual["state"].keys() == expected["state"].keys()
+    for key, entries in expected["state"].items():
+        assert actual["state"][key].keys() == entries.keys()
+        for name, value in entries.items():
+            assert torch.equal(actual["state"][key][name], value), (key, name)
 
 
 def test_load_state_dict_mismatch_raises_value_error_and_keeps_the_optimizer():

@@ -7,7 +7,7 @@ import torch
 from layer_cases import LAYER_CASES
 from oracle import relative_error, textbook_cg
 
-from proxoptim.costs import CPU, PATCH_CHUNK_CALLS, form_overhead
+from proxoptim.costs import CPU, OPERATOR_CALLS, PATCH_CHUNK_CALLS
 from proxoptim.operators import LayerSystem, RowLayout, kind_for
 from proxoptim.solvers import (
     MAX_GRAM_ELEMENTS,
@@ -140,8 +140,8 @@ def test_cost_rule_picks_the_cheaper_form():
 def test_cost_rule_for_the_paper_cnn():
     """Stride-1 convolutions build their Gram from input correlations (proxoptim.conv_gram):
     at batch 500 that beats three matrix-free iterations on the paper CNN's first two
-    layers and ten on all three (measured on CPU: benchmarks/conv_gram_cost.py); a single
-    iteration stays matrix-free on the widest one."""
+    layers and four or more on all three (measured on CPU: benchmarks/conv_gram_cost.py); a
+    single iteration stays matrix-free on the widest one (docs/design.md quotes this)."""
     shapes = [(3, 16, 32), (16, 20, 16), (20, 20, 8)]
     for index, (in_channels, out_channels, size) in enumerate(shapes):
         module = torch.nn.Conv2d(in_channels, out_channels, 5, padding=2)
@@ -153,6 +153,9 @@ def test_cost_rule_for_the_paper_cnn():
         assert choose_form(conv, exact=True, cg_iters=3) == "primal"
         if index < 2:
             assert choose_form(conv, exact=False, cg_iters=3) == "primal"
+        else:  # 20 → 20 channels on 8×8: three product pairs beat its Gram, four do not
+            assert choose_form(conv, exact=False, cg_iters=3) == "matrix_free"
+            assert choose_form(conv, exact=False, cg_iters=4) == "primal"
     conv2 = _system(torch.nn.Conv2d(16, 20, 5, padding=2), batch=500, size=16)
     assert choose_form(conv2, exact=False, cg_iters=1) == "matrix_free"
     # A strided convolution has no correlation form: its Gram costs 2·n·d² plus im2col.
@@ -161,10 +164,17 @@ def test_cost_rule_for_the_paper_cnn():
 
 
 def test_cost_rule_never_builds_a_huge_gram_for_cg(monkeypatch):
-    monkeypatch.setattr("proxoptim.solvers.MAX_GRAM_ELEMENTS", 100)
+    # d = 65 (with the bias): the cheapest form builds the 65 × 65 Gram, as long as it fits.
     wide = _system(torch.nn.Linear(64, 512), batch=4096)
+    assert MAX_GRAM_ELEMENTS >= 65 * 65
+    assert choose_form(wide, exact=False, cg_iters=10) == "primal"
+    monkeypatch.setattr("proxoptim.solvers.MAX_GRAM_ELEMENTS", 65 * 65)
+    assert choose_form(wide, exact=False, cg_iters=10) == "primal"  # the limit is inclusive
+    # One element less and neither the Gram nor the 4096 × 4096 kernel may be built.
+    monkeypatch.setattr("proxoptim.solvers.MAX_GRAM_ELEMENTS", 65 * 65 - 1)
+    costs = estimate_costs(wide, exact=False, cg_iters=10)
+    assert costs.primal == costs.dual == float("inf")
     assert choose_form(wide, exact=False, cg_iters=10) == "matrix_free"
-    assert MAX_GRAM_ELEMENTS >= 100
 
 
 @pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: c.name)
@@ -178,12 +188,17 @@ def test_cost_estimates_count_columns_rows_and_dims(case):
     conv = system.im2col
     assert conv == case.name.startswith("conv")
     slowdown = CPU.conv_product_slowdown if conv else 1.0
-    # k = 2 iterations, two products each, plus the operators each form dispatches
+    # k = 2 iterations, two products each, plus the operators each form dispatches (on a CPU
+    # one thread does both: the costs add).
+    dispatch = {
+        form: (base + 2 * per_iteration) * CPU.operator_call
+        for form, (base, per_iteration) in OPERATOR_CALLS.items()
+    }
     assert costs.matrix_free == pytest.approx(
-        slowdown * 4 * 2 * n * d * m + form_overhead(CPU, "matrix_free", 2)
+        slowdown * 4 * 2 * n * d * m + dispatch["matrix_free"]
     )
     assert costs.primal == pytest.approx(
-        system.gram_cost() + 2 * 2 * m * d * d + form_overhead(CPU, "primal", 2)
+        system.gram_cost() + 2 * 2 * m * d * d + dispatch["primal"]
     )
     # The Gram is built the cheaper way; from patches it costs 2·n·d² per group plus the copy.
     groups, weight_dim = layout.groups, layout.weight_row_dim

@@ -8,6 +8,12 @@ sweep    trains each method at each learning rate (Table 1) and writes table.md,
 With no arguments both run offline on scikit-learn's digits in about a minute on 2 cores;
 ``--preset fig2|fig3|table1`` selects the paper's exact settings (CIFAR-10), which
 ``--epochs``, ``--train-subset`` and ``--width`` shrink for CPU runs.
+
+Every flag, and every optimizer the command will build, is checked before the data is loaded
+and before any method trains: a bad value fails at once, with exit status 2 and a message
+naming the flag. The results files record the command line, the git commit (and whether the
+tree was dirty), the machine and the wall time (proxoptim.experiments.provenance); the
+Markdown tables start with the same as a comment line.
 """
 
 from __future__ import annotations
@@ -15,21 +21,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
+import shlex
 import sys
 import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
-import proxoptim
-from proxoptim.experiments.data import DatasetError, Splits, load_dataset
+from proxoptim import ProxPropOptimizer
+from proxoptim.experiments.data import INPUT_SHAPES, DatasetError, Splits, load_dataset
 from proxoptim.experiments.models import MODEL_NAMES, build_model
 from proxoptim.experiments.plots import format_loss, plot_curves, plot_sweep
-from proxoptim.experiments.training import OPTIMIZERS, Method, RunResult, train
+from proxoptim.experiments.provenance import provenance, provenance_comment
+from proxoptim.experiments.training import OPTIMIZERS, Method, RunResult, make_optimizer, train
 
 # What each command runs with no flags: an offline comparison on digits.
 _OFFLINE = {
@@ -157,8 +164,16 @@ def _common_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     add("--quiet", action="store_true", default=None, help="no progress bars")
 
 
+class ConfigError(ValueError):
+    """A flag's value cannot work; the message names the flag. Raised before any training."""
+
+
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
-    """BASE[command], then the preset, then every flag given explicitly."""
+    """BASE[command], then the preset, then every flag given explicitly.
+
+    Raises:
+        ConfigError: a value is invalid (the message names its flag).
+    """
     config = dict(BASE[args.command])
     if args.preset:
         config.update(PRESETS[args.command][args.preset])
@@ -181,41 +196,136 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _check(config: dict[str, Any]) -> None:
-    config["methods"] = [Method.parse(name).name for name in _split(config["methods"])]
-    if not config["methods"]:
-        raise ValueError("--methods is empty; pass e.g. backprop,cg3,exact")
+    """Every value on its own (the optimizers built from them are checked by
+    :func:`check_optimizers`); normalises ``methods`` and ``lrs`` to lists."""
+    try:
+        methods = [Method.parse(name) for name in _split(config["methods"])]
+    except ValueError as error:
+        raise ConfigError(f"--methods: {error}") from None
+    if not methods:
+        raise ConfigError("--methods is empty; pass e.g. backprop,cg3,exact")
+    config["methods"] = [method.name for method in methods]
+    uses_backprop = any(method.is_backprop for method in methods)
+    uses_proxprop = not all(method.is_backprop for method in methods)
     if "lrs" in config:
-        config["lrs"] = [float(value) for value in _split(config["lrs"])]
-        if not config["lrs"] or any(not (lr > 0 and math.isfinite(lr)) for lr in config["lrs"]):
-            raise ValueError("--lrs must list positive numbers, e.g. 1,0.1,0.01")
+        try:
+            config["lrs"] = [float(value) for value in _split(config["lrs"])]
+        except ValueError:
+            raise ConfigError(
+                f"--lrs must list numbers, e.g. 1,0.1,0.01; got {config['lrs']!r}"
+            ) from None
+        if not config["lrs"] or not all(_positive(lr) for lr in config["lrs"]):
+            raise ConfigError("--lrs must list finite numbers > 0, e.g. 1,0.1,0.01")
+    else:
+        for key, used in (("lr_backprop", uses_backprop), ("lr_proxprop", uses_proxprop)):
+            if used and not _positive(config[key]):
+                raise ConfigError(
+                    f"--{key.replace('_', '-')} (or --lr) must be a finite number > 0, "
+                    f"got {config[key]!r}"
+                )
+    if uses_proxprop and not _positive(config["tau_prox"]):
+        raise ConfigError(
+            f"--tau-prox must be a finite number > 0 (e.g. 0.05 or 1.0), got {config['tau_prox']!r}"
+        )
+    if config["optimizer"] == "nesterov" and not 0 < config["momentum"] < 1:
+        raise ConfigError(
+            f"--momentum must lie in (0, 1) for Nesterov momentum, got {config['momentum']!r}"
+        )
     for key in ("epochs", "batch_size"):
         if config[key] < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 1")
+            raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {config[key]}")
     if config.get("train_subset") is not None and config["train_subset"] < 1:
-        raise ValueError("--train-subset must be >= 1")
-    if not config["width"] > 0:
-        raise ValueError("--width must be > 0")
-    if config["device"].startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available here; use --device cpu")
+        raise ConfigError(f"--train-subset must be >= 1, got {config['train_subset']}")
+    if not _positive(config["width"]):
+        raise ConfigError(f"--width must be a finite number > 0, got {config['width']!r}")
+    try:
+        device = torch.device(config["device"])
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(
+            f"--device: unknown device {config['device']!r}; use cpu, cuda, cuda:<index> or auto"
+        )
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+
+
+def _positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+def _planned_runs(config: dict[str, Any]) -> list[tuple[str, float]]:
+    """Every (method, learning rate) the command trains, in order."""
+    if "lrs" in config:
+        return [(method, lr) for method in config["methods"] for lr in config["lrs"]]
+    return [
+        (method, config["lr_backprop"] if method == "backprop" else config["lr_proxprop"])
+        for method in config["methods"]
+    ]
+
+
+# Words of an optimizer's error message and the flag that sets the value it complains about
+# (ProxPropOptimizer names its arguments; torch says "Invalid learning rate: -1").
+_FLAG_HINTS = (
+    ("tau_prox", "--tau-prox"),
+    ("cg_iters", "--methods"),
+    ("solver", "--methods"),
+    ("cuda_graphs", "--methods"),
+    ("learning rate", "--lr"),
+    ("momentum", "--momentum"),
+)
+
+
+def check_optimizers(config: dict[str, Any], input_shape: Sequence[int]) -> None:
+    """Builds the optimizer of every planned run, on one throwaway model, before any training.
+
+    Whatever the optimizers refuse (ProxPropOptimizer checks its hyperparameters at
+    construction, torch's optimizers theirs) is reported now instead of after the earlier
+    methods have trained. Training itself seeds and builds fresh models, so this changes no
+    result.
+
+    Raises:
+        ConfigError: an optimizer or the model cannot be built; the message names the flag.
+    """
+    device = torch.device(config["device"])
+    try:  # both datasets have 10 classes; the classifier's size changes no optimizer check
+        model = build_model(config["model"], input_shape, 10, config["width"]).to(device)
+    except (RuntimeError, ValueError) as error:
+        raise ConfigError(
+            f"--model {config['model']} --width {config['width']:g} --device {config['device']}: "
+            f"cannot build the model ({error})"
+        ) from None
+    for method, lr in _planned_runs(config):
+        try:
+            opt = make_optimizer(
+                model,
+                Method.parse(method),
+                config["optimizer"],
+                lr,
+                config["tau_prox"],
+                config["momentum"],
+            )
+        except (ValueError, TypeError, RuntimeError) as error:
+            text = str(error)
+            flag = next((flag for word, flag in _FLAG_HINTS if word in text), "--optimizer")
+            raise ConfigError(
+                f"{flag}: cannot build the optimizer of {method} (--optimizer "
+                f"{config['optimizer']}, lr {lr:g}, --tau-prox {config['tau_prox']:g}, "
+                f"--momentum {config['momentum']:g}): {text}"
+            ) from None
+        if isinstance(opt, ProxPropOptimizer):
+            opt.remove_hooks()
+    del model
 
 
 def _split(value: str | Sequence[Any]) -> list[str]:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
     return [str(item) for item in value]
-
-
-def versions() -> dict[str, str]:
-    info = {
-        "proxoptim": proxoptim.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_threads": str(torch.get_num_threads()),
-    }
-    if torch.cuda.is_available():
-        info["cuda_device"] = torch.cuda.get_device_name()
-    return info
 
 
 def load_data(config: dict[str, Any]) -> Splits:
@@ -304,20 +414,65 @@ def _percent(value: float) -> str:
     return "–" if not math.isfinite(value) else f"{100 * value:.2f}%"
 
 
-def _provenance(command: str, config: dict[str, Any], splits: Splits) -> dict[str, Any]:
-    """What every results file starts with: the command, when, the configuration, the
-    versions and the data it ran on."""
+def _command_line(subcommand: str, command: str | None) -> str:
+    return command if command is not None else shlex.join(["proxoptim", subcommand])
+
+
+def _provenance(
+    subcommand: str,
+    command: str | None,
+    started: float,
+    config: dict[str, Any],
+    splits: Splits,
+) -> dict[str, Any]:
+    """What every results file starts with: the command line, when, the code (git commit and
+    whether the tree was dirty), the machine, the wall time of the whole command, the
+    configuration, the versions and the data it ran on."""
+    info = provenance(_command_line(subcommand, command))
     return {
-        "command": command,
-        "created": datetime.now(timezone.utc).isoformat(),
+        "command": info["command"],
+        "subcommand": subcommand,
+        "created": info["created"],
+        "commit": info["commit"],
+        "dirty": info["dirty"],
+        "machine": info["machine"],
+        "wall_seconds": round(time.perf_counter() - started, 3),
         "config": config,
-        "versions": versions(),
+        "versions": info["versions"],
         "dataset": _describe(splits, config),
     }
 
 
-def run_compare(config: dict[str, Any]) -> Path:
+def prepare(config: dict[str, Any]) -> Splits:
+    """Checks every optimizer the command will build, then loads the data.
+
+    The optimizers are built before loading (the input shape of each dataset is known in
+    advance) so a bad flag fails in a moment, not after a long decode; should the data's
+    shape differ, they are checked again on it, still before any training step.
+    """
+    expected = INPUT_SHAPES.get(config["dataset"])
+    if expected is not None:
+        check_optimizers(config, expected)
     splits = load_data(config)
+    if splits.input_shape != expected:
+        check_optimizers(config, splits.input_shape)
+    return splits
+
+
+def run_compare(
+    config: dict[str, Any], *, command: str | None = None, started: float | None = None
+) -> Path:
+    """Trains every method of ``config`` and writes results.json, curves.png, summary.md.
+
+    Args:
+        config: from :func:`resolve_config`.
+        command: the command line, for the results' provenance (default ``proxoptim
+            compare``).
+        started: ``time.perf_counter()`` when the command began (default: now), for the
+            recorded wall time.
+    """
+    started = time.perf_counter() if started is None else started
+    splits = prepare(config)
     out = _output_dir(config, "compare")
     runs = []
     for method in config["methods"]:
@@ -325,20 +480,28 @@ def run_compare(config: dict[str, Any]) -> Path:
         runs.append(_run(config, splits, method, lr, label=f"{method} lr={lr:g}"))
     title = f"{config['model']} on {splits.name}, {config['optimizer']}, τθ={config['tau_prox']:g}"
     results = {
-        **_provenance("compare", config, splits),
+        **_provenance("compare", command, started, config, splits),
         "runs": [run.to_json() for run in runs],
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot_curves(runs, out / "curves.png", title=title)
     table = summary_table(runs)
-    (out / "summary.md").write_text(table + "\n")
+    comment = provenance_comment(results["command"])
+    (out / "summary.md").write_text(comment + "\n\n" + table + "\n")
     print(table)
     print(f"\nwrote {out / 'results.json'}, {out / 'curves.png'}, {out / 'summary.md'}")
     return out
 
 
-def run_sweep(config: dict[str, Any]) -> Path:
-    splits = load_data(config)
+def run_sweep(
+    config: dict[str, Any], *, command: str | None = None, started: float | None = None
+) -> Path:
+    """Trains every method at every learning rate; writes table.md, sweep.json, sweep.png.
+
+    Args: as :func:`run_compare`.
+    """
+    started = time.perf_counter() if started is None else started
+    splits = prepare(config)
     out = _output_dir(config, "sweep")
     methods, lrs = config["methods"], config["lrs"]
     final: dict[str, dict[float, float | None]] = {method: {} for method in methods}
@@ -360,15 +523,16 @@ def run_sweep(config: dict[str, Any]) -> Path:
         f"{splits.name} ({len(splits.train_x)} training images), {config['optimizer']}, "
         f"τθ={config['tau_prox']:g}; – = diverged."
     )
-    (out / "table.md").write_text(caption + "\n\n" + table + "\n")
     results = {
-        **_provenance("sweep", config, splits),
+        **_provenance("sweep", command, started, config, splits),
         "lrs": lrs,
         "methods": methods,
         "final_train_loss": {m: [final[m][lr] for lr in lrs] for m in methods},
         "runs": records,
     }
     (out / "sweep.json").write_text(json.dumps(results, indent=2))
+    comment = provenance_comment(results["command"])
+    (out / "table.md").write_text(comment + "\n\n" + caption + "\n\n" + table + "\n")
     plot_sweep(methods, lrs, final, out / "sweep.png", title=caption.split(",")[0])
     print(caption + "\n\n" + table)
     print(f"\nwrote {out / 'table.md'}, {out / 'sweep.json'}, {out / 'sweep.png'}")
@@ -376,16 +540,25 @@ def run_sweep(config: dict[str, Any]) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``proxoptim`` command. Returns the exit status: 0, or 2 (with a one-paragraph
+    message on stderr, as argparse gives) for an invalid flag or a missing dataset.
+
+    Every flag, and every optimizer the command will build, is checked before the data is
+    loaded and before the first training step of any method.
+    """
+    started = time.perf_counter()
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        args = parser.parse_args(["compare", *(argv or [])])
+        argv = ["compare", *argv]
+        args = parser.parse_args(argv)
+    command = shlex.join(["proxoptim", *argv])
+    run = run_compare if args.command == "compare" else run_sweep
     try:
         config = resolve_config(args)
-        started = time.perf_counter()
-        run = run_compare if args.command == "compare" else run_sweep
-        run(config)
-    except (ValueError, DatasetError) as error:
+        run(config, command=command, started=started)
+    except (ConfigError, DatasetError) as error:
         print(f"proxoptim {args.command}: error: {error}", file=sys.stderr)
         return 2
     print(f"done in {time.perf_counter() - started:.1f} s")

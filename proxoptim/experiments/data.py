@@ -40,6 +40,7 @@ from torch import Tensor
 __all__ = [
     "CIFAR10_CLASSES",
     "DATASETS",
+    "INPUT_SHAPES",
     "DatasetError",
     "Splits",
     "load_cifar10",
@@ -63,8 +64,12 @@ CIFAR10_CLASSES = (
     "truck",
 )
 
-#: A JPEG copy of CIFAR-10 in the ImageFolder layout, suggested by error messages.
-SHARED_CIFAR10_ARCHIVE = "/work/shared/data/cifar10-jpeg.tar.gz"
+#: Shape ``(C, H, W)`` of one image of each dataset, known before any data is loaded (the
+#: command line builds its models and optimizers with it to check a configuration early).
+INPUT_SHAPES: dict[str, tuple[int, int, int]] = {"digits": (1, 8, 8), "cifar10": (3, 32, 32)}
+
+#: Where the official CIFAR-10 files come from (for machines that cannot download them).
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
 _OFFICIAL_DIR = "cifar-10-batches-py"
 _OFFICIAL_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -408,10 +413,18 @@ def _not_found_message(data_dir: Path, hints: list[str], download: bool) -> str:
     if hints:
         lines.append("Found instead:")
         lines.extend(f"  - {hint}" for hint in hints)
-    lines.append(
-        f"Fix: pass --download (download=True) to fetch the official files into {d}, or point "
-        f"data_dir at a copy of the dataset, e.g. the JPEG archive {SHARED_CIFAR10_ARCHIVE}."
-    )
+    lines.append("What you can do:")
+    if not download:
+        lines.append(
+            "  - pass --download (download=True) to fetch the official batches (about 170 MB) "
+            f"into {d} with torchvision;"
+        )
+    lines += [
+        "  - point --data-dir (data_dir) at a copy you already have: torchvision's "
+        "cifar-10-batches-py/ folder, an ImageFolder tree (train/<class>/..., "
+        "test/<class>/...), or a .tar.gz of either (such as cifar-10-python.tar.gz from "
+        f"{CIFAR10_URL}).",
+    ]
     return "\n".join(lines)
 
 
@@ -428,8 +441,10 @@ def _download(data_dir: Path) -> None:
     except Exception as exc:
         raise DatasetError(
             f"downloading CIFAR-10 into {data_dir} failed ({type(exc).__name__}: {exc}); "
-            f"without internet access, point data_dir at a local copy, e.g. "
-            f"{SHARED_CIFAR10_ARCHIVE}"
+            "without internet access, copy cifar-10-python.tar.gz (from "
+            f"{CIFAR10_URL}) or a cifar-10-batches-py/ folder, an ImageFolder tree "
+            "(train/<class>/..., test/<class>/...) or a .tar.gz of either to this machine and "
+            "point --data-dir (data_dir) at it"
         ) from exc
 
 

@@ -23,17 +23,22 @@ import torch
 __all__ = ["cpu_model", "git_state", "provenance", "provenance_comment"]
 
 
+# Changes that cannot change a number: prose, and the results a reproduction run writes as
+# it goes (benchmarks/reproduce_cpu.sh rewrites docs/results/ between its own steps).
+_NOT_CODE = (":(top)", ":(exclude,top)docs", ":(exclude,top)*.md")
+
+
 def git_state(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """The commit checked out at ``path`` (default: this package's source tree) and whether
-    tracked files differ from it. ``{"commit": None, "dirty": None}`` outside a git checkout
-    (an installed wheel) or without git."""
+    tracked code differs from it (``docs/`` and Markdown files do not count). ``{"commit":
+    None, "dirty": None}`` outside a git checkout (an installed wheel) or without git."""
     where = Path(path) if path is not None else Path(__file__).resolve().parent
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, check=True
         ).stdout.strip()
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", *_NOT_CODE],
             cwd=where,
             capture_output=True,
             text=True,

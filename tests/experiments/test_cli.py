@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from cifar_fixtures import write_imagefolder
 
-from proxoptim.experiments.cli import PRESETS, build_parser, main, resolve_config
+from proxoptim.experiments import cli
+from proxoptim.experiments.cli import (
+    PRESETS,
+    ConfigError,
+    build_parser,
+    check_optimizers,
+    main,
+    resolve_config,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY = ["--epochs", "2", "--width", "0.05", "--batch-size", "200", "--quiet"]
 
@@ -20,7 +33,8 @@ def test_compare_writes_results_curves_and_table(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| backprop |" in printed and "| cg2 |" in printed and "| exact |" in printed
     results = json.loads((out / "results.json").read_text())
-    assert results["command"] == "compare"
+    assert results["subcommand"] == "compare"
+    assert results["command"].startswith("proxoptim compare --epochs 2 ")
     assert results["config"]["methods"] == ["backprop", "cg2", "exact"]
     assert results["config"]["dataset"] == "digits"
     assert {"torch", "proxoptim", "python"} <= set(results["versions"])
@@ -39,7 +53,9 @@ def test_compare_writes_results_curves_and_table(tmp_path, capsys):
     assert by_method["cg2"]["tau_prox"] == 0.05 and by_method["backprop"]["tau_prox"] is None
     png = (out / "curves.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
-    assert (out / "summary.md").read_text().startswith("| method |")
+    summary = (out / "summary.md").read_text().splitlines()
+    assert summary[0].startswith("<!-- commit ") and "proxoptim compare" in summary[0]
+    assert summary[2].startswith("| method |")
 
 
 def test_sweep_records_divergence(tmp_path, capsys):
@@ -57,8 +73,56 @@ def test_sweep_records_divergence(tmp_path, capsys):
     assert diverged[0]["diverged"] is True and diverged[0]["final_train_loss"] is None
     table = (out / "table.md").read_text()
     assert "| backprop | – |" in table
+    assert table.startswith("<!-- commit ") and "proxoptim sweep" in table.splitlines()[0]
     assert (out / "sweep.png").read_bytes().startswith(b"\x89PNG")
     assert "– = diverged" in capsys.readouterr().out
+
+
+def _git_head() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+@pytest.mark.parametrize("command", ["compare", "sweep"])
+def test_results_record_commit_machine_and_wall_time(command, tmp_path):
+    out = tmp_path / command
+    flags = ["--methods", "backprop,cg1", "--epochs", "1", "--train-subset", "200"]
+    if command == "sweep":
+        flags += ["--lrs", "0.1"]
+    assert main([command, *TINY[2:], *flags, "--out", str(out)]) == 0
+    name = "results.json" if command == "compare" else "sweep.json"
+    results = json.loads((out / name).read_text())
+    assert {"commit", "dirty", "machine", "wall_seconds", "created", "versions"} <= set(results)
+    if _git_head() is not None:  # inside a git checkout (as the tests run from the repo)
+        assert re.fullmatch(r"[0-9a-f]{40}", results["commit"])
+        assert isinstance(results["dirty"], bool)
+    else:
+        assert results["commit"] is None
+    assert results["machine"]["cpu"] and results["machine"]["cpu_threads"] >= 1
+    assert "gpu" in results["machine"]
+    assert results["wall_seconds"] > 0
+    assert {"torch", "proxoptim", "python", "platform"} <= set(results["versions"])
+    assert results["command"].startswith(f"proxoptim {command} ")
+    assert results["subcommand"] == command
+
+
+def test_compare_on_a_tiny_cifar10_imagefolder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PROXOPTIM_CACHE", str(tmp_path / "cache"))
+    write_imagefolder(tmp_path / "cifar", n_train=2, n_test=1, suffix=".jpg")
+    out = tmp_path / "out"
+    code = main(
+        ["compare", *TINY, "--epochs", "1", "--batch-size", "6", "--methods", "backprop,cg1"]
+        + ["--dataset", "cifar10", "--data-dir", str(tmp_path / "cifar"), "--out", str(out)]
+    )
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert results["dataset"]["input_shape"] == [3, 32, 32]
+    assert (results["dataset"]["train"], results["dataset"]["val"]) == (18, 2)
+    assert list((tmp_path / "cache" / "cifar10").glob("cifar10-*.pt"))
 
 
 def test_missing_cifar10_gives_one_clear_error(tmp_path, capsys):
@@ -66,8 +130,12 @@ def test_missing_cifar10_gives_one_clear_error(tmp_path, capsys):
     code = main(["compare", *TINY, "--dataset", "cifar10", "--data-dir", str(missing)])
     assert code == 2
     error = capsys.readouterr().err
-    assert str(missing) in error and "cifar-10-batches-py" in error
-    assert "Traceback" not in error
+    assert str(missing) in error and "Traceback" not in error
+    # What a user can do: download, or bring a copy in one of the accepted layouts.
+    assert "--download" in error and "cifar-10-batches-py/" in error
+    assert "train/<class>/" in error and "test/<class>/" in error and ".tar.gz" in error
+    assert "/work/" not in error.replace(str(tmp_path), "")  # no development-machine path
+    assert not list(tmp_path.iterdir())  # no run folder either
 
 
 def test_presets_carry_the_paper_settings_and_flags_override_them():
@@ -90,18 +158,89 @@ def test_presets_carry_the_paper_settings_and_flags_override_them():
     assert set(PRESETS["compare"]) == {"fig2", "fig3"}
 
 
+@pytest.fixture
+def no_work(monkeypatch):
+    """Loading data or training anything fails the test: bad flags must stop before both."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a bad flag got past the checks: data loaded or training began")
+
+    monkeypatch.setattr(cli, "load_dataset", forbidden)
+    monkeypatch.setattr(cli, "train", forbidden)
+
+
 @pytest.mark.parametrize(
-    "argv",
+    ("argv", "flag"),
     [
-        ["compare", "--methods", "cg0"],
-        ["compare", "--methods", "adam"],
-        ["compare", "--epochs", "0"],
-        ["sweep", "--lrs", "-1"],
+        (["compare", "--tau-prox", "-1"], "--tau-prox"),
+        (["compare", "--tau-prox", "nan"], "--tau-prox"),
+        (["compare", "--dataset", "cifar10", "--tau-prox", "0"], "--tau-prox"),
+        (["compare", "--lr", "-1"], "--lr"),
+        (["compare", "--lr-proxprop", "0"], "--lr-proxprop"),
+        (["compare", "--lr-backprop", "inf"], "--lr-backprop"),
+        (["compare", "--methods", "backprop,cg0"], "--methods"),  # 0 CG iterations
+        (["compare", "--methods", "adam"], "--methods"),
+        (["compare", "--methods", ","], "--methods"),
+        (["compare", "--momentum", "0"], "--momentum"),
+        (["compare", "--epochs", "0"], "--epochs"),
+        (["compare", "--batch-size", "0"], "--batch-size"),
+        (["compare", "--width", "0"], "--width"),
+        (["compare", "--device", "tpu"], "--device"),
+        (["sweep", "--tau-prox", "-1"], "--tau-prox"),
+        (["sweep", "--lrs", "-1"], "--lrs"),
+        (["sweep", "--lrs", "1,nan"], "--lrs"),
+        (["sweep", "--lrs", "1,fast"], "--lrs"),
+        (["sweep", "--methods", "cg0"], "--methods"),
+        (["sweep", "--train-subset", "0"], "--train-subset"),
     ],
 )
-def test_bad_flags_are_reported_not_raised(argv, capsys):
-    assert main([*argv, "--quiet"]) == 2
-    assert "error:" in capsys.readouterr().err
+def test_bad_flags_fail_before_any_data_or_training(argv, flag, tmp_path, capsys, no_work):
+    out = tmp_path / "run"
+    assert main([*argv, "--quiet", "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"proxoptim {argv[0]}: error: ") and flag in error
+    assert "Traceback" not in error
+    assert not out.exists()  # no run folder, no results
+
+
+def test_every_optimizer_is_built_before_the_first_step(tmp_path, monkeypatch):
+    events: list[tuple[str, ...]] = []
+    real_build, real_load, real_train = cli.make_optimizer, cli.load_dataset, cli.train
+
+    def build(model, method, *args):
+        events.append(("build", method.name, str(args[1])))
+        return real_build(model, method, *args)
+
+    def load(*args, **kwargs):
+        events.append(("load",))
+        return real_load(*args, **kwargs)
+
+    def train(factory, splits, method, **kwargs):
+        events.append(("train", method.name, str(kwargs["lr"])))
+        return real_train(factory, splits, method, **kwargs)
+
+    monkeypatch.setattr(cli, "make_optimizer", build)
+    monkeypatch.setattr(cli, "load_dataset", load)
+    monkeypatch.setattr(cli, "train", train)
+    argv = ["sweep", *TINY[2:], "--epochs", "1", "--train-subset", "100"]
+    argv += ["--methods", "backprop,cg1", "--lrs", "0.1,0.01", "--out", str(tmp_path / "s")]
+    assert main(argv) == 0
+    runs = [("backprop", "0.1"), ("backprop", "0.01"), ("cg1", "0.1"), ("cg1", "0.01")]
+    assert events == [
+        *(("build", *run) for run in runs),
+        ("load",),
+        *(("train", *run) for run in runs),
+    ]
+
+
+def test_an_optimizer_that_refuses_its_arguments_is_named_by_flag(monkeypatch):
+    config = resolve_config(build_parser().parse_args(["compare", "--methods", "backprop,cg3"]))
+    config["tau_prox"] = -1.0  # past resolve_config's own checks: the optimizer refuses it
+    with pytest.raises(ConfigError, match=r"^--tau-prox: .*cg3.*tau_prox must be"):
+        check_optimizers(config, (1, 8, 8))
+    config["tau_prox"], config["lr_proxprop"] = 1.0, -1.0
+    with pytest.raises(ConfigError, match=r"^--lr: .*Invalid learning rate"):
+        check_optimizers(config, (1, 8, 8))
 
 
 def test_module_and_console_entry_points():

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cifar_fixtures import make_tar, write_imagefolder, write_official
 from PIL import Image
 
 from proxoptim.experiments import data
@@ -27,70 +28,9 @@ from proxoptim.experiments.data import (
 # ---------------------------------------------------------------- fixture builders
 
 
-def _images(rng: np.random.Generator, n: int) -> np.ndarray:
-    """n random images, uint8 (n, 32, 32, 3) (height, width, RGB as image files hold them)."""
-    return rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
-
-
 def _chw(hwc: np.ndarray) -> torch.Tensor:
     """Images uint8 (n, 32, 32, 3) as the float tensor (n, 3, 32, 32) a loader should give."""
     return torch.from_numpy(hwc).permute(0, 3, 1, 2).to(torch.float32) / 255.0
-
-
-def _write_official(
-    root: Path, per_batch: int = 20, n_test: int = 20, seed: int = 0
-) -> dict[str, np.ndarray]:
-    """A tiny ``root/cifar-10-batches-py`` in the real format; returns the images and labels."""
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    out: dict[str, list[np.ndarray]] = {"train_x": [], "train_y": [], "test_x": [], "test_y": []}
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    for name in names:
-        n = n_test if name == "test_batch" else per_batch
-        hwc = _images(rng, n)
-        labels = rng.integers(0, 10, size=n)
-        batch = {
-            b"batch_label": name.encode(),
-            # Official rows: the red, green and blue 32x32 planes, each row-major.
-            b"data": hwc.transpose(0, 3, 1, 2).reshape(n, 3072),
-            b"labels": [int(v) for v in labels],
-            b"filenames": [f"{name}_{i}.png".encode() for i in range(n)],
-        }
-        # Protocol 2 (as in the Python 2 originals) for some files, the default for others.
-        protocol = 2 if name in ("data_batch_1", "test_batch") else pickle.DEFAULT_PROTOCOL
-        (folder / name).write_bytes(pickle.dumps(batch, protocol=protocol))
-        split = "test" if name == "test_batch" else "train"
-        out[f"{split}_x"].append(hwc)
-        out[f"{split}_y"].append(labels)
-    return {k: np.concatenate(v) for k, v in out.items()}
-
-
-def _write_imagefolder(
-    root: Path, n_train: int = 3, n_test: int = 2, seed: int = 0
-) -> dict[str, list[tuple[np.ndarray, int]]]:
-    """PNG images ``root/{train,test}/<class>/NNNN.png``; returns (image, label) per split in
-    the loader's order: round-robin over the classes, files by name within a class."""
-    rng = np.random.default_rng(seed)
-    expected: dict[str, list[tuple[np.ndarray, int]]] = {}
-    for split, per_class in (("train", n_train), ("test", n_test)):
-        by_class = []
-        for label, cls in enumerate(CIFAR10_CLASSES):
-            folder = root / split / cls
-            folder.mkdir(parents=True)
-            imgs = _images(rng, per_class)
-            for i, img in enumerate(imgs):
-                Image.fromarray(img).save(folder / f"{i:04d}.png")
-            by_class.append([(img, label) for img in imgs])
-        expected[split] = [by_class[c][k] for k in range(per_class) for c in range(10)]
-    return expected
-
-
-def _make_tar(archive: Path, source: Path, arcname: str) -> Path:
-    archive.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive, "w:gz") as tf:
-        tf.add(source, arcname=arcname)
-    return archive
 
 
 def _check_imagefolder(splits: Splits, expected: dict[str, list[tuple[np.ndarray, int]]]) -> None:
@@ -169,7 +109,7 @@ def test_splits_validates_its_tensors() -> None:
 
 
 def test_cifar10_official_layout(tmp_path: Path) -> None:
-    exp = _write_official(tmp_path)
+    exp = write_official(tmp_path)
     s = load_cifar10(tmp_path, cache_dir=tmp_path / "cache", progress=False)
     assert s.name == "cifar10" and s.num_classes == 10 and s.input_shape == (3, 32, 32)
     # 100 training images in batch order: the first 90 train, the last 10 validate.
@@ -186,14 +126,14 @@ def test_cifar10_official_layout(tmp_path: Path) -> None:
 
 
 def test_cifar10_official_preferred_over_imagefolder(tmp_path: Path) -> None:
-    exp = _write_official(tmp_path)
-    _write_imagefolder(tmp_path)
+    exp = write_official(tmp_path)
+    write_imagefolder(tmp_path)
     s = load_cifar10(tmp_path, cache_dir=tmp_path / "cache", progress=False)
     assert torch.equal(s.test_y, torch.from_numpy(exp["test_y"]))
 
 
 def test_cifar10_corrupt_pickle_names_file(tmp_path: Path) -> None:
-    _write_official(tmp_path)
+    write_official(tmp_path)
     bad = tmp_path / "cifar-10-batches-py" / "data_batch_3"
     bad.write_bytes(b"this is not a pickle")
     with pytest.raises(DatasetError, match="data_batch_3") as info:
@@ -202,7 +142,7 @@ def test_cifar10_corrupt_pickle_names_file(tmp_path: Path) -> None:
 
 
 def test_cifar10_wrong_array_size_names_file(tmp_path: Path) -> None:
-    _write_official(tmp_path)
+    write_official(tmp_path)
     bad = tmp_path / "cifar-10-batches-py" / "test_batch"
     batch = {b"data": np.zeros((5, 1000), dtype=np.uint8), b"labels": [0] * 5}
     bad.write_bytes(pickle.dumps(batch))
@@ -215,7 +155,7 @@ def test_cifar10_pickle_with_foreign_globals_is_refused(tmp_path: Path) -> None:
         def __reduce__(self) -> tuple[object, tuple[str]]:
             return (print, ("code ran while unpickling",))
 
-    _write_official(tmp_path)
+    write_official(tmp_path)
     bad = tmp_path / "cifar-10-batches-py" / "data_batch_2"
     bad.write_bytes(pickle.dumps({b"data": Evil(), b"labels": []}))
     with pytest.raises(DatasetError, match=r"data_batch_2.*refusing to load global builtins.print"):
@@ -223,7 +163,7 @@ def test_cifar10_pickle_with_foreign_globals_is_refused(tmp_path: Path) -> None:
 
 
 def test_cifar10_incomplete_official_layout(tmp_path: Path) -> None:
-    _write_official(tmp_path)
+    write_official(tmp_path)
     (tmp_path / "cifar-10-batches-py" / "data_batch_4").unlink()
     with pytest.raises(DatasetError, match="lacks data_batch_4"):
         load_cifar10(tmp_path, cache_dir=tmp_path / "cache")
@@ -233,7 +173,7 @@ def test_cifar10_incomplete_official_layout(tmp_path: Path) -> None:
 
 
 def test_cifar10_imagefolder(tmp_path: Path) -> None:
-    exp = _write_imagefolder(tmp_path / "src")
+    exp = write_imagefolder(tmp_path / "src")
     s = load_cifar10(tmp_path / "src", cache_dir=tmp_path / "cache", progress=False)
     _check_imagefolder(s, exp)
     # 30 training images: 27 train, 3 validate; labels round-robin over the classes.
@@ -245,7 +185,7 @@ def test_cifar10_imagefolder(tmp_path: Path) -> None:
 def test_cifar10_imagefolder_nested_and_cached(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    exp = _write_imagefolder(tmp_path / "src" / "cifar10")  # one level down
+    exp = write_imagefolder(tmp_path / "src" / "cifar10")  # one level down
     cache = tmp_path / "cache"
     _check_imagefolder(load_cifar10(tmp_path / "src", cache_dir=cache, progress=False), exp)
     assert len(list(cache.glob("cifar10-*.pt"))) == 1
@@ -259,7 +199,7 @@ def test_cifar10_imagefolder_nested_and_cached(
 
 
 def test_cifar10_imagefolder_missing_test_folder(tmp_path: Path) -> None:
-    _write_imagefolder(tmp_path)
+    write_imagefolder(tmp_path)
     for f in (tmp_path / "test").rglob("*.png"):
         f.unlink()
     for d in sorted((tmp_path / "test").iterdir()):
@@ -271,7 +211,7 @@ def test_cifar10_imagefolder_missing_test_folder(tmp_path: Path) -> None:
 
 
 def test_cifar10_imagefolder_missing_class_folder(tmp_path: Path) -> None:
-    _write_imagefolder(tmp_path)
+    write_imagefolder(tmp_path)
     for f in (tmp_path / "train" / "horse").iterdir():
         f.unlink()
     (tmp_path / "train" / "horse").rmdir()
@@ -289,7 +229,7 @@ def test_cifar10_imagefolder_without_images(tmp_path: Path) -> None:
 
 
 def test_cifar10_imagefolder_corrupt_image_names_file(tmp_path: Path) -> None:
-    _write_imagefolder(tmp_path)
+    write_imagefolder(tmp_path)
     bad = tmp_path / "test" / "ship" / "0001.png"
     bad.write_bytes(b"not an image")
     with pytest.raises(DatasetError, match="cannot decode image") as info:
@@ -298,7 +238,7 @@ def test_cifar10_imagefolder_corrupt_image_names_file(tmp_path: Path) -> None:
 
 
 def test_cifar10_imagefolder_wrong_image_size(tmp_path: Path) -> None:
-    _write_imagefolder(tmp_path)
+    write_imagefolder(tmp_path)
     bad = tmp_path / "train" / "dog" / "0000.png"
     Image.new("RGB", (16, 16)).save(bad)
     with pytest.raises(DatasetError, match="16x16"):
@@ -309,8 +249,8 @@ def test_cifar10_imagefolder_wrong_image_size(tmp_path: Path) -> None:
 
 
 def test_cifar10_archive_path_and_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    exp = _write_imagefolder(tmp_path / "src")
-    archive = _make_tar(tmp_path / "store" / "cifar10-png.tar.gz", tmp_path / "src", ".")
+    exp = write_imagefolder(tmp_path / "src")
+    archive = make_tar(tmp_path / "store" / "cifar10-png.tar.gz", tmp_path / "src", ".")
     cache = tmp_path / "cache"
     s = load_cifar10(archive, cache_dir=cache, progress=False)
     _check_imagefolder(s, exp)
@@ -321,8 +261,8 @@ def test_cifar10_archive_path_and_folder(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(data, "_scan_archive", _fail)
     _check_imagefolder(load_cifar10(tmp_path / "store", cache_dir=cache, progress=False), exp)
     # A different archive does not reuse that cache.
-    exp_b = _write_imagefolder(tmp_path / "src_b", n_train=2, n_test=1, seed=7)
-    archive_b = _make_tar(tmp_path / "other" / "b.tar.gz", tmp_path / "src_b", "cifar10")
+    exp_b = write_imagefolder(tmp_path / "src_b", n_train=2, n_test=1, seed=7)
+    archive_b = make_tar(tmp_path / "other" / "b.tar.gz", tmp_path / "src_b", "cifar10")
     with pytest.raises(AssertionError, match="unexpected"):
         load_cifar10(archive_b, cache_dir=cache, progress=False)
     monkeypatch.undo()
@@ -331,8 +271,8 @@ def test_cifar10_archive_path_and_folder(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_cifar10_archive_of_official_batches(tmp_path: Path) -> None:
-    exp = _write_official(tmp_path / "src", per_batch=4)
-    archive = _make_tar(tmp_path / "cifar-10-python.tar.gz", tmp_path / "src", ".")
+    exp = write_official(tmp_path / "src", per_batch=4)
+    archive = make_tar(tmp_path / "cifar-10-python.tar.gz", tmp_path / "src", ".")
     s = load_cifar10(archive, cache_dir=tmp_path / "cache")
     x = _chw(exp["train_x"])
     assert torch.equal(s.train_x, x[:18]) and torch.equal(s.val_x, x[18:])
@@ -342,8 +282,8 @@ def test_cifar10_archive_of_official_batches(tmp_path: Path) -> None:
 def test_cifar10_cache_env_var_and_corrupt_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    exp = _write_imagefolder(tmp_path / "src", n_train=1, n_test=1)
-    archive = _make_tar(tmp_path / "a.tar.gz", tmp_path / "src", ".")
+    exp = write_imagefolder(tmp_path / "src", n_train=1, n_test=1)
+    archive = make_tar(tmp_path / "a.tar.gz", tmp_path / "src", ".")
     monkeypatch.setenv("PROXOPTIM_CACHE", str(tmp_path / "env_cache"))
     load_cifar10(archive, progress=False)
     (cache_file,) = (tmp_path / "env_cache" / "cifar10").glob("cifar10-*.pt")
@@ -367,9 +307,9 @@ def test_cifar10_unsafe_archive_member(tmp_path: Path) -> None:
 
 
 def test_cifar10_archive_corrupt_image_names_member(tmp_path: Path) -> None:
-    _write_imagefolder(tmp_path / "src")
+    write_imagefolder(tmp_path / "src")
     (tmp_path / "src" / "train" / "frog" / "0002.png").write_bytes(b"garbage")
-    archive = _make_tar(tmp_path / "store" / "a.tar.gz", tmp_path / "src", "cifar10")
+    archive = make_tar(tmp_path / "store" / "a.tar.gz", tmp_path / "src", "cifar10")
     with pytest.raises(DatasetError, match="cannot decode image") as info:
         load_cifar10(tmp_path / "store", cache_dir=tmp_path / "cache", progress=False)
     assert f"{archive}:cifar10/train/frog/0002.png" in str(info.value)
@@ -377,10 +317,10 @@ def test_cifar10_archive_corrupt_image_names_member(tmp_path: Path) -> None:
 
 
 def test_cifar10_archive_missing_class_folder(tmp_path: Path) -> None:
-    _write_imagefolder(tmp_path / "src")
+    write_imagefolder(tmp_path / "src")
     for f in (tmp_path / "src" / "test" / "bird").iterdir():
         f.unlink()
-    archive = _make_tar(tmp_path / "a.tar.gz", tmp_path / "src", ".")
+    archive = make_tar(tmp_path / "a.tar.gz", tmp_path / "src", ".")
     with pytest.raises(DatasetError, match="missing: bird") as info:
         load_cifar10(archive, cache_dir=tmp_path / "cache")
     assert f"{archive}:test" in str(info.value)
@@ -389,15 +329,15 @@ def test_cifar10_archive_missing_class_folder(tmp_path: Path) -> None:
 def test_cifar10_archive_without_dataset(tmp_path: Path) -> None:
     (tmp_path / "src" / "stuff").mkdir(parents=True)
     (tmp_path / "src" / "stuff" / "readme.txt").write_text("hello")
-    archive = _make_tar(tmp_path / "junk.tar.gz", tmp_path / "src", ".")
+    archive = make_tar(tmp_path / "junk.tar.gz", tmp_path / "src", ".")
     with pytest.raises(DatasetError, match="holds neither") as info:
         load_cifar10(archive, cache_dir=tmp_path / "cache")
     assert str(archive) in str(info.value)
 
 
 def test_cifar10_truncated_archive(tmp_path: Path) -> None:
-    _write_imagefolder(tmp_path / "src")
-    archive = _make_tar(tmp_path / "a.tar.gz", tmp_path / "src", ".")
+    write_imagefolder(tmp_path / "src")
+    archive = make_tar(tmp_path / "a.tar.gz", tmp_path / "src", ".")
     archive.write_bytes(archive.read_bytes()[:2000])
     with pytest.raises(DatasetError, match="cannot read the archive"):
         load_cifar10(archive, cache_dir=tmp_path / "cache")
@@ -429,7 +369,7 @@ def test_cifar10_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         def __init__(self, root: str, train: bool, download: bool) -> None:
             calls.append((root, train))
             if not (Path(root) / "cifar-10-batches-py").exists():
-                exp.update(_write_official(Path(root)))
+                exp.update(write_official(Path(root)))
 
     fake_datasets = types.ModuleType("torchvision.datasets")
     fake_datasets.CIFAR10 = FakeCIFAR10  # type: ignore[attr-defined]
@@ -464,7 +404,7 @@ def test_cifar10_download_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 def test_load_dataset_dispatch(tmp_path: Path) -> None:
     assert torch.equal(load_dataset("digits", seed=3).train_x, load_digits(seed=3).train_x)
-    _write_official(tmp_path)
+    write_official(tmp_path)
     s = load_dataset("cifar10", tmp_path, progress=False, cache_dir=tmp_path / "cache")
     assert s.name == "cifar10" and len(s.train_y) == 90
     with pytest.raises(ValueError, match="digits, cifar10"):
