@@ -5,7 +5,7 @@ the exact solve, and prints final full-batch training loss, best validation accu
 the median step time relative to backprop (all in this process).
 
     python benchmarks/cg_iterations.py                                  # digits, seconds
-    python benchmarks/cg_iterations.py --dataset cifar10 --data-dir ../shared/data \\
+    python benchmarks/cg_iterations.py --dataset cifar10 --data-dir DATA_DIR \\
         --train-subset 5000 --epochs 5 --width 1 --batch-size 500
 """
 
