@@ -121,6 +121,7 @@ def run_main(module, argv, monkeypatch, capsys) -> tuple[list[str], int]:
             ["--network", "cnn", "--optimizer", "adam", "--method", "cg1"]
             + ["--batch-size", "2", "--steps", "1"],
         ),
+        ("step_ops", ["--batch-size", "8", "--repeats", "1", "--warmup", "1"]),
     ],
 )
 def test_a_benchmarks_output_starts_with_its_provenance(
@@ -288,3 +289,36 @@ def test_gpu_check_exits_non_zero_with_a_summary_when_a_check_fails(
     assert status == 1
     assert "- FAILED two: relative error 3.00e-03 > 2e-03" in lines
     assert lines[-1] == "gpu_check: FAILED 1 of 2 checks"
+
+
+def test_step_ops_counts_each_dispatched_operator_and_a_whole_training_step(benchmark_module):
+    """The counter sees every aten operator once, in-place and backward ones included, so
+    the extra operators per layer it reports are the step's own."""
+    import torch
+    from torch import nn
+
+    step_ops = benchmark_module("step_ops")
+
+    def arithmetic():
+        a = torch.ones(3)
+        b = a + 1
+        b.mul_(2)
+        return b.sum()
+
+    assert step_ops.count_operators(arithmetic) == {
+        "aten.ones.default": 1,
+        "aten.add.Tensor": 1,
+        "aten.mul_.Tensor": 1,
+        "aten.sum.default": 1,
+    }
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = step_ops.make_training_step(model, opt, torch.rand(5, 4), torch.randint(0, 2, (5,)))
+    counts = step_ops.count_operators(step)
+    # Forward: two addmm; backward: an mm for each weight gradient and one for the hidden
+    # layer's input gradient (the network's input needs none).
+    assert counts["aten.addmm.default"] == 2
+    assert counts["aten.mm.default"] == 3
+    assert counts["aten.threshold_backward.default"] == 1
+    assert step_ops.preconditioned_layers(model) == 1
