@@ -28,7 +28,10 @@ def main() -> None:
     model = nn.Sequential(
         nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 5)
     ).to(args.device)
-    opt = ProxPropOptimizer(model, torch.optim.Adam, lr=1e-3, tau_prox=1.0, cg_iters=3)
+    # diagnostics=True: last_stats reports the cosine between direction and gradient.
+    opt = ProxPropOptimizer(
+        model, torch.optim.Adam, lr=1e-3, tau_prox=1.0, cg_iters=3, diagnostics=True
+    )
     scaler = torch.amp.GradScaler(args.device)
     generator = torch.Generator().manual_seed(1)
     teacher = torch.randn(32, 5, generator=generator)

@@ -32,7 +32,10 @@ if __name__ == "__main__":
     model = make_model()
     backprop = train(model, torch.optim.Adam(model.parameters(), lr=1e-3))
     model = make_model()
-    opt = ProxPropOptimizer(model, torch.optim.Adam, lr=1e-3, tau_prox=1.0, solver="cg", cg_iters=3)
+    # diagnostics=True: last_stats also reports each layer's residual and cosine to g.
+    opt = ProxPropOptimizer(
+        model, torch.optim.Adam, lr=1e-3, tau_prox=1.0, solver="cg", cg_iters=3, diagnostics=True
+    )
     proxprop = train(model, opt)
     print(f"final training loss  backprop/Adam: {backprop:.4f}   proxprop-cg3/Adam: {proxprop:.4f}")
     for name, stats in opt.last_stats.items():

@@ -69,12 +69,13 @@ SYMMETRIC_KERNEL_MIN_COLUMNS = 256
 
 @dataclass
 class DualSolution:
-    """v = (weight, bias), CG iterations (0: exact) and ‖g − M v‖ (0-d, float64)."""
+    """v = (weight, bias), CG iterations (0: exact) and ‖g − M v‖ (0-d, float64; None when
+    not asked for)."""
 
     weight: Tensor
     bias: Tensor | None
     iterations: int
-    residual_norm: Tensor
+    residual_norm: Tensor | None
 
 
 class DualKernel:
@@ -278,6 +279,7 @@ def solve_dual(
     output_grad_scale: float | None,
     out: tuple[Tensor, Tensor | None] | None = None,
     workspace: Workspace | None = None,
+    diagnostics: bool = True,
 ) -> DualSolution:
     """v = M⁻¹g (``exact``) or ``cg_iters`` per-row CG iterations from v = 0, in the dual;
     CG runs in whichever basis :func:`dual_cg_costs` prices lower.
@@ -288,9 +290,11 @@ def solve_dual(
             :func:`probe_numbers_for` and :func:`probe_verdict`); None for the general form.
         out: optional (W, b) buffers to write v into.
         workspace: scratch buffers reused across calls (a private one when None).
+        diagnostics: also report ‖g − M v‖ (the exact solve then measures it on sampled
+            rows; CG has it from its recurrence).
     """
     if exact:
-        return _exact(kernel, grad_weight, grad_bias, tau_prox, output_grad_scale, out)
+        return _exact(kernel, grad_weight, grad_bias, tau_prox, output_grad_scale, out, diagnostics)
     eigenbasis, coefficient = dual_cg_costs(
         kernel.costs,
         kernel.columns,
@@ -299,20 +303,24 @@ def solve_dual(
         output_grad_known=output_grad_scale is not None,
     )
     if coefficient < eigenbasis:
-        return _coefficient_cg(
+        solution = _coefficient_cg(
             kernel, grad_weight, grad_bias, tau_prox, cg_iters, cg_tol, output_grad_scale, out
         )
-    return _eigenbasis_cg(
-        kernel,
-        grad_weight,
-        grad_bias,
-        tau_prox,
-        cg_iters,
-        cg_tol,
-        output_grad_scale,
-        out,
-        workspace if workspace is not None else Workspace(),
-    )
+    else:
+        solution = _eigenbasis_cg(
+            kernel,
+            grad_weight,
+            grad_bias,
+            tau_prox,
+            cg_iters,
+            cg_tol,
+            output_grad_scale,
+            out,
+            workspace if workspace is not None else Workspace(),
+        )
+    if not diagnostics:
+        solution.residual_norm = None
+    return solution
 
 
 def _exact(
@@ -322,6 +330,7 @@ def _exact(
     tau_prox: float,
     scale: float | Tensor | None,
     out: tuple[Tensor, Tensor | None] | None,
+    diagnostics: bool = True,
 ) -> DualSolution:
     """Woodbury: v = c Ũᵀ (+ τθ g in the general form) with c = ℓ (I/τθ + K)⁻¹, where
     ℓ = s·δᵀ (δ form) or ℓ = −τθ h (general form); (I/τθ + K) factorised in float64.
@@ -345,7 +354,7 @@ def _exact(
         gradient_scale = torch.full(
             (grad_weight.shape[0],), tau_prox, dtype=dtype, device=grad_weight.device
         )
-    sample = _sample_rows(left)
+    sample = _sample_rows(left) if diagnostics else None
     left_scale = 1.0 if scale is None else scale
     if kernel.costs.explicit_inverse:
         inverse = torch.cholesky_inverse(factor)
@@ -354,6 +363,8 @@ def _exact(
             # The scalar goes into the n×n factor, not into the m×n δᵀ.
             right = right * scale
         weight, bias = kernel.expand(left, right, grad_weight, grad_bias, gradient_scale, out)
+        if not diagnostics:
+            return DualSolution(weight, bias, 0, None)
         solved_sample = (left[sample].double() @ inverse) * left_scale
     else:
         # Triangular solves against ℓ itself: on a GPU the explicit inverse costs more than
@@ -365,6 +376,8 @@ def _exact(
         weight, bias = kernel.expand(
             coefficients, None, grad_weight, grad_bias, gradient_scale, out
         )
+        if not diagnostics:
+            return DualSolution(weight, bias, 0, None)
         solved_sample = solved[sample]
     started_sample = left[sample].double() * left_scale
     residual = _sampled_residual(kernel, started_sample, solved_sample, shifted, left.shape[0])

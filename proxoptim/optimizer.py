@@ -27,6 +27,7 @@ from proxoptim.dual import DualKernel, draw_probe, probe_numbers_for, probe_verd
 from proxoptim.graphs import SolveGraphs
 from proxoptim.layers import Layer, adopt, claim, find_layers, release, resolve_exclusions, unwrap
 from proxoptim.operators import LayerSystem, RowLayout
+from proxoptim.readback import read_back
 from proxoptim.solvers import FORMS, choose_form, solve
 from proxoptim.stats import LayerStats, PendingStats, layer_stats, pack, resolve_stats, unpack
 from proxoptim.workspace import Workspace
@@ -58,7 +59,7 @@ class _GraphOutputs:
 
     weight: Tensor
     bias: Tensor | None
-    values: Tensor  # the stats' numbers (proxoptim.stats.PendingStats.values)
+    values: Tensor | None  # the stats' numbers (proxoptim.stats.PendingStats.values)
     iterations: int
 
 
@@ -105,7 +106,15 @@ class ProxPropOptimizer(Optimizer):
         nonfinite: ``"raise"``: a NaN/inf in a gradient, a captured input or a solve raises
             ``FloatingPointError`` naming the layer and the quantity, before anything is
             written; ``"skip"``: the step is skipped with a warning and counted in
-            ``skipped_steps``.
+            ``skipped_steps``. Either way one fused check over every gradient and
+            direction serves the whole step (one host sync); the culprit is looked for only
+            when it fails.
+        diagnostics: also compute each layer's relative residual ‖g − Mv‖/‖g‖ and cosine
+            between v and g (``last_stats[name].relative_residual`` and ``.cosine``; None
+            otherwise). They cost reductions over every preconditioned gradient and
+            direction, and for exact dual solves a sampled residual, plus a host sync: off
+            by default, so a step dispatches only its solves. Form, iterations, columns
+            and seconds are always reported.
         cuda_graphs: replay each layer's solve as a CUDA graph (tensors on a CUDA device;
             CG without ``cg_tol``, and exact solves in the dual form; not under
             ``distributed``). One launch replaces the solve's 100-200, which is what a GPU
@@ -147,6 +156,7 @@ class ProxPropOptimizer(Optimizer):
         exclude: Iterable[str | nn.Module] = (),
         solver_form: str = "auto",
         nonfinite: str = "raise",
+        diagnostics: bool = False,
         cuda_graphs: bool = False,
         distributed: str | None = None,
         process_group: Any = None,
@@ -159,6 +169,9 @@ class ProxPropOptimizer(Optimizer):
             raise ValueError(f"unknown nonfinite policy {nonfinite!r}; pass one of {NONFINITE}")
         if not isinstance(cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+        if not isinstance(diagnostics, bool):
+            raise ValueError(f"diagnostics must be True or False, got {diagnostics!r}")
+        self.diagnostics = diagnostics
         # Replays of each layer's fixed-iteration CG solve (proxoptim.graphs), CUDA only.
         self._graphs = SolveGraphs() if cuda_graphs else None
         self.nonfinite = nonfinite
@@ -327,7 +340,7 @@ class ProxPropOptimizer(Optimizer):
             if self.distributed == "local" and directions:
                 average_over_ranks(list(directions.values()), self._communicator)
         with record_function("ProxProp.nonfinite_check"):
-            problem = self._nonfinite_problem(directions, stats, calls)
+            problem = self._nonfinite_problem(directions, calls)
         if problem is not None:
             if self.nonfinite == "raise":
                 raise FloatingPointError(
@@ -580,10 +593,18 @@ class ProxPropOptimizer(Optimizer):
             output_grad_scale=scale,
             out=self._direction_buffers(layer.weight, setup.grad_weight, setup.grad_bias),
             workspace=self._workspace,
+            diagnostics=self.diagnostics,
         )
         seconds = setup.seconds + time.perf_counter() - started
         stats = layer_stats(
-            form, solution, setup.grad_weight, setup.grad_bias, seconds, system, scale
+            form,
+            solution,
+            setup.grad_weight,
+            setup.grad_bias,
+            seconds,
+            system,
+            scale,
+            self.diagnostics,
         )
         return _layer_directions(setup, solution.weight, solution.bias), stats
 
@@ -633,6 +654,7 @@ class ProxPropOptimizer(Optimizer):
         )
         kind, layout, dtype = setup.layer.kind, setup.layout, setup.dtype
         tau_prox, cg_iters, calls = self.tau_prox, self.cg_iters, len(modules)
+        diagnostics = self.diagnostics
 
         def solve_static(static: list[Tensor]) -> tuple[list[Tensor | None], int]:
             xs, rest = static[:calls], static[calls:]
@@ -663,8 +685,11 @@ class ProxPropOptimizer(Optimizer):
                 form=form,
                 output_grad_scale=None if numbers is None else numbers[1],
                 workspace=Workspace(),  # the graph's own: shared slots could be reallocated
+                diagnostics=diagnostics,
             )
-            pending = layer_stats(form, solution, static_weight, static_bias, 0.0, system, None)
+            pending = layer_stats(
+                form, solution, static_weight, static_bias, 0.0, system, None, diagnostics
+            )
             outputs = [solution.weight, solution.bias, pending.values]
             if speculative:
                 outputs.append(numbers)
@@ -697,22 +722,25 @@ class ProxPropOptimizer(Optimizer):
         return generator
 
     def _nonfinite_problem(
-        self,
-        directions: dict[Tensor, Tensor],
-        stats: dict[str, LayerStats],
-        calls: dict[int, list[CapturedCall]],
+        self, directions: dict[Tensor, Tensor], calls: dict[int, list[CapturedCall]]
     ) -> str | None:
         """What is non-finite, naming the layer and the quantity, or None.
 
-        The common case costs nothing beyond the statistics already computed (a NaN or inf
-        in g or v makes its cosine or residual non-finite) plus one finiteness check of the
-        gradients ProxProp did not touch; the culprit is looked for only on failure.
+        One fused check serves the step: the largest magnitude over every gradient the
+        inner optimizer will see and every direction (a NaN or inf in a captured input
+        reaches the direction through the solve), three operators and one host sync
+        whatever the number of layers. The culprit is looked for only when that fails.
         """
+        stepped = [
+            param
+            for group in self.inner.param_groups
+            for param in group["params"]
+            if param.grad is not None
+        ]
+        if _all_finite([param.grad for param in stepped] + list(directions.values())):
+            return None
         for index, layer in enumerate(self._layers):
-            layer_stats = stats.get(layer.name)
-            if layer_stats is None or (
-                math.isfinite(layer_stats.cosine) and math.isfinite(layer_stats.relative_residual)
-            ):
+            if layer.weight not in directions:
                 continue
             for param in (layer.weight, layer.bias):
                 if param is not None and param.grad is not None and not _finite(param.grad):
@@ -728,16 +756,8 @@ class ProxPropOptimizer(Optimizer):
                         f"the solve for layer {layer.name!r} produced a non-finite direction "
                         f"(tau_prox={self.tau_prox} may be too large for its inputs)"
                     )
-        untouched = [
-            param
-            for group in self.inner.param_groups
-            for param in group["params"]
-            if param.grad is not None and param not in directions
-        ]
-        if untouched and not bool(
-            torch.stack([torch.isfinite(p.grad).all() for p in untouched]).all()
-        ):
-            culprit = next(p for p in untouched if not _finite(p.grad))
+        culprit = next((p for p in stepped if p not in directions and not _finite(p.grad)), None)
+        if culprit is not None:
             return f"non-finite gradient of {self._parameter_names.get(culprit, 'a parameter')!r}"
         return None
 
@@ -768,6 +788,26 @@ def _layer_directions(
 
 def _finite(tensor: Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every element of every tensor is finite, in one host sync per device.
+
+    The infinity norm (largest magnitude) of a tensor is NaN or inf exactly when an element
+    is, and never overflows, so one ``_foreach_norm`` and a max per device and precision
+    decide for all tensors at once.
+    """
+    groups: dict[tuple[torch.device, bool], list[Tensor]] = {}
+    for tensor in tensors:
+        if tensor.numel():
+            groups.setdefault((tensor.device, tensor.dtype == torch.float64), []).append(tensor)
+    maxima = [
+        torch.stack(torch._foreach_norm(group, math.inf, dtype=None if wide else torch.float32))
+        .max()
+        .reshape(1)
+        for (_, wide), group in groups.items()
+    ]
+    return all(math.isfinite(row[0]) for row in read_back(maxima))
 
 
 def _same_layout(buffer: Tensor, like: Tensor) -> bool:

@@ -278,13 +278,13 @@ class Solution:
 
     Attributes:
         iterations: CG iterations run (0 for an exact solve).
-        residual_norm: ‖g − M v‖, 0-d (CG: by recurrence).
+        residual_norm: ‖g − M v‖, 0-d (CG: by recurrence); None when not asked for.
     """
 
     weight: Tensor
     bias: Tensor | None
     iterations: int
-    residual_norm: Tensor
+    residual_norm: Tensor | None
 
 
 def solve(
@@ -300,6 +300,7 @@ def solve(
     output_grad_scale: float | None = None,
     out: tuple[Tensor, Tensor | None] | None = None,
     workspace: Workspace | None = None,
+    diagnostics: bool = True,
 ) -> Solution:
     """v = M⁻¹g (exact) or k CG iterations on it, in the given form.
 
@@ -310,6 +311,7 @@ def solve(
         output_grad_scale: for the dual form, s with .grad = s·δᵀŨᵀ, when verified.
         out: optional (W, b) buffers that receive v (reused across steps by the optimizer).
         workspace: scratch buffers shared by all layers' solves.
+        diagnostics: also compute ‖g − M v‖ (``Solution.residual_norm``; None otherwise).
     """
     if form == "dual":
         kernel = DualKernel(system)
@@ -329,6 +331,7 @@ def solve(
             output_grad_scale=output_grad_scale,
             out=flat_out,
             workspace=workspace,
+            diagnostics=diagnostics,
         )
         weight, bias = result.weight.view(grad_weight.shape), result.bias
         if out is not None and flat_out is None:
@@ -355,4 +358,5 @@ def solve(
     if out is not None:
         weight = out[0].copy_(weight)
         bias = out[1].copy_(bias) if bias is not None else None
-    return Solution(weight, bias, rows.iterations, rows.residual.norm())
+    residual_norm = rows.residual.norm() if diagnostics else None
+    return Solution(weight, bias, rows.iterations, residual_norm)

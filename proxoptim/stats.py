@@ -1,4 +1,11 @@
-"""Per-layer diagnostics of a step: what ProxProp reports in ``last_stats``."""
+"""Per-layer diagnostics of a step: what ProxProp reports in ``last_stats``.
+
+Form, iterations, columns, the δ scale and host seconds are known without touching the
+device, so they come free with every step. The relative residual and the cosine to the
+gradient take reductions over the layer's gradient and direction (and, for an exact dual
+solve, a sampled residual): they are computed only with ``diagnostics=True`` and are None
+otherwise. The non-finite check does not depend on them.
+"""
 
 from __future__ import annotations
 
@@ -21,8 +28,10 @@ class LayerStats:
         form: the solve form that ran ("matrix_free", "primal" or "dual").
         iterations: CG iterations run (0 for an exact solve).
         relative_residual: ‖g − M v‖ / ‖g‖ over the whole layer (CG: recurrence residual;
-            exact dual solves: measured on a sample of rows).
-        cosine: ⟨v, g⟩ / (‖v‖‖g‖), the cosine between the direction and the gradient.
+            exact dual solves: measured on a sample of rows); None unless the optimizer
+            was built with ``diagnostics=True``.
+        cosine: ⟨v, g⟩ / (‖v‖‖g‖), the cosine between the direction and the gradient;
+            None unless ``diagnostics=True``.
         seconds: wall time of the solve, including building the Gram (host time; on an
             accelerator it includes only what the host waited for).
         columns: n, the number of columns of Ũ (samples × positions over all calls).
@@ -32,8 +41,8 @@ class LayerStats:
 
     form: str
     iterations: int
-    relative_residual: float
-    cosine: float
+    relative_residual: float | None
+    cosine: float | None
     seconds: float
     columns: int
     output_grad_scale: float | None = None
@@ -43,25 +52,35 @@ class LayerStats:
 class PendingStats:
     """A layer's stats whose numbers are still on the device (no host sync yet).
 
-    ``values`` holds ‖g‖², ‖v‖², ⟨v, g⟩ and ‖g − M v‖ (float64, shape (4,));
-    :func:`resolve_stats` reads every layer's back at once.
+    ``values`` holds ‖g‖², ‖v‖², ⟨v, g⟩ and ‖g − M v‖ (float64, shape (4,)), or None
+    without diagnostics; :func:`resolve_stats` reads every layer's back at once.
     """
 
     form: str
     iterations: int
-    values: Tensor
+    values: Tensor | None
     seconds: float
     columns: int
     output_grad_scale: float | None
 
-    def resolve(self, numbers: list[float]) -> LayerStats:
+    def resolve(self, numbers: list[float] | None) -> LayerStats:
+        if numbers is None:
+            return LayerStats(
+                self.form,
+                self.iterations,
+                None,
+                None,
+                self.seconds,
+                self.columns,
+                self.output_grad_scale,
+            )
         grad_sq, direction_sq, inner_product, residual = numbers
         grad_norm, direction_norm = math.sqrt(grad_sq), math.sqrt(direction_sq)
         denominator = grad_norm * direction_norm
         return LayerStats(
             form=self.form,
             iterations=self.iterations,
-            # NaN stays NaN (the non-finite check reads these); only 0/0 becomes 0.
+            # NaN stays NaN (it reports a non-finite g or v); only 0/0 becomes 0.
             relative_residual=residual / grad_norm if grad_norm != 0 else 0.0,
             cosine=inner_product / denominator if denominator != 0 else 0.0,
             seconds=self.seconds,
@@ -78,8 +97,14 @@ def layer_stats(
     seconds: float,
     system: LayerSystem,
     output_grad_scale: float | None,
+    diagnostics: bool = True,
 ) -> PendingStats:
-    """The quantities behind one layer's LayerStats, left on the device."""
+    """The quantities behind one layer's LayerStats, left on the device; without
+    ``diagnostics`` only what the host knows (no operator runs)."""
+    if not diagnostics:
+        return PendingStats(
+            form, solution.iterations, None, seconds, system.num_columns, output_grad_scale
+        )
 
     def dot(a: Tensor, b: Tensor) -> Tensor:
         return torch.dot(a.reshape(-1), b.reshape(-1))
@@ -103,7 +128,7 @@ def layer_stats(
 
 def resolve_stats(pending: dict[str, PendingStats]) -> dict[str, LayerStats]:
     """Every layer's LayerStats, reading the numbers back with one sync per device (not
-    one per layer)."""
+    one per layer); none at all without diagnostics."""
     rows = read_back([stats.values for stats in pending.values()])
     return {
         name: stats.resolve(numbers)
@@ -112,18 +137,20 @@ def resolve_stats(pending: dict[str, PendingStats]) -> dict[str, LayerStats]:
 
 
 def pack(stats: LayerStats | None) -> Tensor:
-    """LayerStats as 7 float64 numbers (NaN when None), for a broadcast."""
+    """LayerStats as 8 float64 numbers (NaN when None), for a broadcast."""
     if stats is None:
-        return torch.full((7,), math.nan, dtype=torch.float64)
+        return torch.full((8,), math.nan, dtype=torch.float64)
     scale = math.nan if stats.output_grad_scale is None else stats.output_grad_scale
+    diagnosed = stats.cosine is not None
     values = [
         FORMS.index(stats.form),
         stats.iterations,
-        stats.relative_residual,
-        stats.cosine,
+        stats.relative_residual if diagnosed else math.nan,
+        stats.cosine if diagnosed else math.nan,
         stats.seconds,
         stats.columns,
         scale,
+        float(diagnosed),  # a NaN cosine (non-finite v) is not the same as no cosine
     ]
     return torch.tensor(values, dtype=torch.float64)
 
@@ -134,8 +161,8 @@ def unpack(packed: Tensor) -> LayerStats:
     return LayerStats(
         form=FORMS[int(values[0])],
         iterations=int(values[1]),
-        relative_residual=values[2],
-        cosine=values[3],
+        relative_residual=values[2] if values[7] else None,
+        cosine=values[3] if values[7] else None,
         seconds=values[4],
         columns=int(values[5]),
         output_grad_scale=None if math.isnan(values[6]) else values[6],

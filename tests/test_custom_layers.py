@@ -48,7 +48,7 @@ def registered():
 
 
 def direction_of(module, x, rows_axis, **kwargs):
-    opt = ProxPropOptimizer(module, Recorder, exclude_last=False, **kwargs)
+    opt = ProxPropOptimizer(module, Recorder, exclude_last=False, diagnostics=True, **kwargs)
     out = module(x)
     generator = torch.Generator().manual_seed(3)
     (out * torch.randn(out.shape, generator=generator, dtype=out.dtype)).sum().backward()

@@ -19,7 +19,7 @@ TOLERANCE = 1e-8
 
 def proxprop_direction(module, inputs, **kwargs):
     """(direction, gradient) flat, from one step with a recording inner optimizer."""
-    opt = ProxPropOptimizer(module, Recorder, exclude_last=False, **kwargs)
+    opt = ProxPropOptimizer(module, Recorder, exclude_last=False, diagnostics=True, **kwargs)
     generator = torch.Generator().manual_seed(7)
     loss = 0.0
     for x in inputs:

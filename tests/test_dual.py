@@ -48,7 +48,13 @@ def layer_and_batch(seed=0, n=6, d_in=9, m=4, bias=True):
 def step_with(layer, x, weights, modify_grad=None, solver="exact", **kwargs):
     """One step, .grad optionally modified after backward; (direction, grad, stats)."""
     opt = ProxPropOptimizer(
-        layer, Recorder, exclude_last=False, solver=solver, solver_form="dual", **kwargs
+        layer,
+        Recorder,
+        exclude_last=False,
+        solver=solver,
+        solver_form="dual",
+        diagnostics=True,
+        **kwargs,
     )
     (layer(x) * weights).sum().backward()
     if modify_grad is not None:

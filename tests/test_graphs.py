@@ -90,8 +90,10 @@ def test_replayed_solves_give_the_eager_directions(form):
     model = network()
     eager_model = copy.deepcopy(model)
     batches = [batch(seed) for seed in range(4)]
-    opt = graphed(model, solver_form=form, cg_iters=4, tau_prox=0.3)
-    eager = ProxPropOptimizer(eager_model, Recorder, solver_form=form, cg_iters=4, tau_prox=0.3)
+    opt = graphed(model, solver_form=form, cg_iters=4, tau_prox=0.3, diagnostics=True)
+    eager = ProxPropOptimizer(
+        eager_model, Recorder, solver_form=form, cg_iters=4, tau_prox=0.3, diagnostics=True
+    )
     seen = run_steps(opt, model, batches)
     expected = run_steps(eager, eager_model, batches)
     # Step 1 eager, step 2 captures, steps 3-4 replay with new inputs.

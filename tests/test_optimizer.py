@@ -161,7 +161,13 @@ def test_at_a_large_step_proxprop_converges_where_backprop_oscillates():
     for solver in ("none", "cg"):
         model = make_mlp()
         opt = ProxPropOptimizer(
-            model, torch.optim.SGD, lr=1.0, momentum=0.9, tau_prox=0.5, solver=solver
+            model,
+            torch.optim.SGD,
+            lr=1.0,
+            momentum=0.9,
+            tau_prox=0.5,
+            solver=solver,
+            diagnostics=True,
         )
         losses[solver] = train_on(model, opt, x, y, steps=40)
     backprop, proxprop = losses["none"], losses["cg"]
@@ -720,3 +726,57 @@ def test_profiler_sees_each_phase_of_a_step():
         "ProxProp.resolve_stats",
         "ProxProp.nonfinite_check",
     } <= names
+
+
+@pytest.mark.parametrize("solver", ["exact", "cg"])
+def test_diagnostics_are_computed_only_on_request(solver):
+    """Without diagnostics a step reports what it knows for free (form, iterations,
+    columns, seconds, the δ scale) and dispatches no reduction for residual or cosine; with
+    them, the residual and cosine are those of the direction it returned."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Operators(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, y = batch(0)
+    reports, operators = {}, {}
+    for diagnostics in (False, True):
+        model = make_mlp()
+        opt = ProxPropOptimizer(
+            model, Recorder, solver=solver, tau_prox=0.5, diagnostics=diagnostics
+        )
+        loss_of(model, x, y).backward()
+        with Operators() as counter:
+            opt.step()
+        reports[diagnostics], operators[diagnostics] = opt.last_stats, counter.names
+        if diagnostics:
+            for name, stats in opt.last_stats.items():
+                layer = dict(model.named_modules())[name]
+                v = flatten_pair(opt.inner.seen[-1][layer.weight], opt.inner.seen[-1][layer.bias])
+                g = flatten_pair(layer.weight.grad, layer.bias.grad)
+                assert stats.cosine == pytest.approx(float(v @ g / (v.norm() * g.norm())))
+                assert 0 <= stats.relative_residual < (1e-10 if solver == "exact" else 1)
+    for name, plain in reports[False].items():
+        full = reports[True][name]
+        assert plain.relative_residual is None and plain.cosine is None
+        assert (plain.form, plain.iterations, plain.columns) == (
+            full.form,
+            full.iterations,
+            full.columns,
+        )
+        assert plain.output_grad_scale == full.output_grad_scale
+    # The stats' ‖g‖², ‖v‖² and ⟨v, g⟩ (the δ probe has dot products of its own).
+    dots = {key: names.count("aten.dot.default") for key, names in operators.items()}
+    assert dots[True] - dots[False] >= 3 * len(reports[True])
+    assert len(operators[False]) < len(operators[True])
+
+
+def test_diagnostics_must_be_a_bool():
+    with pytest.raises(ValueError, match="diagnostics must be True or False"):
+        ProxPropOptimizer(make_mlp(), torch.optim.SGD, lr=0.1, diagnostics="yes")

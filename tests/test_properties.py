@@ -56,7 +56,7 @@ def step_direction(module, shape, seed, dtype, **kwargs):
     module = module.to(dtype)
     generator = torch.Generator().manual_seed(seed)
     x = torch.rand(shape, generator=generator, dtype=dtype)
-    opt = ProxPropOptimizer(module, Recorder, exclude_last=False, **kwargs)
+    opt = ProxPropOptimizer(module, Recorder, exclude_last=False, diagnostics=True, **kwargs)
     out = module(x)
     (out * torch.randn(out.shape, generator=generator, dtype=dtype)).sum().backward()
     bias_grad = module.bias.grad if module.bias is not None else None

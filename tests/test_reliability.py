@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import math
 import weakref
 
 import pytest
@@ -290,3 +291,35 @@ def test_load_state_dict_mismatch_raises_value_error_and_keeps_the_optimizer():
     assert str(opt.state_dict()) == str(good)
     opt.step()  # still usable
     opt.load_state_dict(good)
+
+
+def test_one_finiteness_check_serves_a_finite_step(monkeypatch):
+    """The step's finiteness check is one fused read of the largest magnitudes: the
+    per-tensor culprit search runs only when it fails."""
+    import proxoptim.optimizer as optimizer_module
+
+    model = make_model()
+    opt = ProxPropOptimizer(model, torch.optim.SGD, lr=0.1)
+    x, y = batch()
+    nn.functional.cross_entropy(model(x), y).backward()
+    searched = []
+    monkeypatch.setattr(optimizer_module, "_finite", lambda tensor: searched.append(tensor))
+    opt.step()
+    assert searched == []
+    assert set(opt.last_stats) == {"0", "2"}
+
+
+def test_the_fused_check_sees_every_nan_and_inf_and_never_overflows():
+    """Largest magnitudes never overflow: float32 values of 1e30 (whose 2-norm is inf) are
+    finite; a NaN or inf anywhere, in any dtype, is not."""
+    from proxoptim.optimizer import _all_finite
+
+    huge = torch.full((4, 4), 1e30)
+    assert torch.isinf(huge.norm())
+    parts = [huge, torch.randn(3, dtype=torch.float64), torch.randn(5).half(), torch.empty(0)]
+    assert _all_finite(parts)
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for bad in (math.nan, math.inf, -math.inf):
+            poisoned = torch.zeros(6, dtype=dtype)
+            poisoned[4] = bad
+            assert not _all_finite([*parts, poisoned]), (dtype, bad)
