@@ -510,7 +510,9 @@ class ProxPropOptimizer(Optimizer):
         if not system.supports_dual or any(call.output_grad is None for call in system.calls):
             return None
         speculates = self._speculates(setup, exact)
-        if not speculates and not DualKernel.should_probe(system, exact):
+        if not speculates and not (
+            self._dual_if_delta(setup, exact) and DualKernel.should_probe(system, exact)
+        ):
             return None
         probe = draw_probe(setup.grad_weight, setup.grad_bias, self._probe_generator(weight.device))
         speculation = None
@@ -523,6 +525,14 @@ class ProxPropOptimizer(Optimizer):
             setup.probe = probe_numbers_for(system, setup.grad_weight, setup.grad_bias, probe)
         setup.seconds += time.perf_counter() - started
         return speculation
+
+    def _dual_if_delta(self, setup: _Prepared, exact: bool) -> bool:
+        """Whether the layer would run the dual form if its probe held. Only the dual form
+        uses δ, and knowing δ only makes the dual form cheaper: where it would not run
+        even then, the probe's operators (and its host sync) are spent for nothing."""
+        graphed = self._graphs_apply(setup, exact) and not exact
+        form = choose_form(setup.system, exact, self.cg_iters, self.solver_form, True, graphed)
+        return form == "dual"
 
     def _speculates(self, setup: _Prepared, exact: bool) -> bool:
         """Whether this step's solve of the layer is a speculative δ-form graph."""

@@ -295,3 +295,35 @@ def test_every_layers_probe_is_read_back_at_once(monkeypatch):
     opt.step()
     assert calls == [2]  # both hidden layers' probes, in one read-back
     assert all(stats.output_grad_scale == pytest.approx(1.0) for stats in opt.last_stats.values())
+
+
+@pytest.mark.parametrize("solver", ["exact", "cg"])
+def test_only_layers_that_would_run_the_dual_form_are_probed(monkeypatch, solver):
+    """The δ probe serves only the dual form: a layer the cost model solves in another form
+    even with δ known is not probed (its operators and host sync would be spent for
+    nothing), while every dual layer still is, and still gets the δ form."""
+    import proxoptim.optimizer as optimizer_module
+
+    probed = []
+    real = optimizer_module.probe_numbers_for
+
+    def recording(system, grad_weight, grad_bias, probe):
+        probed.append(grad_weight.shape)
+        return real(system, grad_weight, grad_bias, probe)
+
+    monkeypatch.setattr(optimizer_module, "probe_numbers_for", recording)
+    torch.manual_seed(0)
+    # The digits MLP at batch 100: a narrow first layer (d = 65 < n) and a wide second one.
+    model = nn.Sequential(
+        nn.Linear(64, 400), nn.ReLU(), nn.Linear(400, 100), nn.ReLU(), nn.Linear(100, 10)
+    )
+    opt = ProxPropOptimizer(model, Recorder, solver=solver, tau_prox=0.05)
+    x, y = torch.rand(100, 64), torch.randint(0, 10, (100,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    forms = {name: stats.form for name, stats in opt.last_stats.items()}
+    assert set(forms.values()) == {"primal", "dual"}  # both kinds in one step
+    dual_shapes = [model[int(name)].weight.shape for name, form in forms.items() if form == "dual"]
+    assert probed == dual_shapes
+    for name, form in forms.items():
+        assert (opt.last_stats[name].output_grad_scale is not None) == (form == "dual")
