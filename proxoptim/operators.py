@@ -651,9 +651,9 @@ class LayerSystem:
         layout = self.layout
         dim = layout.weight_row_dim
         device = self.calls[0].raw.device
-        gram = torch.zeros(
-            layout.groups, layout.row_dim, layout.row_dim, dtype=self.dtype, device=device
-        )
+        shape = (layout.groups, layout.row_dim, layout.row_dim)
+        gram: Tensor | None = None
+        corner_from_count = False
         for call, (from_correlation, _) in zip(self.calls, self._gram_sources(), strict=True):
             correlation = (
                 call.kind.correlation_gram(call.module, call.raw, self.dtype)
@@ -661,19 +661,41 @@ class LayerSystem:
                 else None
             )
             if correlation is not None:
+                if gram is None:
+                    gram = torch.zeros(shape, dtype=self.dtype, device=device)
                 weight_gram, patch_sums = correlation
                 gram[:, :dim, :dim] += weight_gram
                 if layout.has_bias:
                     gram[:, :dim, dim] += patch_sums
                     gram[:, dim, :dim] += patch_sums
+                    corner_from_count = True
                 continue
+            # A Linear layer's patch is its input itself: with the bias column appended
+            # (one n × d copy) a single product gives the whole Gram, bias row, column and
+            # corner included, in four operators instead of twenty. im2col chunks are
+            # already copies of up to PATCH_CHUNK_ELEMENTS: they add the bias sums apart
+            # rather than be copied again.
+            augment = layout.has_bias and not call.kind.im2col
             for patch in call.kind.patches(call.module, call.x):
+                if augment:
+                    ones = patch.new_ones(*patch.shape[:-1], 1)
+                    patch = torch.cat([patch, ones], dim=2)
+                    if gram is None:
+                        gram = torch.bmm(patch.transpose(1, 2), patch)
+                    else:
+                        gram.baddbmm_(patch.transpose(1, 2), patch)
+                    continue
+                if gram is None:
+                    gram = torch.zeros(shape, dtype=self.dtype, device=device)
                 gram[:, :dim, :dim].baddbmm_(patch.transpose(1, 2), patch)
                 if layout.has_bias:
                     column_sums = patch.sum(1)
                     gram[:, :dim, dim] += column_sums
                     gram[:, dim, :dim] += column_sums
-        if layout.has_bias:
+                    corner_from_count = True
+        if gram is None:
+            gram = torch.zeros(shape, dtype=self.dtype, device=device)
+        if corner_from_count:
             gram[:, dim, dim] = float(self.local_columns)
         if self.communicator is not None:
             self.communicator.all_reduce_(gram)
