@@ -46,12 +46,13 @@ class SolveResult:
     Attributes:
         direction: v, same shape as the right-hand side.
         iterations: CG iterations run (0 for an exact solve).
-        residual: the final residual g − v M (CG: by recurrence; exact: computed).
+        residual: the final residual g − v M (CG: by recurrence; exact: computed, or None
+            where not asked for).
     """
 
     direction: Tensor
     iterations: int
-    residual: Tensor
+    residual: Tensor | None
 
 
 def batched_cg(
@@ -105,31 +106,35 @@ def shifted_gram(gram: Tensor, tau_prox: float) -> Tensor:
     return gram + eye / tau_prox
 
 
-def cholesky_solve_rows(gram: Tensor, rhs: Tensor, tau_prox: float) -> SolveResult:
+def cholesky_solve_rows(
+    gram: Tensor, rhs: Tensor, tau_prox: float, diagnostics: bool = True
+) -> SolveResult:
     """Exact v = g M⁻¹ per group by Cholesky, M = G + I/τθ.
 
     Args:
         gram: G, (groups, d, d).
         rhs: g, (groups, rows_per_group, d).
+        diagnostics: also return the residual in float64 (narrower dtypes compute it
+            anyway, for their accuracy check).
 
-    If the factorisation fails in the working precision, or its residual exceeds
-    :data:`EXACT_RESIDUAL_LIMIT` (M is ill-conditioned in float32 when τθ·‖G‖ is large), the
-    whole solve is redone in float64.
+    In float64 nothing is read back: a factorisation that fails (M not numerically positive
+    definite: non-finite inputs, or a τθ so large that I/τθ vanishes against a singular G)
+    gives a NaN direction, which the optimizer's non-finite check names. In a narrower
+    dtype one read-back decides whether the factorisation held and its residual is within
+    :data:`EXACT_RESIDUAL_LIMIT` (M is ill-conditioned in float32 when τθ·‖G‖ is large);
+    if not, the whole solve is redone in float64.
     """
     shifted = shifted_gram(gram, tau_prox)
     factor, info = torch.linalg.cholesky_ex(shifted)
-    if not bool((info != 0).any()):
-        direction = torch.cholesky_solve(rhs.transpose(-1, -2), factor).transpose(-1, -2)
-        residual = rhs - direction @ shifted
-        accurate = residual.norm() <= EXACT_RESIDUAL_LIMIT * rhs.norm()
-        if rhs.dtype == torch.float64 or bool(accurate):
-            return SolveResult(direction, 0, residual)
+    direction = torch.cholesky_solve(rhs.transpose(-1, -2), factor).transpose(-1, -2)
     if rhs.dtype == torch.float64:
-        # M is not numerically positive definite even in float64: only non-finite inputs
-        # (or a τθ so large that I/τθ vanishes against a singular G) get here. Report it
-        # as a non-finite direction, which the optimizer's checks name.
-        nan = torch.full_like(rhs, float("nan"))
-        return SolveResult(nan, 0, nan)
+        direction = direction.masked_fill(info.ne(0).reshape(-1, 1, 1), float("nan"))
+        residual = rhs - direction @ shifted if diagnostics else None
+        return SolveResult(direction, 0, residual)
+    residual = rhs - direction @ shifted
+    accurate = info.eq(0).all() & (residual.norm() <= EXACT_RESIDUAL_LIMIT * rhs.norm())
+    if bool(accurate):
+        return SolveResult(direction, 0, residual)
     wide = cholesky_solve_rows(gram.double(), rhs.double(), tau_prox)
     direction, residual = wide.direction.to(rhs.dtype), wide.residual.to(rhs.dtype)
     return SolveResult(direction, 0, residual)
@@ -343,7 +348,7 @@ def solve(
     if form == "primal":
         gram = system.gram()
         if exact:
-            rows = cholesky_solve_rows(gram, rhs, tau_prox)
+            rows = cholesky_solve_rows(gram, rhs, tau_prox, diagnostics)
         else:
             rows = batched_cg(primal_operator(gram, tau_prox), rhs, cg_iters, cg_tol)
     elif form == "matrix_free":

@@ -95,6 +95,24 @@ def test_cholesky_redoes_an_inaccurate_float32_solve_in_float64():
     assert relative_error(result.direction[0].double(), expected) <= 1e-5
 
 
+def test_cholesky_in_float64_reads_nothing_back_and_names_a_failure_as_nan(monkeypatch):
+    """A float64 exact solve never syncs: a group whose M is not numerically positive
+    definite (two equal columns of 5, τθ = 1e16: I/τθ vanishes beside 25·[[1,1],[1,1]])
+    gets a NaN direction for the optimizer's non-finite check; other groups solve."""
+    good = torch.eye(2, dtype=torch.float64)
+    singular = torch.full((2, 2), 25.0, dtype=torch.float64)
+    gram = torch.stack([good, singular])
+    rhs = torch.ones(2, 3, 2, dtype=torch.float64)
+    monkeypatch.setattr(
+        torch.Tensor, "__bool__", lambda self: pytest.fail("read back from the device")
+    )
+    result = cholesky_solve_rows(gram, rhs, 1e16, diagnostics=False)
+    monkeypatch.undo()
+    assert torch.isnan(result.direction[1]).all()
+    assert torch.allclose(result.direction[0], rhs[0] / (1 + 1e-16))
+    assert result.residual is None
+
+
 def _system(module, batch, size=32):
     kind = kind_for(module)
     layout = RowLayout(module.weight.shape, kind.groups(module), module.bias is not None)
