@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -11,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.autograd.profiler as autograd_profiler
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.autograd.profiler import record_function
 from torch.optim import Optimizer
 
 from proxoptim.capture import Capture, CapturedCall
@@ -339,7 +340,7 @@ class ProxPropOptimizer(Optimizer):
             directions, stats = self._directions(calls)
             if self.distributed == "local" and directions:
                 average_over_ranks(list(directions.values()), self._communicator)
-        with record_function("ProxProp.nonfinite_check"):
+        with _phase("ProxProp.nonfinite_check"):
             problem = self._nonfinite_problem(directions, calls)
         if problem is not None:
             if self.nonfinite == "raise":
@@ -404,7 +405,7 @@ class ProxPropOptimizer(Optimizer):
                 # Round-robin over the ranks, in layer order (the same on every rank).
                 owner = owned % self._communicator.world_size
                 owned += 1
-            with record_function(f"ProxProp.prepare#{layer.name}"):
+            with _phase(f"ProxProp.prepare#{layer.name}"):
                 setup = self._prepare(layer, calls[index], owner)
             if isinstance(setup, dict):  # another rank solves this layer
                 spread.append((index, owner, layer, setup))
@@ -413,9 +414,9 @@ class ProxPropOptimizer(Optimizer):
                 prepared.append((index, owner, setup))
         speculations = []
         for _, _, setup in prepared:
-            with record_function(f"ProxProp.probe#{setup.layer.name}"):
+            with _phase(f"ProxProp.probe#{setup.layer.name}"):
                 speculations.append(self._probe(setup))
-        with record_function("ProxProp.probe_verdicts"):
+        with _phase("ProxProp.probe_verdicts"):
             scales = probe_verdicts(
                 [setup.probe for _, _, setup in prepared],
                 [setup.dtype for _, _, setup in prepared],
@@ -423,7 +424,7 @@ class ProxPropOptimizer(Optimizer):
         for (index, owner, setup), scale, speculation in zip(
             prepared, scales, speculations, strict=True
         ):
-            with record_function(f"ProxProp.solve#{setup.layer.name}"):
+            with _phase(f"ProxProp.solve#{setup.layer.name}"):
                 if speculation is not None and scale is not None:  # the speculation held
                     layer_directions, layer_stats = self._graph_result(
                         setup, "dual", speculation, setup.seconds, scale
@@ -436,7 +437,7 @@ class ProxPropOptimizer(Optimizer):
                 spread.append((index, owner, setup.layer, layer_directions))
             pending[setup.layer.name] = layer_stats
             directions.update(layer_directions)
-        with record_function("ProxProp.resolve_stats"):
+        with _phase("ProxProp.resolve_stats"):
             stats = resolve_stats(pending)
         for _, owner, layer, layer_directions in sorted(spread, key=lambda entry: entry[0]):
             for direction in layer_directions.values():
@@ -460,7 +461,7 @@ class ProxPropOptimizer(Optimizer):
             weight.shape, layer.kind.groups(layer.modules[0]), has_bias, layer.kind.rows_axis
         )
         # Solve in at least float32 whatever the parameter (or autocast input) dtype.
-        dtype = torch.promote_types(weight.dtype, torch.float32)
+        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         grad_weight = weight.grad.to(dtype)
         grad_bias = None
         if has_bias:
@@ -794,6 +795,15 @@ def _layer_directions(
     if setup.grad_bias is not None and setup.layer.bias.grad is not None:
         directions[setup.layer.bias] = bias_v
     return directions
+
+
+def _phase(name: str) -> contextlib.AbstractContextManager[Any]:
+    """A profiler range named ``name`` for one phase of a step, when a profiler is running
+    (``torch.profiler.profile``); otherwise nothing: each range costs two operators
+    dispatched, a dozen per layer and step."""
+    if autograd_profiler._is_profiler_enabled:
+        return autograd_profiler.record_function(name)
+    return contextlib.nullcontext()
 
 
 def _finite(tensor: Tensor) -> bool:

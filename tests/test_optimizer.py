@@ -10,6 +10,7 @@ import pytest
 import torch
 from oracle import Recorder, flatten_pair, oracle_direction, relative_error
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from proxoptim import LayerStats, ProxPropOptimizer
 
@@ -728,22 +729,40 @@ def test_profiler_sees_each_phase_of_a_step():
     } <= names
 
 
+class Operators(TorchDispatchMode):
+    """Records the name of every operator dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_profiler_ranges_cost_nothing_without_a_profiler():
+    """A step's phases are named for torch.profiler only while one runs: otherwise each
+    range would dispatch two operators per layer and phase."""
+    ranges = {}
+    for solver in ("none", "exact"):
+        model = make_mlp()
+        opt = ProxPropOptimizer(model, Recorder, solver=solver)
+        x, y = batch(0)
+        loss_of(model, x, y).backward()
+        with Operators() as counter:
+            opt.step()
+        ranges[solver] = [name for name in counter.names if name.startswith("profiler.")]
+    assert set(opt.last_stats) == {"0", "2"}
+    # torch.optim's own "Optimizer.step#..." ranges remain, the same without any solve.
+    assert ranges["exact"] == ranges["none"]
+
+
 @pytest.mark.parametrize("solver", ["exact", "cg"])
 def test_diagnostics_are_computed_only_on_request(solver):
     """Without diagnostics a step reports what it knows for free (form, iterations,
     columns, seconds, the δ scale) and dispatches no reduction for residual or cosine; with
     them, the residual and cosine are those of the direction it returned."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Operators(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     x, y = batch(0)
     reports, operators = {}, {}
     for diagnostics in (False, True):
