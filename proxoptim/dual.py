@@ -50,7 +50,7 @@ from proxoptim.costs import (
 )
 from proxoptim.operators import LayerSystem
 from proxoptim.readback import read_back
-from proxoptim.rowwise import guarded_ratio, row_dot
+from proxoptim.rowwise import guarded_ratio, row_dot, step_ratio
 from proxoptim.workspace import Workspace
 
 # Relative mismatch up to which .grad counts as a multiple of δᵀŨᵀ. Rounding in the two
@@ -692,7 +692,7 @@ def _diagonal_cg(
     for done in range(1, iterations + 1):
         torch.mul(direction, diagonal, out=image)
         curvature = torch.linalg.vecdot(direction, image, dim=1)
-        alpha = guarded_ratio(residual_sq, curvature).unsqueeze(1)
+        alpha = step_ratio(residual_sq, curvature).unsqueeze(1)
         solution.addcmul_(direction, alpha)
         residual.addcmul_(image, alpha, value=-1)
         new_residual_sq = torch.linalg.vector_norm(residual, dim=1).square()
@@ -700,7 +700,7 @@ def _diagonal_cg(
             threshold_sq is not None and bool((new_residual_sq <= threshold_sq).all())
         ):
             break
-        beta = guarded_ratio(new_residual_sq, residual_sq).unsqueeze(1)
+        beta = step_ratio(new_residual_sq, residual_sq).unsqueeze(1)
         direction.mul_(beta).add_(residual)
         residual_sq = new_residual_sq
     # Back from the scaled coordinates: u = û/√λ (0 where λ = 0), times the row scale.

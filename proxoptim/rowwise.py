@@ -15,5 +15,15 @@ def row_dot(a: Tensor, b: Tensor) -> Tensor:
 
 
 def guarded_ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
-    """numerator / denominator per row, 0 where the denominator is not positive (no 0/0)."""
+    """numerator / denominator per row, 0 where the denominator is not positive (no 0/0).
+    For denominators that rounding can drive below zero (cancelling inner products)."""
     return torch.where(denominator > 0, numerator / denominator, 0.0)
+
+
+def step_ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """numerator / denominator per row for CG's step sizes α = ‖r‖²/pᵀMp and
+    β = ‖r'‖²/‖r‖², whose denominators are never negative (a squared norm, a curvature of
+    a positive definite M) and vanish only on a converged row, whose numerator vanishes
+    too: there the ratio is 0/tiny = 0, not 0/0. Two operators, where
+    :func:`guarded_ratio` takes four; a NaN stays NaN for the non-finite check."""
+    return numerator / denominator.clamp_min(torch.finfo(denominator.dtype).tiny)

@@ -25,7 +25,7 @@ from torch import Tensor
 from proxoptim.costs import PRIMAL_EXACT_SYNCS, ROW_CG_ACCESSES, combined, form_operators
 from proxoptim.dual import DualKernel, dual_cg_parts, solve_dual
 from proxoptim.operators import LayerSystem
-from proxoptim.rowwise import guarded_ratio, row_dot
+from proxoptim.rowwise import row_dot, step_ratio
 from proxoptim.workspace import Workspace
 
 FORMS = ("matrix_free", "primal", "dual")
@@ -85,7 +85,7 @@ def batched_cg(
     for done in range(1, iterations + 1):
         m_direction = apply_m(direction)
         curvature = row_dot(direction, m_direction)
-        alpha = guarded_ratio(residual_sq, curvature)
+        alpha = step_ratio(residual_sq, curvature)
         # In place, without temporaries of the layer's size.
         solution.addcmul_(direction, alpha)
         residual.addcmul_(m_direction, alpha, value=-1)
@@ -94,7 +94,7 @@ def batched_cg(
             break
         if done == iterations:
             break
-        beta = guarded_ratio(new_residual_sq, residual_sq)
+        beta = step_ratio(new_residual_sq, residual_sq)
         direction.mul_(beta).add_(residual)
         residual_sq = new_residual_sq
     return SolveResult(solution, done, residual)
