@@ -813,16 +813,19 @@ def _finite(tensor: Tensor) -> bool:
 def _all_finite(tensors: list[Tensor]) -> bool:
     """Whether every element of every tensor is finite, in one host sync per device.
 
-    The infinity norm (largest magnitude) of a tensor is NaN or inf exactly when an element
-    is, and never overflows, so one ``_foreach_norm`` and a max per device and precision
-    decide for all tensors at once.
+    A tensor's 2-norm is NaN or inf when an element is, so one ``_foreach_norm`` and a
+    max per device and precision decide for all tensors at once. The 2-norm of finite
+    values can overflow too (float32 elements above ~1e19): that reads as non-finite here,
+    and the caller's per-tensor search then finds nothing to name. (The infinity norm would
+    never overflow, but its ``_foreach_norm`` runs 6× slower on a CPU: 634 against 104 µs
+    over the digits MLP's gradients and directions.)
     """
     groups: dict[tuple[torch.device, bool], list[Tensor]] = {}
     for tensor in tensors:
         if tensor.numel():
             groups.setdefault((tensor.device, tensor.dtype == torch.float64), []).append(tensor)
     maxima = [
-        torch.stack(torch._foreach_norm(group, math.inf, dtype=None if wide else torch.float32))
+        torch.stack(torch._foreach_norm(group, 2, dtype=None if wide else torch.float32))
         .max()
         .reshape(1)
         for (_, wide), group in groups.items()

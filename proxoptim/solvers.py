@@ -106,6 +106,14 @@ def shifted_gram(gram: Tensor, tau_prox: float) -> Tensor:
     return gram + eye / tau_prox
 
 
+# With at least this many rows per Gram dimension, the primal exact solve multiplies by the
+# explicit inverse (a d³ LAPACK call, then one GEMM) instead of solving triangular systems
+# for every row. Measured on the CPU (2 threads, torch 2.14; per solve, µs, explicit
+# inverse against cholesky_solve): d = 65, m = 400: 197 / 405; d = 101, m = 400:
+# 362 / 623; d = 401, m = 100: 2,743 / 1,093 (the digits MLP's three layers).
+EXPLICIT_INVERSE_MIN_ROWS_PER_DIM = 2
+
+
 def cholesky_solve_rows(
     gram: Tensor, rhs: Tensor, tau_prox: float, diagnostics: bool = True
 ) -> SolveResult:
@@ -126,7 +134,10 @@ def cholesky_solve_rows(
     """
     shifted = shifted_gram(gram, tau_prox)
     factor, info = torch.linalg.cholesky_ex(shifted)
-    direction = torch.cholesky_solve(rhs.transpose(-1, -2), factor).transpose(-1, -2)
+    if rhs.shape[-2] >= EXPLICIT_INVERSE_MIN_ROWS_PER_DIM * rhs.shape[-1]:
+        direction = rhs @ torch.cholesky_inverse(factor)
+    else:
+        direction = torch.cholesky_solve(rhs.transpose(-1, -2), factor).transpose(-1, -2)
     if rhs.dtype == torch.float64:
         direction = direction.masked_fill(info.ne(0).reshape(-1, 1, 1), float("nan"))
         residual = rhs - direction @ shifted if diagnostics else None

@@ -71,8 +71,9 @@ def test_tolerance_stops_early_once_every_row_is_converged():
     assert loose.iterations < result.iterations
 
 
-def test_cholesky_equals_linalg_solve():
-    gram, rhs = random_problem(seed=3)
+@pytest.mark.parametrize("rows", [5, 30])  # triangular solves; the explicit inverse (m ≥ 2d)
+def test_cholesky_equals_linalg_solve(rows):
+    gram, rhs = random_problem(rows=rows, seed=3)
     result = cholesky_solve_rows(gram, rhs, 0.05)
     matrix = shifted_gram(gram, 0.05)
     for group in range(gram.shape[0]):
