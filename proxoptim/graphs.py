@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Hashable, Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -39,6 +40,26 @@ class _Entry:
         self.outputs: list[Tensor | None] = []
         self.iterations = 0
         self.graph: torch.cuda.CUDAGraph | None = None
+
+
+class GraphRunner(Protocol):
+    """How captured solves run: ``ProxPropOptimizer(..., cuda_graphs=runner)`` takes any
+    object with these three methods (``cuda_graphs=True`` means :class:`CudaGraphRunner`).
+    """
+
+    def supports(self, device: torch.device) -> bool:
+        """Whether solves of tensors on ``device`` can be captured."""
+        ...
+
+    def capture(self, entry: _Entry) -> None:
+        """Runs ``entry.solve(entry.static)`` once, recording it, and sets
+        ``entry.outputs`` and ``entry.iterations``; raises if it cannot."""
+        ...
+
+    def replay(self, entry: _Entry) -> None:
+        """Reruns the recorded solve on the current contents of ``entry.static``, leaving
+        its results in ``entry.outputs``."""
+        ...
 
 
 class CudaGraphRunner:
@@ -66,9 +87,10 @@ class EagerRunner:
     """The same bookkeeping without CUDA: a replay reruns the solve on the static inputs
     and copies its results into the first run's outputs.
 
-    Public on purpose: it checks the graph plumbing (keys, static inputs, outputs, fallbacks)
-    on machines without a GPU, in the tests and in ``benchmarks/gpu_check.py --device cpu``,
-    which exercises the graphs-against-eager check before a device run depends on it."""
+    Public on purpose: ``ProxPropOptimizer(..., cuda_graphs=EagerRunner())`` checks the
+    graph plumbing (keys, static inputs, outputs, fallbacks) on machines without a GPU, in
+    the tests and in ``benchmarks/gpu_check.py --device cpu``, which exercises the
+    graphs-against-eager check before a device run depends on it."""
 
     @staticmethod
     def supports(device: torch.device) -> bool:
@@ -89,7 +111,7 @@ class SolveGraphs:
     caller should solve eagerly (first sighting of a key, or a key whose capture failed).
     """
 
-    def __init__(self, runner: CudaGraphRunner | EagerRunner | None = None) -> None:
+    def __init__(self, runner: GraphRunner | None = None) -> None:
         self.runner = runner if runner is not None else CudaGraphRunner()
         self._seen: set[Hashable] = set()
         self._disabled: set[Hashable] = set()

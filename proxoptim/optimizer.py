@@ -25,7 +25,7 @@ from proxoptim.distributed import (
     gathered_linear_calls,
 )
 from proxoptim.dual import DualKernel, draw_probe, probe_numbers_for, probe_verdicts
-from proxoptim.graphs import SolveGraphs
+from proxoptim.graphs import GraphRunner, SolveGraphs
 from proxoptim.layers import Layer, adopt, claim, find_layers, release, resolve_exclusions, unwrap
 from proxoptim.operators import LayerSystem, RowLayout
 from proxoptim.readback import read_back
@@ -126,6 +126,9 @@ class ProxPropOptimizer(Optimizer):
             ``SPECULATION_BACKOFF`` steps). Each graph keeps copies of its layer's inputs,
             δ and gradient and a private memory pool. The first step with a given layer
             shape runs eagerly, the second captures.
+            A runner object (:class:`proxoptim.graphs.GraphRunner`) instead of True
+            decides how solves are captured and replayed: ``EagerRunner()`` reruns them
+            through the same bookkeeping on any device.
         distributed: ``"global"`` (default inside an initialised process group of several
             ranks: every rank gets the single-process direction on the concatenation of all
             ranks' batches) or ``"local"`` (each rank's own M, directions averaged); see
@@ -158,7 +161,7 @@ class ProxPropOptimizer(Optimizer):
         solver_form: str = "auto",
         nonfinite: str = "raise",
         diagnostics: bool = False,
-        cuda_graphs: bool = False,
+        cuda_graphs: bool | GraphRunner = False,
         distributed: str | None = None,
         process_group: Any = None,
         **optimizer_kwargs: Any,
@@ -168,13 +171,22 @@ class ProxPropOptimizer(Optimizer):
         )
         if nonfinite not in NONFINITE:
             raise ValueError(f"unknown nonfinite policy {nonfinite!r}; pass one of {NONFINITE}")
-        if not isinstance(cuda_graphs, bool):
-            raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+        if not isinstance(cuda_graphs, bool) and not all(
+            callable(getattr(cuda_graphs, method, None))
+            for method in ("supports", "capture", "replay")
+        ):
+            raise ValueError(
+                f"cuda_graphs must be True, False or a runner (proxoptim.graphs.GraphRunner, "
+                f"e.g. proxoptim.graphs.EagerRunner()), got {cuda_graphs!r}"
+            )
         if not isinstance(diagnostics, bool):
             raise ValueError(f"diagnostics must be True or False, got {diagnostics!r}")
         self.diagnostics = diagnostics
         # Replays of each layer's fixed-iteration CG solve (proxoptim.graphs), CUDA only.
-        self._graphs = SolveGraphs() if cuda_graphs else None
+        if cuda_graphs is False:
+            self._graphs = None
+        else:
+            self._graphs = SolveGraphs(None if cuda_graphs is True else cuda_graphs)
         self.nonfinite = nonfinite
         self.skipped_steps = 0
         self.tau_prox = float(tau_prox)

@@ -232,7 +232,7 @@ def test_gpu_check_fails_solves_a_graphed_run_left_eager(benchmark_module):
     from torch import nn
 
     from proxoptim import ProxPropOptimizer
-    from proxoptim.graphs import EagerRunner, SolveGraphs
+    from proxoptim.graphs import EagerRunner
 
     gpu_check = benchmark_module("gpu_check")
 
@@ -245,9 +245,8 @@ def test_gpu_check_fails_solves_a_graphed_run_left_eager(benchmark_module):
         model = nn.Sequential(
             nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)
         )
-        opt = ProxPropOptimizer(model, torch.optim.SGD, lr=0.1, cuda_graphs=True)
-        if runner is not None:
-            opt._graphs = SolveGraphs(runner)
+        graphs = True if runner is None else runner
+        opt = ProxPropOptimizer(model, torch.optim.SGD, lr=0.1, cuda_graphs=graphs)
         with gpu_check.recorded_warnings(gpu_check.CAPTURE_FAILED) as failures:
             for _ in range(3):
                 opt.zero_grad()

@@ -15,7 +15,7 @@ from torch import nn
 
 from proxoptim import ProxPropOptimizer
 from proxoptim.dual import DualKernel
-from proxoptim.graphs import EagerRunner, SolveGraphs
+from proxoptim.graphs import EagerRunner
 
 SPECULATES = ProxPropOptimizer._speculates
 
@@ -80,9 +80,8 @@ def assert_same_directions(seen, expected, **tolerance):
 
 
 def graphed(model, runner=None, **kwargs):
-    opt = ProxPropOptimizer(model, Recorder, cuda_graphs=True, **kwargs)
-    opt._graphs = SolveGraphs(runner if runner is not None else EagerRunner())
-    return opt
+    runner = runner if runner is not None else EagerRunner()
+    return ProxPropOptimizer(model, Recorder, cuda_graphs=runner, **kwargs)
 
 
 @pytest.mark.parametrize("form", ["auto", "matrix_free", "primal", "dual"])
@@ -161,9 +160,12 @@ def test_a_failed_capture_warns_and_stays_eager():
     assert_same_directions(seen, expected)
 
 
-def test_cuda_graphs_must_be_a_bool():
-    with pytest.raises(ValueError, match="cuda_graphs"):
+def test_cuda_graphs_takes_a_bool_or_a_runner():
+    with pytest.raises(ValueError, match="cuda_graphs must be True, False or a runner"):
         ProxPropOptimizer(network(), torch.optim.SGD, lr=0.1, cuda_graphs="yes")
+    # A runner object is the public way to choose how solves are captured and replayed.
+    opt = ProxPropOptimizer(network(), torch.optim.SGD, lr=0.1, cuda_graphs=EagerRunner())
+    assert opt.captured_graphs == 0
 
 
 def run_scaled_steps(opt, model, batches, factors):
