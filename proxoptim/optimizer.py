@@ -129,6 +129,9 @@ class ProxPropOptimizer(Optimizer):
             A runner object (:class:`proxoptim.graphs.GraphRunner`) instead of True
             decides how solves are captured and replayed: ``EagerRunner()`` reruns them
             through the same bookkeeping on any device.
+        speculation_backoff: with ``cuda_graphs``, the steps a layer whose speculative δ
+            probe failed runs the general form before speculating again (default
+            :data:`SPECULATION_BACKOFF`; 0 speculates every step).
         distributed: ``"global"`` (default inside an initialised process group of several
             ranks: every rank gets the single-process direction on the concatenation of all
             ranks' batches) or ``"local"`` (each rank's own M, directions averaged); see
@@ -162,6 +165,7 @@ class ProxPropOptimizer(Optimizer):
         nonfinite: str = "raise",
         diagnostics: bool = False,
         cuda_graphs: bool | GraphRunner = False,
+        speculation_backoff: int = SPECULATION_BACKOFF,
         distributed: str | None = None,
         process_group: Any = None,
         **optimizer_kwargs: Any,
@@ -179,6 +183,15 @@ class ProxPropOptimizer(Optimizer):
                 f"cuda_graphs must be True, False or a runner (proxoptim.graphs.GraphRunner, "
                 f"e.g. proxoptim.graphs.EagerRunner()), got {cuda_graphs!r}"
             )
+        if (
+            isinstance(speculation_backoff, bool)
+            or not isinstance(speculation_backoff, int)
+            or speculation_backoff < 0
+        ):
+            raise ValueError(
+                f"speculation_backoff must be an integer >= 0 (steps), got {speculation_backoff!r}"
+            )
+        self.speculation_backoff = speculation_backoff
         if not isinstance(diagnostics, bool):
             raise ValueError(f"diagnostics must be True or False, got {diagnostics!r}")
         self.diagnostics = diagnostics
@@ -264,6 +277,12 @@ class ProxPropOptimizer(Optimizer):
             f"solver_form={self.solver_form!r}, layers={len(self._layers)},\n"
             f"  inner={self.inner!r})"
         )
+
+    @property
+    def speculation_countdown(self) -> dict[str, int]:
+        """{layer name: steps left} for layers whose speculative δ probe failed and that
+        run the general form until their count reaches 0 (``cuda_graphs`` only); a copy."""
+        return {name: steps for name, steps in self._speculation_backoff.items() if steps > 0}
 
     @property
     def captured_graphs(self) -> int:
@@ -443,7 +462,7 @@ class ProxPropOptimizer(Optimizer):
                     )
                 else:
                     if speculation is not None:  # the probe failed: the general form
-                        self._speculation_backoff[setup.layer.name] = SPECULATION_BACKOFF
+                        self._speculation_backoff[setup.layer.name] = self.speculation_backoff
                     layer_directions, layer_stats = self._solve(setup, scale)
             if owner is not None:
                 spread.append((index, owner, setup.layer, layer_directions))

@@ -163,6 +163,8 @@ def test_a_failed_capture_warns_and_stays_eager():
 def test_cuda_graphs_takes_a_bool_or_a_runner():
     with pytest.raises(ValueError, match="cuda_graphs must be True, False or a runner"):
         ProxPropOptimizer(network(), torch.optim.SGD, lr=0.1, cuda_graphs="yes")
+    with pytest.raises(ValueError, match="speculation_backoff must be an integer >= 0"):
+        ProxPropOptimizer(network(), torch.optim.SGD, lr=0.1, speculation_backoff=-1)
     # A runner object is the public way to choose how solves are captured and replayed.
     opt = ProxPropOptimizer(network(), torch.optim.SGD, lr=0.1, cuda_graphs=EagerRunner())
     assert opt.captured_graphs == 0
@@ -252,13 +254,10 @@ def test_speculative_delta_graphs_give_the_eager_directions(monkeypatch, specula
     assert_same_directions(seen, expected, rtol=1e-5, atol=1e-7)
 
 
-def test_failed_speculation_redoes_the_layer_in_the_general_form_and_backs_off(
-    monkeypatch, speculation
-):
+def test_failed_speculation_redoes_the_layer_in_the_general_form_and_backs_off(speculation):
     """A step whose gradient is not s·δᵀŨᵀ (weight decay added to it) fails the probe
     inside the speculative graph: the layer is solved again in the general form, and
-    speculates again only after SPECULATION_BACKOFF steps."""
-    monkeypatch.setattr("proxoptim.optimizer.SPECULATION_BACKOFF", 2)
+    speculates again only after ``speculation_backoff`` steps."""
     model = network()
     eager_model = copy.deepcopy(model)
     batches = [batch(seed) for seed in range(7)]
@@ -271,10 +270,10 @@ def test_failed_speculation_redoes_the_layer_in_the_general_form_and_backs_off(
             if step in decayed:
                 model[3].weight.grad.add_(model[3].weight.detach(), alpha=1e-2)
             opt.step()
-            record.append((opt.last_stats["3"].output_grad_scale, dict(opt._speculation_backoff)))
+            record.append((opt.last_stats["3"].output_grad_scale, opt.speculation_countdown))
         return opt.inner.seen
 
-    opt = graphed(model, solver="exact", solver_form="dual")
+    opt = graphed(model, solver="exact", solver_form="dual", speculation_backoff=2)
     eager = ProxPropOptimizer(eager_model, Recorder, solver="exact", solver_form="dual")
     record, eager_record = [], []
     seen = run(opt, model, record)
