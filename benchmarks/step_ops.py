@@ -32,6 +32,7 @@ from collections import Counter
 from collections.abc import Callable
 
 import torch
+from step_ratio import make_step  # one training step: zero_grad, forward, backward, step
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -69,17 +70,6 @@ def count_operators(run: Callable[[], object]) -> Counter[str]:
     return counter.counts
 
 
-def make_training_step(
-    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
-) -> Callable[[], None]:
-    def step() -> None:
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    return step
-
-
 def build_optimizer(
     model: nn.Module, method: str, optimizer: str, tau_prox: float
 ) -> torch.optim.Optimizer:
@@ -111,7 +101,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, object]]:
     for name in names:
         model = copy.deepcopy(template)
         opt = build_optimizer(model, name, args.optimizer, args.tau_prox)
-        steps[name] = make_training_step(model, opt, x, y)
+        steps[name] = make_step(model, opt, x, y)
     times: dict[str, list[float]] = {name: [] for name in names}
     for turn in range(args.warmup + args.repeats):
         for name, step in steps.items():

@@ -313,7 +313,7 @@ def test_step_ops_counts_each_dispatched_operator_and_a_whole_training_step(benc
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    step = step_ops.make_training_step(model, opt, torch.rand(5, 4), torch.randint(0, 2, (5,)))
+    step = step_ops.make_step(model, opt, torch.rand(5, 4), torch.randint(0, 2, (5,)))
     counts = step_ops.count_operators(step)
     # Forward: two addmm; backward: an mm for each weight gradient and one for the hidden
     # layer's input gradient (the network's input needs none).
