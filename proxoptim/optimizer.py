@@ -768,10 +768,11 @@ class ProxPropOptimizer(Optimizer):
     ) -> str | None:
         """What is non-finite, naming the layer and the quantity, or None.
 
-        One fused check serves the step: the largest magnitude over every gradient the
-        inner optimizer will see and every direction (a NaN or inf in a captured input
-        reaches the direction through the solve), three operators and one host sync
-        whatever the number of layers. The culprit is looked for only when that fails.
+        One fused check serves the step: the largest 2-norm over every gradient the inner
+        optimizer will see and every direction (a NaN or inf in a captured input reaches
+        the direction through the solve), three operators and one host sync whatever the
+        number of layers. The culprit is looked for only when that fails (or when finite
+        values overflow a norm: then it finds none).
         """
         stepped = [
             param
