@@ -354,7 +354,6 @@ def _exact(
         gradient_scale = torch.full(
             (grad_weight.shape[0],), tau_prox, dtype=dtype, device=grad_weight.device
         )
-    sample = _sample_rows(left) if diagnostics else None
     left_scale = 1.0 if scale is None else scale
     if kernel.costs.explicit_inverse:
         inverse = torch.cholesky_inverse(factor)
@@ -363,9 +362,10 @@ def _exact(
             # The scalar goes into the n×n factor, not into the m×n δᵀ.
             right = right * scale
         weight, bias = kernel.expand(left, right, grad_weight, grad_bias, gradient_scale, out)
-        if not diagnostics:
-            return DualSolution(weight, bias, 0, None)
-        solved_sample = (left[sample].double() @ inverse) * left_scale
+
+        def solved_rows(rows: Tensor) -> Tensor:
+            return (left[rows].double() @ inverse) * left_scale
+
     else:
         # Triangular solves against ℓ itself: on a GPU the explicit inverse costs more than
         # solving for every row's coefficients (2·n²·m float64 flops).
@@ -376,10 +376,15 @@ def _exact(
         weight, bias = kernel.expand(
             coefficients, None, grad_weight, grad_bias, gradient_scale, out
         )
-        if not diagnostics:
-            return DualSolution(weight, bias, 0, None)
-        solved_sample = solved[sample]
+
+        def solved_rows(rows: Tensor) -> Tensor:
+            return solved[rows]
+
+    if not diagnostics:
+        return DualSolution(weight, bias, 0, None)
+    sample = _sample_rows(left)
     started_sample = left[sample].double() * left_scale
+    solved_sample = solved_rows(sample)
     residual = _sampled_residual(kernel, started_sample, solved_sample, shifted, left.shape[0])
     return DualSolution(weight, bias, 0, residual)
 

@@ -652,8 +652,17 @@ class LayerSystem:
         dim = layout.weight_row_dim
         device = self.calls[0].raw.device
         shape = (layout.groups, layout.row_dim, layout.row_dim)
+        # The first full product starts the sum (no zero-filled Gram); slice updates need
+        # a zeroed one to add into.
         gram: Tensor | None = None
         corner_from_count = False
+
+        def zeroed() -> Tensor:
+            nonlocal gram
+            if gram is None:
+                gram = torch.zeros(shape, dtype=self.dtype, device=device)
+            return gram
+
         for call, (from_correlation, _) in zip(self.calls, self._gram_sources(), strict=True):
             correlation = (
                 call.kind.correlation_gram(call.module, call.raw, self.dtype)
@@ -661,13 +670,12 @@ class LayerSystem:
                 else None
             )
             if correlation is not None:
-                if gram is None:
-                    gram = torch.zeros(shape, dtype=self.dtype, device=device)
                 weight_gram, patch_sums = correlation
-                gram[:, :dim, :dim] += weight_gram
+                target = zeroed()
+                target[:, :dim, :dim] += weight_gram
                 if layout.has_bias:
-                    gram[:, :dim, dim] += patch_sums
-                    gram[:, dim, :dim] += patch_sums
+                    target[:, :dim, dim] += patch_sums
+                    target[:, dim, :dim] += patch_sums
                     corner_from_count = True
                 continue
             # A Linear layer's patch is its input itself: with the bias column appended
@@ -678,23 +686,20 @@ class LayerSystem:
             augment = layout.has_bias and not call.kind.im2col
             for patch in call.kind.patches(call.module, call.x):
                 if augment:
-                    ones = patch.new_ones(*patch.shape[:-1], 1)
-                    patch = torch.cat([patch, ones], dim=2)
+                    patch = torch.cat([patch, patch.new_ones(*patch.shape[:-1], 1)], dim=2)
                     if gram is None:
                         gram = torch.bmm(patch.transpose(1, 2), patch)
                     else:
                         gram.baddbmm_(patch.transpose(1, 2), patch)
                     continue
-                if gram is None:
-                    gram = torch.zeros(shape, dtype=self.dtype, device=device)
-                gram[:, :dim, :dim].baddbmm_(patch.transpose(1, 2), patch)
+                target = zeroed()
+                target[:, :dim, :dim].baddbmm_(patch.transpose(1, 2), patch)
                 if layout.has_bias:
                     column_sums = patch.sum(1)
-                    gram[:, :dim, dim] += column_sums
-                    gram[:, dim, :dim] += column_sums
+                    target[:, :dim, dim] += column_sums
+                    target[:, dim, :dim] += column_sums
                     corner_from_count = True
-        if gram is None:
-            gram = torch.zeros(shape, dtype=self.dtype, device=device)
+        gram = zeroed()  # (a layer with no columns: the zero Gram)
         if corner_from_count:
             gram[:, dim, dim] = float(self.local_columns)
         if self.communicator is not None:

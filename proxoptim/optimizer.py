@@ -51,6 +51,9 @@ class _Prepared:
     grad_bias: Tensor | None
     probe: Tensor | None  # probe_numbers_for's numbers, still on the device
     seconds: float  # host time spent setting it up
+    # The form the cost model picks with δ known, where the probe step asked it: the solve
+    # reuses it when the probe holds instead of pricing the forms again.
+    form_if_delta: str | None = None
 
 
 @dataclass
@@ -563,8 +566,10 @@ class ProxPropOptimizer(Optimizer):
         uses δ, and knowing δ only makes the dual form cheaper: where it would not run
         even then, the probe's operators (and its host sync) are spent for nothing."""
         graphed = self._graphs_apply(setup, exact) and not exact
-        form = choose_form(setup.system, exact, self.cg_iters, self.solver_form, True, graphed)
-        return form == "dual"
+        setup.form_if_delta = choose_form(
+            setup.system, exact, self.cg_iters, self.solver_form, True, graphed
+        )
+        return setup.form_if_delta == "dual"
 
     def _speculates(self, setup: _Prepared, exact: bool) -> bool:
         """Whether this step's solve of the layer is a speculative δ-form graph."""
@@ -599,14 +604,17 @@ class ProxPropOptimizer(Optimizer):
         layer, system = setup.layer, setup.system
         exact = self.solver == "exact"
         graphs_apply = self._graphs_apply(setup, exact)
-        form = choose_form(
-            system,
-            exact,
-            self.cg_iters,
-            self.solver_form,
-            scale is not None,
-            graphed=graphs_apply and not exact,
-        )
+        if scale is not None and setup.form_if_delta is not None:
+            form = setup.form_if_delta  # priced already, with the same arguments
+        else:
+            form = choose_form(
+                system,
+                exact,
+                self.cg_iters,
+                self.solver_form,
+                scale is not None,
+                graphed=graphs_apply and not exact,
+            )
         if exact and form == "matrix_free":
             self._warn_once(
                 layer.name,
