@@ -67,15 +67,16 @@ def main() -> None:
         kind = kind_for(module)
         layout = RowLayout(module.weight.shape, 1, True)
         x = torch.rand(batch, in_channels, size, size)
-        system = LayerSystem(layout, [(module, kind, x, None)], torch.float32)
+        calls = [(module, kind, x, None)]
+        system = LayerSystem(layout, calls, torch.float32)
+        from_correlation = LayerSystem(layout, calls, torch.float32, gram_sources=[(True, 0.0)])
+        from_patches = LayerSystem(layout, calls, torch.float32, gram_sources=[(False, 0.0)])
         rows = layout.to_rows(module.weight.detach(), module.bias.detach())
 
-        def correlation(system: LayerSystem = system) -> None:
-            system._sources = [(True, 0.0)]
+        def correlation(system: LayerSystem = from_correlation) -> None:
             system.gram()
 
-        def im2col(system: LayerSystem = system) -> None:
-            system._sources = [(False, 0.0)]
+        def im2col(system: LayerSystem = from_patches) -> None:
             system.gram()
 
         functions: dict[str, Callable[[], object]] = {"correlation": correlation}

@@ -204,23 +204,39 @@ def probe_numbers_for(
     their least-squares ratio; shape (4,), float64, on the device (nothing is read back, so
     a CUDA graph can compute it). Every call must have its δ.
 
-    O((m + n)·d) work, against the O(m·n·d) the δ form can save.
+    O((m + n)·d) work, against the O(m·n·d) the δ form can save, in 14 operators (12
+    without a bias, 3 more per further call): each product with ω is one matrix-vector
+    product with the bias term fused in, and the mismatch is the norm of the residual
+    vector itself, not ‖ĝ‖² − s²‖δ̂‖², whose cancellation would blur it far above a float64
+    layer's tolerance.
     """
     dtype = grad_weight.dtype
-    columns = grad_weight.shape[1]
-    weight_probe = probe[:columns]
-    probe_bias: Tensor | float = probe[columns] if grad_bias is not None else 0.0
-    probed_grad = grad_weight @ weight_probe
-    if grad_bias is not None:
-        probed_grad += grad_bias * probe_bias
-    probed_delta = torch.zeros_like(probed_grad)
     rows = system.layout.rows
+    if grad_bias is None:
+        weight_probe, bias_probe = probe, None
+    else:
+        weight_probe, bias_probe = probe.split(grad_weight.shape[1])  # (d_in,), (1,)
+    probed_grad = torch.mv(grad_weight, weight_probe)
+    if bias_probe is not None:
+        probed_grad.addcmul_(grad_bias, bias_probe)
+    probed_delta = None
     for call in system.calls:
-        probed_inputs = call.x @ weight_probe + probe_bias
-        probed_delta += call.output_grad.reshape(-1, rows).to(dtype).T @ probed_inputs
+        # Ũᵀω: X ω_W + ω_b per sample, in one product.
+        if bias_probe is None:
+            probed_inputs = torch.mv(call.x, weight_probe)
+        else:
+            probed_inputs = torch.addmv(bias_probe, call.x, weight_probe)
+        delta = call.output_grad
+        if delta.dim() != 2 or delta.shape[1] != rows:
+            delta = delta.reshape(-1, rows)
+        delta = delta.to(dtype).t()  # (m, n)
+        if probed_delta is None:
+            probed_delta = torch.mv(delta, probed_inputs)
+        else:
+            probed_delta = torch.addmv(probed_delta, delta, probed_inputs)
     delta_sq = torch.dot(probed_delta, probed_delta)
     scale = torch.dot(probed_grad, probed_delta) / delta_sq
-    mismatch = (probed_grad - scale * probed_delta).norm()
+    mismatch = torch.addcmul(probed_grad, probed_delta, scale, value=-1).norm()
     return torch.stack([delta_sq, scale, mismatch, probed_grad.norm()]).double()
 
 
@@ -280,9 +296,11 @@ def solve_dual(
     out: tuple[Tensor, Tensor | None] | None = None,
     workspace: Workspace | None = None,
     diagnostics: bool = True,
+    basis: str | None = None,
 ) -> DualSolution:
     """v = M⁻¹g (``exact``) or ``cg_iters`` per-row CG iterations from v = 0, in the dual;
-    CG runs in whichever basis :func:`dual_cg_costs` prices lower.
+    CG runs in ``basis``, or where None in whichever basis :func:`dual_cg_costs` prices
+    lower.
 
     Args:
         grad_weight: g_W, (m, d_in); grad_bias: g_b, (m,) or None.
@@ -295,14 +313,16 @@ def solve_dual(
     """
     if exact:
         return _exact(kernel, grad_weight, grad_bias, tau_prox, output_grad_scale, out, diagnostics)
-    eigenbasis, coefficient = dual_cg_costs(
-        kernel.costs,
-        kernel.columns,
-        grad_weight.shape[0],
-        cg_iters,
-        output_grad_known=output_grad_scale is not None,
-    )
-    if coefficient < eigenbasis:
+    if basis is None:
+        eigenbasis, coefficient = dual_cg_costs(
+            kernel.costs,
+            kernel.columns,
+            grad_weight.shape[0],
+            cg_iters,
+            output_grad_known=output_grad_scale is not None,
+        )
+        basis = BASES[1] if coefficient < eigenbasis else BASES[0]
+    if basis == "coefficient":
         solution = _coefficient_cg(
             kernel, grad_weight, grad_bias, tau_prox, cg_iters, cg_tol, output_grad_scale, out
         )
@@ -681,37 +701,50 @@ def _diagonal_cg(
     roots = eigenvalues.sqrt()
     diagonal = eigenvalues + 1.0 / tau_prox
     residual = start.mul_(roots)
-    direction = workspace.take("direction", start.shape, start)
-    image = workspace.take("work", start.shape, start)
-    solution.zero_()
     # CG is linear in its right-hand side: run every row at unit norm and scale back, so
     # that squared residuals of small gradients never sink into (slow) denormal floats.
-    row_norm = torch.linalg.vector_norm(residual, dim=1, keepdim=True)
-    row_scale = torch.where(row_norm > 0, row_norm, torch.ones_like(row_norm))
+    # (A zero row divides by the smallest normal instead, and stays 0.)
+    tiny = torch.finfo(start.dtype).tiny
+    row_scale = torch.linalg.vector_norm(residual, dim=1, keepdim=True).clamp_min_(tiny)
     residual.div_(row_scale)
-    direction.copy_(residual)
-    residual_sq = torch.linalg.vector_norm(residual, dim=1).square()
-    threshold_sq = None if tol is None else (tol * tol) * residual_sq
-    new_residual_sq = residual_sq
+    residual_sq = row_dot(residual, residual)
+    # x₀ = 0 and p₀ = r₀: the first iteration writes x₁ = α·p₀ into ``solution`` and
+    # r₁ into the "direction" slot, then p₁ over r₀ (``start``): nothing is zero-filled or
+    # copied. From then on r and p swap no more, and a full iteration dispatches 12
+    # operators (the diagonal product, two row inner products, two ratios, three updates).
+    direction = residual
+    spare = workspace.take("direction", start.shape, start)
+    image = workspace.take("work", start.shape, start)
+    limit_sq = None if tol is None else tol * tol  # relative to ‖r₀‖² = 1 (0: met)
     done = 0
     for done in range(1, iterations + 1):
         torch.mul(direction, diagonal, out=image)
-        curvature = torch.linalg.vecdot(direction, image, dim=1)
-        alpha = step_ratio(residual_sq, curvature).unsqueeze(1)
-        solution.addcmul_(direction, alpha)
-        residual.addcmul_(image, alpha, value=-1)
-        new_residual_sq = torch.linalg.vector_norm(residual, dim=1).square()
-        if done == iterations or (
-            threshold_sq is not None and bool((new_residual_sq <= threshold_sq).all())
-        ):
+        alpha = step_ratio(residual_sq, row_dot(direction, image))
+        if done == 1:
+            torch.mul(direction, alpha, out=solution)
+            residual = torch.addcmul(direction, image, alpha, value=-1, out=spare)
+        else:
+            solution.addcmul_(direction, alpha)
+            residual.addcmul_(image, alpha, value=-1)
+        if done == iterations:
             break
-        beta = step_ratio(new_residual_sq, residual_sq).unsqueeze(1)
-        direction.mul_(beta).add_(residual)
+        new_residual_sq = row_dot(residual, residual)
+        if limit_sq is not None and bool((new_residual_sq <= limit_sq).all()):
+            break
+        beta = step_ratio(new_residual_sq, residual_sq)
+        # p ← r + β·p in one pass (out= fully overlapping an input is allowed).
+        torch.addcmul(residual, direction, beta, out=direction)
         residual_sq = new_residual_sq
-    # Back from the scaled coordinates: u = û/√λ (0 where λ = 0), times the row scale.
-    inverse_roots = torch.where(roots > 0, 1.0 / roots, torch.zeros_like(roots))
-    solution.mul_(inverse_roots).mul_(row_scale)
-    return done, (new_residual_sq.clamp_min(0) * row_scale.squeeze(1).square()).sum()
+    if done == 0:
+        solution.zero_()
+    # Back from the scaled coordinates: u = û/√λ, times the row scale. Components with
+    # λ = 0 are exactly 0 in û (r₀ = √λ·start and every update keep them so) and divide by
+    # the smallest normal instead of 0; √λ is either 0 or far above it (√ of the smallest
+    # subnormal), so every other component divides by √λ itself.
+    solution.div_(roots.clamp_min(tiny)).mul_(row_scale)
+    # Σ over rows of ‖r·row scale‖², from the last residual (scaled in place: no longer
+    # needed; when no iteration ran, r = r₀).
+    return done, torch.linalg.vector_norm(residual.mul_(row_scale)).square()
 
 
 def _general_cg(

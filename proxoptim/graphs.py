@@ -109,6 +109,10 @@ class EagerRunner:
 class SolveGraphs:
     """Per-key captured solves; :meth:`run` returns (outputs, iterations) or None when the
     caller should solve eagerly (first sighting of a key, or a key whose capture failed).
+
+    Keys are tuples whose first element is the owner's plan signature: :meth:`forget`
+    drops a dropped plan's graphs, static copies and memory pools with it, so the graphs
+    are bounded as the plans are (proxoptim.plan.PlanCache).
     """
 
     def __init__(self, runner: GraphRunner | None = None) -> None:
@@ -124,6 +128,15 @@ class SolveGraphs:
         self._seen.clear()
         self._disabled.clear()
         self._entries.clear()
+
+    def forget(self, owner: Hashable) -> None:
+        """Drops every key whose first element is ``owner``."""
+        for keys in (self._seen, self._disabled, self._entries):
+            for key in [key for key in keys if key[0] == owner]:
+                if isinstance(keys, set):
+                    keys.discard(key)
+                else:
+                    del keys[key]
 
     def run(
         self, key: Hashable, inputs: Sequence[Tensor], solve: Solve

@@ -526,6 +526,8 @@ class LayerSystem:
         dtype: the dtype every product is computed in.
         communicator: sums products and Grams over ranks (distributed "global" mode).
         costs: the cost table the form choice uses (default: that of the inputs' device).
+        gram_sources: per call, whether its Gram comes from correlations and its cost, as
+            a plan decided them for this signature (default: priced here).
     """
 
     def __init__(
@@ -535,6 +537,7 @@ class LayerSystem:
         dtype: torch.dtype,
         communicator: Communicator | None = None,
         costs: DeviceCosts | None = None,
+        gram_sources: Sequence[tuple[bool, float]] | None = None,
     ) -> None:
         self.layout = layout
         self.dtype = dtype
@@ -555,7 +558,9 @@ class LayerSystem:
         )
         self.has_patches = all(call.kind.has_patches for call in self.calls)
         self.costs = costs if costs is not None else device_costs(self.calls[0].raw.device)
-        self._sources = self._build_gram_sources()
+        self._sources = (
+            list(gram_sources) if gram_sources is not None else self._build_gram_sources()
+        )
         self._gram_cost = (
             sum(cost for _, cost in self._sources) if self.has_patches else float("inf")
         )
@@ -637,7 +642,8 @@ class LayerSystem:
                 dispatch += self._chunk_dispatch(call_elements)
         return elements, dispatch
 
-    def _gram_sources(self) -> list[tuple[bool, float]]:
+    def gram_sources(self) -> list[tuple[bool, float]]:
+        """Per call: whether its Gram comes from correlations, and its estimated cost."""
         return self._sources
 
     def gram_cost(self) -> float:
@@ -663,7 +669,7 @@ class LayerSystem:
                 gram = torch.zeros(shape, dtype=self.dtype, device=device)
             return gram
 
-        for call, (from_correlation, _) in zip(self.calls, self._gram_sources(), strict=True):
+        for call, (from_correlation, _) in zip(self.calls, self.gram_sources(), strict=True):
             correlation = (
                 call.kind.correlation_gram(call.module, call.raw, self.dtype)
                 if from_correlation

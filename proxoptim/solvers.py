@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -27,6 +28,9 @@ from proxoptim.dual import DualKernel, dual_cg_parts, solve_dual
 from proxoptim.operators import LayerSystem
 from proxoptim.rowwise import row_dot, step_ratio
 from proxoptim.workspace import Workspace
+
+if TYPE_CHECKING:
+    from proxoptim.plan import PlanState
 
 FORMS = ("matrix_free", "primal", "dual")
 
@@ -76,26 +80,38 @@ def batched_cg(
     Returns:
         The iterate after ``iterations`` (or fewer) steps and its recurrence residual.
     """
-    solution = torch.zeros_like(rhs)
-    residual = rhs.clone()
-    direction = residual.clone()
-    residual_sq = row_dot(residual, residual)
+    if iterations < 1:
+        return SolveResult(torch.zeros_like(rhs), 0, rhs.clone())
+    # From x₀ = 0: r₀ = p₀ = g, read from ``rhs`` itself (never written), so the first
+    # iteration creates x, r and p instead of zero-filling and copying them. Every full
+    # iteration then dispatches 12 operators: the product, two row inner products (two
+    # each), two guarded ratios (two each) and three fused updates, all of them in place.
+    residual = direction = rhs
+    residual_sq = row_dot(rhs, rhs)
     threshold_sq = None if tol is None else (tol * tol) * residual_sq
+    solution = None
     done = 0
     for done in range(1, iterations + 1):
         m_direction = apply_m(direction)
-        curvature = row_dot(direction, m_direction)
-        alpha = step_ratio(residual_sq, curvature)
-        # In place, without temporaries of the layer's size.
-        solution.addcmul_(direction, alpha)
-        residual.addcmul_(m_direction, alpha, value=-1)
+        alpha = step_ratio(residual_sq, row_dot(direction, m_direction))
+        if solution is None:
+            solution = direction * alpha
+            residual = torch.addcmul(rhs, m_direction, alpha, value=-1)
+        else:
+            solution.addcmul_(direction, alpha)
+            residual.addcmul_(m_direction, alpha, value=-1)
+        if done == iterations:
+            # The last iterate's residual norm, β and direction would serve no one.
+            break
         new_residual_sq = row_dot(residual, residual)
         if threshold_sq is not None and bool((new_residual_sq <= threshold_sq).all()):
             break
-        if done == iterations:
-            break
         beta = step_ratio(new_residual_sq, residual_sq)
-        direction.mul_(beta).add_(residual)
+        if direction is rhs:
+            direction = torch.addcmul(residual, direction, beta)
+        else:
+            # p ← r + β·p in one pass (out= fully overlapping an input is allowed).
+            torch.addcmul(residual, direction, beta, out=direction)
         residual_sq = new_residual_sq
     return SolveResult(solution, done, residual)
 
@@ -317,6 +333,8 @@ def solve(
     out: tuple[Tensor, Tensor | None] | None = None,
     workspace: Workspace | None = None,
     diagnostics: bool = True,
+    dual_basis: str | None = None,
+    constants: PlanState | None = None,
 ) -> Solution:
     """v = M⁻¹g (exact) or k CG iterations on it, in the given form.
 
@@ -328,6 +346,9 @@ def solve(
         out: optional (W, b) buffers that receive v (reused across steps by the optimizer).
         workspace: scratch buffers shared by all layers' solves.
         diagnostics: also compute ‖g − M v‖ (``Solution.residual_norm``; None otherwise).
+        dual_basis: the dual CG's basis as a plan chose it ("eigenbasis" or
+            "coefficient"; None: priced here).
+        constants: the plan's kept constants (None: built for this solve).
     """
     if form == "dual":
         kernel = DualKernel(system)
@@ -348,6 +369,7 @@ def solve(
             out=flat_out,
             workspace=workspace,
             diagnostics=diagnostics,
+            basis=dual_basis,
         )
         weight, bias = result.weight.view(grad_weight.shape), result.bias
         if out is not None and flat_out is None:

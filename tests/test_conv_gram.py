@@ -51,10 +51,11 @@ def build(name, batch=3, seed=0):
     return module, x
 
 
-def system(module, inputs, dtype=torch.float64):
+def system(module, inputs, dtype=torch.float64, gram_sources=None):
     kind = kind_for(module)
     layout = RowLayout(module.weight.shape, kind.groups(module), module.bias is not None)
-    return LayerSystem(layout, [(module, kind, x, None) for x in inputs], dtype)
+    calls = [(module, kind, x, None) for x in inputs]
+    return LayerSystem(layout, calls, dtype, gram_sources=gram_sources)
 
 
 def _prefer_correlations(monkeypatch):
@@ -72,7 +73,7 @@ def from_correlations(monkeypatch):
 def test_gram_is_each_diagonal_block_of_jtj(name, from_correlations):
     module, x = build(name)
     layer = system(module, [x, x[:1] * 2.0])
-    assert all(source for source, _ in layer._gram_sources())
+    assert all(source for source, _ in layer.gram_sources())
     jac = jacobian(module, [x, x[:1] * 2.0])
     jtj = jac.T @ jac
     gram = layer.gram()
@@ -87,10 +88,9 @@ def test_correlation_and_patches_give_the_same_gram(name, monkeypatch):
     module, x = build(name, batch=4, seed=1)
     _prefer_correlations(monkeypatch)
     layer = system(module, [x])
-    assert all(source for source, _ in layer._gram_sources())
+    assert all(source for source, _ in layer.gram_sources())
     correlated = layer.gram()
-    patched = system(module, [x])
-    patched._sources = [(False, 0.0)]
+    patched = system(module, [x], gram_sources=[(False, 0.0)])
     assert relative_error(correlated, patched.gram()) <= 1e-12
 
 
@@ -127,7 +127,7 @@ def test_strided_convolutions_use_patches():
     module = nn.Conv2d(2, 3, 3, stride=2, padding=1).double()
     layer = system(module, [torch.rand(2, 2, 6, 6, dtype=torch.float64)])
     assert kind_for(module).correlation_gram(module, layer.calls[0].raw, torch.float64) is None
-    assert layer._gram_sources() == [(False, layer.gram_cost())]
+    assert layer.gram_sources() == [(False, layer.gram_cost())]
 
 
 def test_cost_prefers_correlations_for_many_positions_and_im2col_for_few():
@@ -137,10 +137,10 @@ def test_cost_prefers_correlations_for_many_positions_and_im2col_for_few():
     paper = nn.Conv2d(16, 20, 5, padding=2)
     small = system(paper, [torch.zeros(50, 16, 16, 16)], torch.float32)
     large = system(paper, [torch.zeros(500, 16, 16, 16)], torch.float32)
-    assert large._gram_sources()[0][0]
+    assert large.gram_sources()[0][0]
     assert small.gram_cost() < large.gram_cost() < 10 * small.gram_cost()
     deep = nn.Conv2d(512, 512, 3, padding=1, bias=False)
-    assert not system(deep, [torch.zeros(32, 512, 7, 7)], torch.float32)._gram_sources()[0][0]
+    assert not system(deep, [torch.zeros(32, 512, 7, 7)], torch.float32).gram_sources()[0][0]
 
 
 def test_axis_geometry_edges_and_windows():

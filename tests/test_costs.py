@@ -105,8 +105,8 @@ def test_accelerators_build_conv_grams_from_patches():
     conv = nn.Conv2d(16, 20, 5, padding=2)
     on_cpu = system(conv, 500, size=16)
     on_gpu = system(conv, 500, size=16, costs=ACCELERATOR)
-    assert all(from_correlation for from_correlation, _ in on_cpu._gram_sources())
-    assert not any(from_correlation for from_correlation, _ in on_gpu._gram_sources())
+    assert all(from_correlation for from_correlation, _ in on_cpu.gram_sources())
+    assert not any(from_correlation for from_correlation, _ in on_gpu.gram_sources())
     assert on_gpu.gram_cost() < float("inf")
 
 

@@ -279,7 +279,7 @@ def test_probe_verdicts_read_every_layer_at_once():
 def test_every_layers_probe_is_read_back_at_once(monkeypatch):
     """The optimizer sets up every layer (and its probe) before any solve, and reads all
     the probes' numbers in one call: one host sync per step, not one per layer."""
-    import proxoptim.optimizer as optimizer_module
+    import proxoptim.pipeline as pipeline_module
 
     calls = []
 
@@ -287,7 +287,7 @@ def test_every_layers_probe_is_read_back_at_once(monkeypatch):
         calls.append(len(numbers))
         return probe_verdicts(numbers, dtypes)
 
-    monkeypatch.setattr(optimizer_module, "probe_verdicts", counting)
+    monkeypatch.setattr(pipeline_module, "probe_verdicts", counting)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(9, 7), nn.ReLU(), nn.Linear(7, 5), nn.ReLU(), nn.Linear(5, 3))
     opt = ProxPropOptimizer(model, Recorder, solver_form="dual")
@@ -302,16 +302,16 @@ def test_only_layers_that_would_run_the_dual_form_are_probed(monkeypatch, solver
     """The δ probe serves only the dual form: a layer the cost model solves in another form
     even with δ known is not probed (its operators and host sync would be spent for
     nothing), while every dual layer still is, and still gets the δ form."""
-    import proxoptim.optimizer as optimizer_module
+    import proxoptim.pipeline as pipeline_module
 
     probed = []
-    real = optimizer_module.probe_numbers_for
+    real = pipeline_module.probe_numbers_for
 
     def recording(system, grad_weight, grad_bias, probe):
         probed.append(grad_weight.shape)
         return real(system, grad_weight, grad_bias, probe)
 
-    monkeypatch.setattr(optimizer_module, "probe_numbers_for", recording)
+    monkeypatch.setattr(pipeline_module, "probe_numbers_for", recording)
     torch.manual_seed(0)
     # The digits MLP at batch 100: a narrow first layer (d = 65 < n) and a wide second one.
     model = nn.Sequential(

@@ -14,29 +14,7 @@ from oracle import Recorder
 from torch import nn
 
 from proxoptim import ProxPropOptimizer
-from proxoptim.dual import DualKernel
 from proxoptim.graphs import EagerRunner
-
-SPECULATES = ProxPropOptimizer._speculates
-
-
-@pytest.fixture(autouse=True)
-def no_probe_for_cg(monkeypatch):
-    """As on an accelerator at these sizes, eagerly: CG does not probe for δ, and nothing
-    speculates, so these tests graph the general form (the δ form's graphs, probed eagerly
-    or speculatively, are tested where they are switched on)."""
-    original = DualKernel.should_probe
-    monkeypatch.setattr(
-        "proxoptim.dual.DualKernel.should_probe",
-        lambda system, exact: exact and original(system, exact),
-    )
-    monkeypatch.setattr(ProxPropOptimizer, "_speculates", lambda self, setup, exact: False)
-
-
-@pytest.fixture
-def speculation(monkeypatch):
-    """The optimizer's own rule for speculative δ-form graphs (undoing no_probe_for_cg's)."""
-    monkeypatch.setattr(ProxPropOptimizer, "_speculates", SPECULATES)
 
 
 def network():
@@ -79,9 +57,22 @@ def assert_same_directions(seen, expected, **tolerance):
             torch.testing.assert_close(direction, reference, **tolerance)
 
 
+def with_probe_policy(kwargs):
+    """As on an accelerator at these sizes: CG does not probe for δ and nothing
+    speculates, so these tests graph the general form; exact solves probe eagerly (the δ
+    form's graphs, probed eagerly or speculatively, are tested where they are asked for)."""
+    kwargs.setdefault("probe", "eager" if kwargs.get("solver") == "exact" else "never")
+    return kwargs
+
+
 def graphed(model, runner=None, **kwargs):
     runner = runner if runner is not None else EagerRunner()
-    return ProxPropOptimizer(model, Recorder, cuda_graphs=runner, **kwargs)
+    return ProxPropOptimizer(model, Recorder, cuda_graphs=runner, **with_probe_policy(kwargs))
+
+
+def eager_optimizer(model, **kwargs):
+    """The same optimizer without graphs."""
+    return ProxPropOptimizer(model, Recorder, **with_probe_policy(kwargs))
 
 
 @pytest.mark.parametrize("form", ["auto", "matrix_free", "primal", "dual"])
@@ -90,8 +81,8 @@ def test_replayed_solves_give_the_eager_directions(form):
     eager_model = copy.deepcopy(model)
     batches = [batch(seed) for seed in range(4)]
     opt = graphed(model, solver_form=form, cg_iters=4, tau_prox=0.3, diagnostics=True)
-    eager = ProxPropOptimizer(
-        eager_model, Recorder, solver_form=form, cg_iters=4, tau_prox=0.3, diagnostics=True
+    eager = eager_optimizer(
+        eager_model, solver_form=form, cg_iters=4, tau_prox=0.3, diagnostics=True
     )
     seen = run_steps(opt, model, batches)
     expected = run_steps(eager, eager_model, batches)
@@ -155,7 +146,7 @@ def test_a_failed_capture_warns_and_stays_eager():
     opt = graphed(model, Failing())
     with pytest.warns(UserWarning, match="could not be captured"):
         seen = run_steps(opt, model, batches)
-    expected = run_steps(ProxPropOptimizer(eager_model, Recorder), eager_model, batches)
+    expected = run_steps(eager_optimizer(eager_model), eager_model, batches)
     assert opt.captured_graphs == 0
     assert_same_directions(seen, expected)
 
@@ -187,26 +178,26 @@ def run_scaled_steps(opt, model, batches, factors):
 FACTORS = [1.0, 0.5, 0.25, 2.0]
 
 
-def probed_runs(solver):
-    """The same scaled steps with graphs and eagerly, the δ form wherever it applies:
-    (graphed optimizer, its directions and scales, the eager directions and scales)."""
+def probed_runs(solver, probe):
+    """The same scaled steps with graphs (probing as ``probe`` says) and eagerly (probing
+    eagerly), the δ form wherever it applies: (graphed optimizer, its directions and
+    scales, the eager directions and scales)."""
     model = network()
     eager_model = copy.deepcopy(model)
     batches = [batch(seed) for seed in range(len(FACTORS))]
     kwargs = {"solver": solver, "solver_form": "dual", "tau_prox": 0.3}
-    opt = graphed(model, **kwargs)
+    opt = graphed(model, probe=probe, **kwargs)
     seen, scales = run_scaled_steps(opt, model, batches, FACTORS)
-    eager = ProxPropOptimizer(eager_model, Recorder, **kwargs)
+    eager = eager_optimizer(eager_model, probe="eager", **kwargs)
     expected, eager_scales = run_scaled_steps(eager, eager_model, batches, FACTORS)
     return opt, seen, scales, expected, eager_scales
 
 
 @pytest.mark.parametrize("solver", ["cg", "exact"])
-def test_probed_layers_replay_the_delta_form_with_each_steps_scale(monkeypatch, solver):
+def test_probed_layers_replay_the_delta_form_with_each_steps_scale(solver):
     """The probe's scale is one of the graph's inputs (on the device), not a captured number:
     replays with another step's scale give that step's eager direction."""
-    monkeypatch.setattr("proxoptim.dual.DualKernel.should_probe", lambda system, exact: True)
-    opt, seen, scales, expected, eager_scales = probed_runs(solver)
+    opt, seen, scales, expected, eager_scales = probed_runs(solver, "eager")
     assert opt.captured_graphs == 2  # the conv (dual from its patches) and the Linear layer
     assert scales == pytest.approx(FACTORS, rel=1e-5)
     assert scales == pytest.approx(eager_scales, rel=1e-12)
@@ -242,19 +233,19 @@ def test_exact_primal_solves_stay_eager():
 
 
 @pytest.mark.parametrize("solver", ["cg", "exact"])
-def test_speculative_delta_graphs_give_the_eager_directions(monkeypatch, speculation, solver):
+def test_speculative_delta_graphs_give_the_eager_directions(solver):
     """With graphs the probe runs inside the δ-form solve's graph, before its verdict is
     known; where it holds, the directions and scales are the eager probed ones."""
-    monkeypatch.setattr("proxoptim.dual.DualKernel.should_probe", lambda system, exact: True)
-    opt, seen, scales, expected, eager_scales = probed_runs(solver)
-    speculative = [key for key in opt._graphs._entries if key[2] == "speculative"]
-    assert [key[0] for key in speculative] == ["3"]  # the Linear layer, whose δ is captured
+    opt, seen, scales, expected, eager_scales = probed_runs(solver, "auto")
+    # The Linear layer, whose δ is captured, speculates; the conv has no δ.
+    assert [name for name, plan in opt.plans.items() if plan.speculate] == ["3"]
+    assert opt.plans["3"].graphed
     assert scales == pytest.approx(FACTORS, rel=1e-5)
     assert scales == pytest.approx(eager_scales, rel=1e-12)
     assert_same_directions(seen, expected, rtol=1e-5, atol=1e-7)
 
 
-def test_failed_speculation_redoes_the_layer_in_the_general_form_and_backs_off(speculation):
+def test_failed_speculation_redoes_the_layer_in_the_general_form_and_backs_off():
     """A step whose gradient is not s·δᵀŨᵀ (weight decay added to it) fails the probe
     inside the speculative graph: the layer is solved again in the general form, and
     speculates again only after ``speculation_backoff`` steps."""
@@ -273,8 +264,8 @@ def test_failed_speculation_redoes_the_layer_in_the_general_form_and_backs_off(s
             record.append((opt.last_stats["3"].output_grad_scale, opt.speculation_countdown))
         return opt.inner.seen
 
-    opt = graphed(model, solver="exact", solver_form="dual", speculation_backoff=2)
-    eager = ProxPropOptimizer(eager_model, Recorder, solver="exact", solver_form="dual")
+    opt = graphed(model, solver="exact", solver_form="dual", speculation_backoff=2, probe="auto")
+    eager = eager_optimizer(eager_model, solver="exact", solver_form="dual")
     record, eager_record = [], []
     seen = run(opt, model, record)
     expected = run(eager, eager_model, eager_record)

@@ -450,10 +450,10 @@ def test_zero_grad_and_step_clear_the_capture():
     opt = ProxPropOptimizer(model, Recorder)
     loss_of(model, *batch(0)).backward()
     opt.zero_grad()
-    assert opt._capture.calls() == {}
+    assert opt.captured_calls == 0
     loss_of(model, *batch(0)).backward()
     opt.step()
-    assert opt._capture.calls() == {}
+    assert opt.captured_calls == 0
     assert opt.last_stats["0"].columns == 10
 
 
@@ -617,7 +617,7 @@ def test_failed_solve_leaves_everything_untouched(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("solve failed")
 
-    monkeypatch.setattr("proxoptim.optimizer.solve", broken)
+    monkeypatch.setattr("proxoptim.pipeline.solve", broken)
     with pytest.raises(RuntimeError, match="solve failed"):
         opt.step()
     for name, p in model.named_parameters():

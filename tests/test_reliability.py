@@ -173,10 +173,10 @@ def test_bad_nonfinite_policy():
 @pytest.mark.parametrize(
     "stage",
     [
-        "proxoptim.optimizer.LayerSystem",  # reading the captured inputs
-        "proxoptim.optimizer.choose_form",  # the cost model
-        "proxoptim.optimizer.solve",  # the solve
-        "proxoptim.optimizer.layer_stats",  # the checks
+        "proxoptim.pipeline.LayerSystem",  # reading the captured inputs
+        "proxoptim.pipeline.signature_of",  # finding the layer's plan
+        "proxoptim.pipeline.solve",  # the solve
+        "proxoptim.pipeline.layer_stats",  # the stats
     ],
 )
 def test_failure_at_each_stage_leaves_everything_as_it_was(monkeypatch, stage):
@@ -296,14 +296,14 @@ def test_load_state_dict_mismatch_raises_value_error_and_keeps_the_optimizer():
 def test_one_finiteness_check_serves_a_finite_step(monkeypatch):
     """The step's finiteness check is one fused read of the largest magnitudes: the
     per-tensor culprit search runs only when it fails."""
-    import proxoptim.optimizer as optimizer_module
+    import proxoptim.checks as checks_module
 
     model = make_model()
     opt = ProxPropOptimizer(model, torch.optim.SGD, lr=0.1)
     x, y = batch()
     nn.functional.cross_entropy(model(x), y).backward()
     searched = []
-    monkeypatch.setattr(optimizer_module, "_finite", lambda tensor: searched.append(tensor))
+    monkeypatch.setattr(checks_module, "finite", lambda tensor: searched.append(tensor))
     opt.step()
     assert searched == []
     assert set(opt.last_stats) == {"0", "2"}
@@ -312,7 +312,7 @@ def test_one_finiteness_check_serves_a_finite_step(monkeypatch):
 def test_the_fused_check_sees_every_nan_and_inf_in_any_dtype():
     """A NaN or inf anywhere, in any dtype, fails the fused check; finite tensors of every
     dtype pass it."""
-    from proxoptim.optimizer import _all_finite
+    from proxoptim.checks import all_finite
 
     parts = [
         torch.randn(4, 4),
@@ -320,12 +320,12 @@ def test_the_fused_check_sees_every_nan_and_inf_in_any_dtype():
         torch.randn(5).half(),
         torch.empty(0),
     ]
-    assert _all_finite(parts)
+    assert all_finite(parts)
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         for bad in (math.nan, math.inf, -math.inf):
             poisoned = torch.zeros(6, dtype=dtype)
             poisoned[4] = bad
-            assert not _all_finite([*parts, poisoned]), (dtype, bad)
+            assert not all_finite([*parts, poisoned]), (dtype, bad)
 
 
 def test_finite_values_whose_norm_overflows_pass_after_the_culprit_search():

@@ -1,0 +1,536 @@
+"""The step pipeline: from the captured calls to every layer's direction.
+
+:meth:`StepPipeline.run` is the one call ``ProxPropOptimizer.step()`` makes. It works on
+one :class:`LayerTask` per preconditioned layer and walks them through these stages, each
+a pass over all tasks so that every device value a stage needs from the host is read in
+one sync for the whole step, not one per layer::
+
+    gather    each layer to precondition: its system (the captured calls), its gradient
+              in the solve dtype, its signature and plan (proxoptim.plan; the cost model
+              runs only for a new signature), its owner rank ("global" mode)
+    probe     where the plan says so, the δ probe's numbers (proxoptim.dual), left on the
+              device; under CUDA graphs a speculative δ-form solve instead
+    verdicts  every probe's verdict in one host sync
+    solve     each task's form (the plan's, with or without δ) through proxoptim.solvers
+              (matrix-free and primal) or proxoptim.dual, or its graph (proxoptim.graphs)
+    stats     the diagnostics, read back in one sync (none without ``diagnostics``)
+    publish   directions of layers another rank solved, broadcast from their owner
+              (proxoptim.distributed)
+
+The optimizer then runs the fused non-finite check (proxoptim.checks) and lends
+the directions to the inner optimizer. Nothing here writes a parameter, a ``.grad`` or
+optimizer state, which is what lets a failed step leave everything as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.autograd.profiler as autograd_profiler
+import torch.distributed as dist
+from torch import Tensor
+
+from proxoptim.capture import CapturedCall
+from proxoptim.distributed import Communicator, gathered_linear_calls
+from proxoptim.dual import draw_probe, probe_numbers_for, probe_verdicts
+from proxoptim.graphs import SolveGraphs
+from proxoptim.layers import Layer
+from proxoptim.operators import LayerSystem, RowLayout
+from proxoptim.plan import LayerPlan, PlanCache, SolveOptions, make_plan, signature_of
+from proxoptim.solvers import solve
+from proxoptim.stats import LayerStats, PendingStats, layer_stats, pack, resolve_stats, unpack
+from proxoptim.workspace import Workspace
+
+# After a speculative δ-form solve whose probe failed, the layer runs the general form for
+# this many steps before speculating again: a gradient that is not s·δᵀŨᵀ once (weight
+# decay added to it, a custom hook) usually stays so, and every failed speculation is a
+# solve thrown away.
+SPECULATION_BACKOFF = 100
+
+
+@dataclass
+class GraphOutputs:
+    """A graphed solve's outputs; for a speculative δ-form graph, pending the probe's
+    verdict."""
+
+    weight: Tensor
+    bias: Tensor | None
+    values: Tensor | None  # the stats' numbers (proxoptim.stats.PendingStats.values)
+    iterations: int
+
+
+@dataclass
+class LayerTask:
+    """One preconditioned layer's step, as it moves through the stages.
+
+    Attributes:
+        layer: the layer (its modules, weight, bias, name).
+        position: its index in the optimizer's layers (the order of every pass).
+        plan: the decisions for this step's signature.
+        calls: the captured calls it solves over.
+        system: A*A for those calls, in the solve dtype.
+        grad_weight, grad_bias: g in the solve dtype (bias None without a trained bias).
+        owner: the rank that solves it ("global" mode; None: this rank, not broadcast).
+        probe_numbers: the δ probe's numbers, on the device, once probed.
+        speculation: a speculative δ-form graph's outputs, pending the verdict.
+        scale: s where ``.grad`` was verified to be s·δᵀŨᵀ.
+        seconds: host time spent on the layer so far.
+        directions: {parameter: v} in the solve dtype, once solved (or the buffers the
+            owner's broadcast fills).
+        stats: the layer's stats, numbers possibly still on the device.
+    """
+
+    layer: Layer
+    position: int
+    plan: LayerPlan
+    calls: list[CapturedCall]
+    system: LayerSystem
+    grad_weight: Tensor
+    grad_bias: Tensor | None
+    owner: int | None = None
+    probe_numbers: Tensor | None = None
+    speculation: GraphOutputs | None = None
+    scale: float | None = None
+    seconds: float = 0.0
+    directions: dict[Tensor, Tensor] = field(default_factory=dict)
+    stats: PendingStats | None = None
+
+
+@dataclass
+class StepResult:
+    """What a step's pipeline hands the optimizer: {parameter: v} in the parameters'
+    dtypes, and {layer name: LayerStats}."""
+
+    directions: dict[Tensor, Tensor]
+    stats: dict[str, LayerStats]
+
+
+class StepPipeline:
+    """The per-layer stages of a step and what persists between steps: plans, direction
+    buffers, graphs, the probe's random stream, speculation backoff, warnings shown.
+
+    Args:
+        layers: the optimizer's layers, in model order.
+        options: the solve settings.
+        communicator: the process group's ("global" or "local" mode), or None.
+        distributed: "global", "local" or None.
+        graphs: the captured solves (``cuda_graphs``), or None.
+        speculation_backoff: steps a layer runs the general form after a failed
+            speculation.
+    """
+
+    def __init__(
+        self,
+        layers: list[Layer],
+        options: SolveOptions,
+        communicator: Communicator | None,
+        distributed: str | None,
+        graphs: SolveGraphs | None,
+        speculation_backoff: int,
+    ) -> None:
+        self.layers = layers
+        self.options = options
+        self.communicator = communicator
+        self.distributed = distributed
+        self.graphs = graphs
+        self.speculation_backoff = speculation_backoff
+        self.plans = PlanCache(on_drop=None if graphs is None else graphs.forget)
+        self.backoff: dict[str, int] = {}
+        self._buffers: dict[Tensor, tuple[Tensor, Tensor | None]] = {}
+        self._workspace = Workspace()
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._warned: set[tuple[str, str]] = set()
+
+    # -- the stages ------------------------------------------------------------------------
+
+    def run(
+        self, calls: dict[int, list[CapturedCall]], stepped: set[Tensor], output_layer: int | None
+    ) -> StepResult:
+        """Every direction and the stats of the layers to precondition.
+
+        Args:
+            calls: the captured calls by layer index.
+            stepped: the parameters the inner optimizer steps.
+            output_layer: the index of the layer that keeps its plain gradient as the
+                output layer, or None.
+        """
+        tasks: list[LayerTask] = []
+        waiting: list[LayerTask] = []  # solved by another rank
+        owned = 0
+        for index, layer in enumerate(self.layers):
+            if layer.excluded or index == output_layer:
+                continue
+            if layer.weight.grad is None or layer.weight not in stepped:
+                continue
+            if index not in calls:
+                self._warn_uncaptured(layer.name)
+                continue
+            owner = None
+            if self.distributed == "global" and not layer.kind.im2col:
+                # Round-robin over the ranks, in layer order (the same on every rank).
+                owner = owned % self.communicator.world_size
+                owned += 1
+            with _phase(f"ProxProp.prepare#{layer.name}"):
+                task = self.gather(index, layer, calls[index], owner)
+            if owner is not None and owner != self.communicator.rank:
+                waiting.append(task)
+            else:
+                tasks.append(task)
+        for task in tasks:
+            with _phase(f"ProxProp.probe#{task.layer.name}"):
+                self.probe(task)
+        with _phase("ProxProp.probe_verdicts"):
+            scales = probe_verdicts(
+                [task.probe_numbers for task in tasks], [task.plan.dtype for task in tasks]
+            )
+        for task, scale in zip(tasks, scales, strict=True):
+            task.scale = scale
+            with _phase(f"ProxProp.solve#{task.layer.name}"):
+                self.solve(task)
+        with _phase("ProxProp.resolve_stats"):
+            stats = resolve_stats({task.layer.name: task.stats for task in tasks})
+        directions: dict[Tensor, Tensor] = {}
+        for task in tasks:
+            directions.update(task.directions)
+        if self.distributed == "global":
+            self.publish(tasks + waiting, stats)
+            for task in waiting:
+                directions.update(task.directions)
+        return StepResult(
+            {param: v.to(param.dtype) for param, v in directions.items()},
+            stats,
+        )
+
+    def gather(
+        self, index: int, layer: Layer, calls: list[CapturedCall], owner: int | None
+    ) -> LayerTask:
+        """The layer's system, gradient and plan. A layer another rank owns gets only
+        its gathers and the buffers the owner's broadcast will fill."""
+        started = time.perf_counter()
+        weight, bias = layer.weight, layer.bias
+        has_bias = bias is not None and bias.requires_grad
+        # Solve in at least float32 whatever the parameter (or autocast input) dtype.
+        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        grad_weight = weight.grad.to(dtype)
+        grad_bias = None
+        if has_bias:
+            grad_bias = (
+                bias.grad.to(dtype)
+                if bias.grad is not None
+                else torch.zeros_like(bias, dtype=dtype)
+            )
+        raw_calls = [(c.module, layer.kind, c.input, c.output_grad) for c in calls]
+        communicator = None
+        if self.distributed == "global":
+            if layer.kind.im2col:
+                communicator = self.communicator  # all-reduce the Gram or each product
+            else:
+                raw_calls = gathered_linear_calls(raw_calls, dtype, self.communicator)
+        latest = self.plans.latest(index)
+        layout = RowLayout(
+            weight.shape, layer.kind.groups(layer.modules[0]), has_bias, layer.kind.rows_axis
+        )
+        system = LayerSystem(
+            layout,
+            raw_calls,
+            dtype,
+            communicator,
+            # The last plan's Gram sources, where it was made for the same inputs.
+            gram_sources=_sources_if_same_inputs(latest, raw_calls),
+        )
+        signature = signature_of(index, weight, has_bias, system)
+        plan = self.plans.get(signature)
+        if plan is None:
+            graphs_supported = self.graphs is not None and self.graphs.runner.supports(
+                weight.device
+            )
+            plan = make_plan(signature, system, self.options, graphs_supported)
+            self.plans.add(plan)
+        task = LayerTask(layer, index, plan, calls, system, grad_weight, grad_bias, owner)
+        if owner is not None and owner != self.communicator.rank:
+            buffers = self._direction_buffers(weight, grad_weight, grad_bias)
+            task.directions = {weight: buffers[0]}
+            if has_bias and bias.grad is not None:
+                task.directions[bias] = buffers[1]
+        task.seconds = time.perf_counter() - started
+        return task
+
+    def probe(self, task: LayerTask) -> None:
+        """Starts the layer's δ probe where its plan has one (its numbers stay on the
+        device). Where the δ form replays as a graph, the probe runs inside it,
+        speculatively: the direction is computed before the verdict is known, and redone
+        in the general form if the probe fails (then the layer runs the general form for
+        ``speculation_backoff`` steps before trying again)."""
+        plan, name = task.plan, task.layer.name
+        speculates = plan.speculate and self._speculation_due(name)
+        if not (speculates or plan.probe):
+            return
+        started = time.perf_counter()
+        probe = draw_probe(
+            task.grad_weight, task.grad_bias, self._probe_generator(task.layer.weight.device)
+        )
+        if speculates:
+            graphed = self._graphed_solve(task, "dual", probe, speculative=True)
+            if graphed is not None:
+                (weight_v, bias_v, values, task.probe_numbers), iterations = graphed
+                task.speculation = GraphOutputs(weight_v, bias_v, values, iterations)
+        if task.speculation is None:  # eagerly (a graph's first sighting runs eagerly too)
+            task.probe_numbers = probe_numbers_for(
+                task.system, task.grad_weight, task.grad_bias, probe
+            )
+        task.seconds += time.perf_counter() - started
+
+    def solve(self, task: LayerTask) -> None:
+        """v = M⁻¹g (or k CG iterations) for one task, in the plan's form, into
+        ``task.directions`` and ``task.stats``."""
+        started = time.perf_counter()
+        plan, layer = task.plan, task.layer
+        if task.speculation is not None:
+            if task.scale is not None:  # the speculation held
+                self._graph_result(task, "dual", task.speculation)
+                return
+            # The probe failed: the general form, and no speculation for a while.
+            self.backoff[layer.name] = self.speculation_backoff
+        form = plan.form_if_delta if task.scale is not None else plan.form
+        if plan.exact_without_gram:
+            self._warn_once(
+                layer.name,
+                f"ProxProp: layer {layer.name!r} has no Gram within the memory limit "
+                f"(d = {plan.layout.row_dim}"
+                f"{'' if task.system.has_patches else ', no patches'}): "
+                "its exact solve runs CG to convergence instead. This warning is shown once.",
+            )
+        options = self.options
+        # Exact solves replay only in the dual form: the others read values back mid-solve.
+        if plan.graphed and (not options.exact or form == "dual"):
+            graphed = self._graphed_solve(
+                task, form, None if task.scale is None else task.probe_numbers
+            )
+            if graphed is not None:
+                (weight_v, bias_v, values), iterations = graphed
+                task.seconds += time.perf_counter() - started
+                self._graph_result(task, form, GraphOutputs(weight_v, bias_v, values, iterations))
+                return
+        solution = solve(
+            task.system,
+            task.grad_weight,
+            task.grad_bias,
+            options.tau_prox,
+            exact=options.exact,
+            cg_iters=options.cg_iters,
+            cg_tol=options.cg_tol,
+            form=form,
+            output_grad_scale=task.scale,
+            out=self._direction_buffers(layer.weight, task.grad_weight, task.grad_bias),
+            workspace=self._workspace,
+            diagnostics=options.diagnostics,
+            dual_basis=plan.dual_basis[task.scale is not None],
+            constants=plan.state,
+        )
+        task.seconds += time.perf_counter() - started
+        task.stats = layer_stats(
+            form,
+            solution,
+            task.grad_weight,
+            task.grad_bias,
+            task.seconds,
+            task.system,
+            task.scale,
+            options.diagnostics,
+        )
+        task.directions = _layer_directions(task, solution.weight, solution.bias)
+
+    def publish(self, tasks: Iterable[LayerTask], stats: dict[str, LayerStats]) -> None:
+        """Broadcasts each rank-owned layer's directions and stats from its owner, in
+        layer order on every rank."""
+        for task in sorted(tasks, key=lambda task: task.position):
+            if task.owner is None:
+                continue
+            for direction in task.directions.values():
+                self.communicator.broadcast_(direction, task.owner)
+            packed = pack(stats.get(task.layer.name))
+            if dist.get_backend(self.communicator.group) == "nccl":
+                packed = packed.cuda()
+            stats[task.layer.name] = unpack(self.communicator.broadcast_(packed, task.owner))
+
+    # -- graphs --------------------------------------------------------------------------
+
+    def _speculation_due(self, name: str) -> bool:
+        backoff = self.backoff.get(name, 0)
+        if backoff > 0:
+            self.backoff[name] = backoff - 1
+            return False
+        return True
+
+    def _graph_result(self, task: LayerTask, form: str, outputs: GraphOutputs) -> None:
+        """A graph's outputs as the layer's directions and pending stats. The graph owns
+        the directions: the layer's eager direction buffers are of no more use."""
+        self._buffers.pop(task.layer.weight, None)
+        task.stats = PendingStats(
+            form,
+            outputs.iterations,
+            outputs.values,
+            task.seconds,
+            task.system.num_columns,
+            task.scale,
+        )
+        task.directions = _layer_directions(task, outputs.weight, outputs.bias)
+
+    def _graphed_solve(
+        self, task: LayerTask, form: str, probe: Tensor | None, speculative: bool = False
+    ) -> tuple[list[Tensor | None], int] | None:
+        """The layer's solve through :class:`SolveGraphs`: (v weight, v bias, the stats'
+        numbers) and the iteration count, or None where it runs eagerly this step (a key
+        not yet captured, or one whose capture failed). ``probe``: the layer's probe
+        numbers when its verdict was δ; the scale then stays on the device, one of the
+        graph's inputs, and the graph runs the δ form. With ``speculative``, ``probe`` is
+        the probe vector ω instead: the graph computes the probe's numbers itself, runs the
+        δ form with their scale and returns the numbers as a fourth output."""
+        modules = [call.module for call in task.calls]
+        inputs = [call.input for call in task.calls]
+        if probe is not None:
+            inputs += [call.output_grad for call in task.calls] + [probe]
+        inputs.append(task.grad_weight)
+        if task.grad_bias is not None:
+            inputs.append(task.grad_bias)
+        plan, options = task.plan, self.options
+        mode = "speculative" if speculative else probe is not None
+        # The plan's signature fixes the inputs' shapes, dtypes and strides.
+        key = (plan.signature, form, mode)
+        kind, layout, dtype = task.layer.kind, plan.layout, plan.dtype
+        calls = len(modules)
+        dual_basis = plan.dual_basis[probe is not None]
+
+        def solve_static(static: list[Tensor]) -> tuple[list[Tensor | None], int]:
+            xs, rest = static[:calls], static[calls:]
+            output_grads: list[Tensor | None] = [None] * calls
+            probed = None
+            if probe is not None:
+                output_grads, probed, rest = rest[:calls], rest[calls], rest[calls + 1 :]
+            static_weight, static_bias = rest[0], rest[1] if len(rest) > 1 else None
+            system = LayerSystem(
+                layout,
+                [
+                    (module, kind, x, grad)
+                    for module, x, grad in zip(modules, xs, output_grads, strict=True)
+                ],
+                dtype,
+                gram_sources=plan.gram_sources,
+            )
+            numbers = probed
+            if speculative:
+                numbers = probe_numbers_for(system, static_weight, static_bias, probed)
+            solution = solve(
+                system,
+                static_weight,
+                static_bias,
+                options.tau_prox,
+                exact=options.exact,
+                cg_iters=options.cg_iters,
+                cg_tol=None,
+                form=form,
+                output_grad_scale=None if numbers is None else numbers[1],
+                workspace=Workspace(),  # the graph's own: shared slots could be reallocated
+                diagnostics=options.diagnostics,
+                dual_basis=dual_basis,
+            )
+            pending = layer_stats(
+                form, solution, static_weight, static_bias, 0.0, system, None, options.diagnostics
+            )
+            outputs = [solution.weight, solution.bias, pending.values]
+            if speculative:
+                outputs.append(numbers)
+            return outputs, solution.iterations
+
+        return self.graphs.run(key, inputs, solve_static)
+
+    # -- what persists ---------------------------------------------------------------------
+
+    def _direction_buffers(
+        self, weight: Tensor, grad_weight: Tensor, grad_bias: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """The layer's buffers for v, kept across steps (one pair per layer, whatever the
+        batch): allocating a layer-sized tensor every step costs page faults (CPU) or
+        allocator churn (GPU)."""
+        buffers = self._buffers.get(weight)
+        if (
+            buffers is None
+            or not _same_layout(buffers[0], grad_weight)
+            or (buffers[1] is None) != (grad_bias is None)
+        ):
+            bias = None if grad_bias is None else torch.empty_like(grad_bias)
+            buffers = (torch.empty_like(grad_weight), bias)
+            self._buffers[weight] = buffers
+        return buffers
+
+    def _probe_generator(self, device: torch.device) -> torch.Generator:
+        # A private, seeded stream: probing must never consume the user's random numbers.
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = torch.Generator(device=device).manual_seed(0x5EED)
+            self._generators[device] = generator
+        return generator
+
+    def clear(self) -> None:
+        """Drops plans, buffers and graphs (after ``remove_hooks``)."""
+        self.plans.clear()
+        self._buffers.clear()
+        self._workspace.clear()
+        if self.graphs is not None:
+            self.graphs.clear()  # their static copies and memory pools are of no more use
+
+    def _warn_uncaptured(self, name: str) -> None:
+        self._warn_once(
+            name,
+            f"ProxProp: layer {name!r} has a gradient but no captured input since the last "
+            "step (its forward ran under no_grad, its weight is used outside its forward, "
+            "or no forward ran); it gets the plain gradient. This warning is shown once.",
+        )
+
+    def _warn_once(self, name: str, message: str) -> None:
+        if (name, message) in self._warned:
+            return
+        self._warned.add((name, message))
+        warnings.warn(message, stacklevel=5)
+
+
+def _layer_directions(
+    task: LayerTask, weight_v: Tensor, bias_v: Tensor | None
+) -> dict[Tensor, Tensor]:
+    """{parameter: direction} for a solved layer (the bias only where it has a gradient)."""
+    directions = {task.layer.weight: weight_v}
+    if task.grad_bias is not None and task.layer.bias.grad is not None:
+        directions[task.layer.bias] = bias_v
+    return directions
+
+
+def _sources_if_same_inputs(
+    plan: LayerPlan | None, raw_calls: list[tuple[Any, Any, Tensor, Any]]
+) -> tuple[tuple[bool, float], ...] | None:
+    """The plan's Gram sources where its calls had these inputs' shapes (the Gram source
+    depends on nothing else), else None: the system then prices them itself."""
+    if plan is None or len(plan.signature.calls) != len(raw_calls):
+        return None
+    for call, (_, _, raw, _) in zip(plan.signature.calls, raw_calls, strict=True):
+        if call.input_shape != tuple(raw.shape) or call.input_dtype != raw.dtype:
+            return None
+    return plan.gram_sources
+
+
+def _phase(name: str) -> contextlib.AbstractContextManager[Any]:
+    """A profiler range named ``name`` for one phase of a step, when a profiler is running
+    (``torch.profiler.profile``); otherwise nothing: each range costs two operators
+    dispatched, a dozen per layer and step."""
+    if autograd_profiler._is_profiler_enabled:
+        return autograd_profiler.record_function(name)
+    return contextlib.nullcontext()
+
+
+def _same_layout(buffer: Tensor, like: Tensor) -> bool:
+    return (buffer.shape, buffer.dtype, buffer.device) == (like.shape, like.dtype, like.device)
