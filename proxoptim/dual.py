@@ -90,9 +90,9 @@ class DualKernel:
         self.has_bias = system.layout.has_bias
         self.costs = system.costs
         self.inputs = _stack([call.kind.dual_inputs(call.module, call.x) for call in system.calls])
-        self.kernel = symmetric_product(self.inputs)
-        if self.has_bias:
-            self.kernel += 1.0
+        self.constants = system.constants
+        self._product: Tensor | None = None
+        self._kernel: Tensor | None = None
         grads = [call.output_grad for call in system.calls]
         self.output_grads = None
         if all(grad is not None for grad in grads):
@@ -104,6 +104,42 @@ class DualKernel:
     @property
     def columns(self) -> int:
         return self.inputs.shape[0]
+
+    @property
+    def product(self) -> Tensor:
+        """X Xᵀ whose lower triangle is exact (all a Cholesky factorisation or an eigh
+        reads); symmetrised only where n is large enough for the block product."""
+        if self._product is None:
+            if self.columns < SYMMETRIC_KERNEL_MIN_COLUMNS:
+                self._product = self.inputs @ self.inputs.T
+            else:
+                self._product = symmetric_product(self.inputs)
+        return self._product
+
+    @property
+    def kernel(self) -> Tensor:
+        """K = X Xᵀ (+ 1 with a bias), exactly symmetric; made on first use."""
+        if self._kernel is None:
+            product = self.product
+            if self.columns < SYMMETRIC_KERNEL_MIN_COLUMNS:
+                product = _symmetrised(product)
+            self._kernel = product + 1.0 if self.has_bias else product
+        return self._kernel
+
+    def shifted64(self, tau_prox: float) -> Tensor:
+        """I/τθ + K in float64 (lower triangle exact): the exact solve's matrix. Three
+        operators with the plan's constant I/τθ (+ 1 with a bias)."""
+        columns, device, has_bias = self.columns, self.inputs.device, self.has_bias
+
+        def shift() -> Tensor:
+            eye = torch.eye(columns, dtype=torch.float64, device=device) / tau_prox
+            return eye + 1.0 if has_bias else eye
+
+        if self.constants is None:
+            constant = shift()
+        else:
+            constant = self.constants.constant(f"dual-shift:{columns}:{tau_prox}", shift)
+        return self.product.double() + constant
 
     def project(self, grad_weight: Tensor, grad_bias: Tensor | None) -> Tensor:
         """h = g Ũ, shape (m, n)."""
@@ -159,15 +195,19 @@ class DualKernel:
         if right_first:
             projected, right_sums = right @ self.inputs, right.sum(1)
         for index, left in blocks:
+            # (A block of every row writes the buffers themselves: a slice is an operator.)
+            whole = left.shape[0] == rows
+            weight_rows = out_weight if whole else out_weight[index]
+            bias_rows = out_bias if whole or not self.has_bias else out_bias[index]
             if right_first:
-                torch.mm(left, projected, out=out_weight[index])
+                torch.mm(left, projected, out=weight_rows)
                 if self.has_bias:
-                    torch.mv(left, right_sums, out=out_bias[index])
+                    torch.mv(left, right_sums, out=bias_rows)
             else:
-                coefficients = left if right is None else left @ right
-                torch.mm(coefficients, self.inputs, out=out_weight[index])
+                coefficients = left if right is None else torch.mm(left, right)
+                torch.mm(coefficients, self.inputs, out=weight_rows)
                 if self.has_bias:
-                    torch.sum(coefficients, 1, out=out_bias[index])
+                    torch.sum(coefficients, 1, out=bias_rows)
         return out_weight, out_bias if self.has_bias else None
 
     @staticmethod
@@ -361,8 +401,7 @@ def _exact(
     into NaN, which the optimizer names (tests/test_reliability.py).
     """
     dtype = grad_weight.dtype
-    eye = torch.eye(kernel.columns, dtype=torch.float64, device=kernel.kernel.device)
-    shifted = kernel.kernel.double() + eye / tau_prox
+    shifted = kernel.shifted64(tau_prox)
     factor, info = torch.linalg.cholesky_ex(shifted)
     factor = factor.masked_fill(info != 0, float("nan"))
     if scale is not None:
@@ -489,9 +528,14 @@ def dual_cg_parts(
 
 def _gradient_sq(grad_weight: Tensor, grad_bias: Tensor | None) -> Tensor:
     """‖g_j‖² per row, (m, 1), float64."""
-    gradient_sq = (grad_weight.double() ** 2).sum(1, keepdim=True)
+    # Squared and summed in float64 without a float64 copy of g (the norm casts as it
+    # reads; addcmul_ into a float64 tensor multiplies in float64).
+    gradient_sq = torch.linalg.vector_norm(
+        grad_weight, dim=1, keepdim=True, dtype=torch.float64
+    ).square_()
     if grad_bias is not None:
-        gradient_sq += grad_bias.double().unsqueeze(1) ** 2
+        bias = grad_bias.unsqueeze(1)
+        gradient_sq.addcmul_(bias, bias)
     return gradient_sq
 
 
@@ -509,27 +553,35 @@ def _general_cg_blocks(
     """:func:`_general_cg` on every block of ``block_rows`` rows: (c in ``dtype``, most
     iterations run, Σ squared residual norms, a in ``dtype`` or None for the δ form)."""
     reference = projected if projected is not None else start
+    rows = reference.shape[0]
+
+    def block_of(values: Tensor | None, index: slice) -> Tensor | None:
+        # (No slicing operator where one block holds every row.)
+        return values if values is None or block_rows >= rows else values[index]
+
     blocks = []
-    for first in range(0, reference.shape[0], block_rows):
+    for first in range(0, rows, block_rows):
         index = slice(first, first + block_rows)
         blocks.append(
             _general_cg(
-                None if projected is None else projected[index],
-                None if gradient_sq is None else gradient_sq[index],
+                block_of(projected, index),
+                block_of(gradient_sq, index),
                 kernel_times,
                 tau_prox,
                 iterations,
                 tol,
-                None if start is None else start[index],
+                block_of(start, index),
             )
         )
-    coefficients = torch.cat([block[0] for block in blocks]).to(dtype)
     done = max(block[1] for block in blocks)
-    residual_sq = sum(block[2] for block in blocks)
-    gradient_scale = None
-    if start is None:
-        gradient_scale = torch.cat([block[3] for block in blocks]).squeeze(1).to(dtype)
-    return coefficients, done, residual_sq, gradient_scale
+    if len(blocks) == 1:
+        coefficients, _, residual_sq, scales = blocks[0]
+    else:
+        coefficients = torch.cat([block[0] for block in blocks])
+        residual_sq = torch.stack([block[2] for block in blocks]).sum()
+        scales = torch.cat([block[3] for block in blocks])
+    gradient_scale = None if start is not None else scales.squeeze(1).to(dtype)
+    return coefficients.to(dtype), done, residual_sq, gradient_scale
 
 
 def _coefficient_cg(
@@ -614,7 +666,10 @@ def _eigenbasis_cg(
             kernel, basis, eigenvalues, scale, tau_prox, iterations, tol, workspace
         )
         weight, bias = kernel.expand_blocks(blocks, basis.T, grad_weight.shape[0], out)
-        return DualSolution(weight, bias, blocks.done, blocks.residual_sq.double().sqrt())
+        residual_sq = blocks.residual_sq
+        if residual_sq is None:  # no rows at all
+            residual_sq = torch.zeros((), dtype=basis.dtype, device=basis.device)
+        return DualSolution(weight, bias, blocks.done, residual_sq.double().sqrt())
 
     eigenvalues64 = eigenvalues.double()
 
@@ -632,7 +687,8 @@ class _ShortcutBlocks:
     Each block's start s·δᵀQ, its recurrences and (in :meth:`DualKernel.expand_blocks`) its
     share of the final product run before the next block's, so only block-sized scratch
     exists; blocks of rows also keep the CG vectors in cache (measured 1.5x faster at
-    m = 4000). ``done`` and ``residual_sq`` hold the most iterations and Σ‖r‖² so far.
+    m = 4000). ``done`` and ``residual_sq`` hold the most iterations and Σ‖r‖² so far
+    (None before the first block).
     """
 
     def __init__(
@@ -650,7 +706,7 @@ class _ShortcutBlocks:
         self.scale, self.tau_prox, self.iterations, self.tol = scale, tau_prox, iterations, tol
         self.workspace = workspace
         self.done = 0
-        self.residual_sq = torch.zeros((), dtype=basis.dtype, device=basis.device)
+        self.residual_sq: Tensor | None = None
 
     def __iter__(self) -> Iterator[tuple[slice, Tensor]]:
         deltas = self.kernel.output_grads.T  # (m, n)
@@ -662,8 +718,13 @@ class _ShortcutBlocks:
         for first in range(0, rows, block_rows):
             index = slice(first, min(first + block_rows, rows))
             size = index.stop - index.start
-            block_start, block_coefficients = start[:size], coefficients[:size]
-            torch.matmul(deltas[index], self.basis, out=block_start).mul_(self.scale)
+            # (No slicing operators where one block holds every row.)
+            block_start, block_coefficients, block_deltas = start, coefficients, deltas
+            if size < shape[0]:
+                block_start, block_coefficients = start[:size], coefficients[:size]
+            if size < rows:
+                block_deltas = deltas[index]
+            torch.matmul(block_deltas, self.basis, out=block_start).mul_(self.scale)
             block_done, block_residual_sq = _diagonal_cg(
                 block_start,
                 block_coefficients,
@@ -674,7 +735,10 @@ class _ShortcutBlocks:
                 self.workspace,
             )
             self.done = max(self.done, block_done)
-            self.residual_sq = self.residual_sq + block_residual_sq
+            if self.residual_sq is None:
+                self.residual_sq = block_residual_sq
+            else:
+                self.residual_sq = self.residual_sq + block_residual_sq
             yield index, block_coefficients
 
 
@@ -766,65 +830,99 @@ def _general_cg(
     Returns (c of the solution, iterations run, Σ squared residual norms, a of the solution).
     """
     inverse_tau = 1.0 / tau_prox
-    reference = projected if projected is not None else start
+    general = projected is not None
+    reference = projected if general else start
     noise = ROUNDING_FLOOR * torch.finfo(reference.dtype).eps
 
-    def cross(a: Tensor, b: Tensor) -> Tensor:
-        # a·(h·b): 0 in the δ form, where a stays 0 and h is never formed.
-        return 0.0 if projected is None else a * row_dot(projected, b)
-
-    def inner(a1: Tensor, b1: Tensor, kernel_b1: Tensor, a2: Tensor, b2: Tensor) -> Tensor:
-        value = row_dot(kernel_b1, b2)
-        if projected is None:  # δ form: a stays 0
-            return value
-        return value + cross(a1, b2) + cross(a2, b1) + a1 * a2 * gradient_sq
-
-    def residual_norm_sq(a: Tensor, b: Tensor) -> Tensor:
-        # ‖a·g + bŨᵀ‖²; where its terms cancel down to rounding, the row has converged
-        # (exactly so once k reaches the rank) and is reported as 0, which stops it: further
-        # steps would be driven by rounding noise, not by the residual.
+    def residual_norm_sq(a: Tensor | None, b: Tensor) -> Tensor:
+        # ‖a·g + bŨᵀ‖² = bKbᵀ + a²‖g‖² + 2a(h·b); where its terms cancel down to rounding,
+        # the row has converged (exactly so once k reaches the rank) and is reported as 0,
+        # which stops it: further steps would be driven by rounding noise, not by the
+        # residual. (A value at or below 0 always lies under that floor.) In the δ form
+        # a = 0: one term, nothing cancels, and only a negative rounding of it needs care.
         squares = row_dot(kernel_times(b), b)
-        if gradient_sq is not None:
-            squares = squares + a * a * gradient_sq
-        both = 2.0 * cross(a, b)
-        value = (squares + both).clamp_min(0)
-        return torch.where(value <= noise * (squares + abs(both)), 0.0, value)
+        if not general:
+            return squares.clamp_min_(0)
+        squares.addcmul_(a * a, gradient_sq)
+        cross = row_dot(projected, b).mul_(a)  # half the cross term
+        value = torch.add(squares, cross, alpha=2.0)
+        floor = torch.add(squares, cross.abs_(), alpha=2.0).mul_(noise)
+        return value.masked_fill_(value <= floor, 0.0)
 
+    # x₀ = 0 and r₀ = p₀: g itself, (a, b) = (1, 0), in the general form, (0, start) in the
+    # δ form, where a stays 0 and is not carried at all. A b that is still 0 is None, and
+    # the first iteration creates x, r and p instead of zero-filling and copying them;
+    # ``start`` itself is never written. The (m, n) vectors are then updated in place: on a
+    # GPU each of these passes is a kernel of its own. ⟨p, Mp⟩ = ⟨Mp, p⟩ is formed from
+    # Mp = (p_a/τθ, p_b/τθ + w) and w = pŨ = p_a h + p_b K, which Mp needs anyway:
+    # (p_a/τθ)·⟨p, g⟩ + (Mp)_b·w, with ⟨p, g⟩ = p_a‖g‖² + h·p_b.
     rows = reference.shape[0]
-    if start is None:
-        residual_a = torch.ones(rows, 1, dtype=reference.dtype, device=reference.device)
-        residual_b = torch.zeros_like(reference)
+    residual_a = direction_a = solution_a = None
+    residual_b = direction_b = solution_b = kernel_direction = None
+    if general:
+        residual_a = direction_a = torch.ones(rows, 1, dtype=reference.dtype, device=reference.device)
         residual_sq = gradient_sq
     else:
-        residual_a = torch.zeros(rows, 1, dtype=reference.dtype, device=reference.device)
-        residual_b = start.clone()
-        residual_sq = row_dot(kernel_times(start), start)
-    direction_a, direction_b = residual_a, residual_b.clone()
-    solution_a, solution_b = torch.zeros_like(residual_a), torch.zeros_like(residual_b)
+        residual_b = direction_b = start
+        kernel_direction = kernel_times(start)  # K p₀, reused by the first iteration
+        residual_sq = row_dot(kernel_direction, start)
     threshold_sq = None if tol is None else (tol * tol) * residual_sq
     new_residual_sq = residual_sq
     done = 0
-    # The (m, n) vectors are updated in place: on a GPU each of these passes is a kernel
-    # of its own, and out-of-place updates would double them.
     for done in range(1, iterations + 1):
-        kernel_direction = kernel_times(direction_b)
-        image_a = direction_a * inverse_tau
-        image_b = torch.add(kernel_direction, direction_b, alpha=inverse_tau)
-        if projected is not None:
-            image_b.addcmul_(projected, direction_a)
-        curvature = inner(direction_a, direction_b, kernel_direction, image_a, image_b)
+        if direction_b is None:  # general form, p = g: Mp = (1/τθ, h), w = h, ⟨p, g⟩ = ‖g‖²
+            image_b = kernel_direction = projected
+            probe_g = gradient_sq
+        else:
+            if kernel_direction is None:
+                kernel_direction = kernel_times(direction_b)
+            if general:
+                kernel_direction.addcmul_(projected, direction_a)
+            image_b = torch.add(kernel_direction, direction_b, alpha=inverse_tau)
+            if general:
+                probe_g = row_dot(projected, direction_b).addcmul_(direction_a, gradient_sq)
+        curvature = row_dot(image_b, kernel_direction)
+        kernel_direction = None
+        if general:
+            image_a = direction_a * inverse_tau
+            curvature.addcmul_(image_a, probe_g)
         alpha = guarded_ratio(residual_sq, curvature)
-        solution_a = solution_a + alpha * direction_a
-        solution_b.addcmul_(direction_b, alpha)
-        residual_a = residual_a - alpha * image_a
-        residual_b.addcmul_(image_b, alpha, value=-1)
+        if general:
+            solution_a = (
+                direction_a * alpha
+                if solution_a is None
+                else torch.addcmul(solution_a, direction_a, alpha)
+            )
+            residual_a = torch.addcmul(residual_a, image_a, alpha, value=-1)
+        if direction_b is not None:
+            if solution_b is None:
+                solution_b = direction_b * alpha
+            else:
+                solution_b.addcmul_(direction_b, alpha)
+        if residual_b is None:
+            residual_b = image_b * alpha.neg()
+        elif residual_b is direction_b:  # r is still r₀ (δ form) or still p (general)
+            residual_b = torch.addcmul(residual_b, image_b, alpha, value=-1)
+        else:
+            residual_b.addcmul_(image_b, alpha, value=-1)
         new_residual_sq = residual_norm_sq(residual_a, residual_b)
         if done == iterations or (
             threshold_sq is not None and bool((new_residual_sq <= threshold_sq).all())
         ):
             break
         beta = guarded_ratio(new_residual_sq, residual_sq)
-        direction_a = residual_a + beta * direction_a
-        direction_b.mul_(beta).add_(residual_b)
+        if general:
+            direction_a = torch.addcmul(residual_a, direction_a, beta)
+        if direction_b is None:  # p = r + β·(…, 0): its b is r's, shared until r moves
+            direction_b = residual_b
+        elif direction_b is start:
+            direction_b = torch.addcmul(residual_b, direction_b, beta)
+        else:
+            # p ← r + β·p in one pass (out= fully overlapping an input is allowed).
+            torch.addcmul(residual_b, direction_b, beta, out=direction_b)
         residual_sq = new_residual_sq
+    if solution_b is None:  # general form after one iteration: x = (α, 0)
+        solution_b = torch.zeros_like(reference)
+    if solution_a is None:  # δ form: a stays 0
+        solution_a = torch.zeros(rows, 1, dtype=reference.dtype, device=reference.device)
     return solution_b, done, new_residual_sq.sum(), solution_a

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -116,7 +117,9 @@ class LinearKind(LayerKind):
     uses_output_grad = True
 
     def prepare(self, module: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
-        return x.reshape(-1, x.shape[-1]).to(dtype)
+        if x.dim() != 2:  # (a reshape of a 2-d input is one more operator for nothing)
+            x = x.reshape(-1, x.shape[-1])
+        return x.to(dtype)
 
     def forward(self, module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(x, weight, bias)
@@ -557,6 +560,8 @@ class LayerSystem:
             and not (self.im2col and communicator is not None)
         )
         self.has_patches = all(call.kind.has_patches for call in self.calls)
+        # Constants the layer's plan keeps across steps (a PlanState), where one is set.
+        self.constants: Any = None
         self.costs = costs if costs is not None else device_costs(self.calls[0].raw.device)
         self._sources = (
             list(gram_sources) if gram_sources is not None else self._build_gram_sources()
@@ -642,6 +647,15 @@ class LayerSystem:
                 dispatch += self._chunk_dispatch(call_elements)
         return elements, dispatch
 
+    def _ones_column(self, patch: Tensor) -> Tensor:
+        """A column of ones beside ``patch`` (the bias's), kept by the plan where set."""
+        shape = (*patch.shape[:-1], 1)
+        if self.constants is None:
+            return patch.new_ones(shape)
+        return self.constants.constant(
+            f"ones:{shape}:{patch.dtype}", lambda: patch.new_ones(shape)
+        )
+
     def gram_sources(self) -> list[tuple[bool, float]]:
         """Per call: whether its Gram comes from correlations, and its estimated cost."""
         return self._sources
@@ -692,7 +706,7 @@ class LayerSystem:
             augment = layout.has_bias and not call.kind.im2col
             for patch in call.kind.patches(call.module, call.x):
                 if augment:
-                    patch = torch.cat([patch, patch.new_ones(*patch.shape[:-1], 1)], dim=2)
+                    patch = torch.cat([patch, self._ones_column(patch)], dim=2)
                     if gram is None:
                         gram = torch.bmm(patch.transpose(1, 2), patch)
                     else:

@@ -252,6 +252,7 @@ class StepPipeline:
             )
             plan = make_plan(signature, system, self.options, graphs_supported)
             self.plans.add(plan)
+        system.constants = plan.state
         task = LayerTask(layer, index, plan, calls, system, grad_weight, grad_bias, owner)
         if owner is not None and owner != self.communicator.rank:
             buffers = self._direction_buffers(weight, grad_weight, grad_bias)

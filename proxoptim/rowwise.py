@@ -15,9 +15,11 @@ def row_dot(a: Tensor, b: Tensor) -> Tensor:
 
 
 def guarded_ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
-    """numerator / denominator per row, 0 where the denominator is not positive (no 0/0).
-    For denominators that rounding can drive below zero (cancelling inner products)."""
-    return torch.where(denominator > 0, numerator / denominator, 0.0)
+    """numerator / denominator per row, 0 where the denominator is zero or negative (no
+    0/0). For denominators that rounding can drive below zero (cancelling inner products).
+    Three operators (a ``where`` with a constant takes four); a NaN denominator gives NaN,
+    as in :func:`step_ratio`, for the non-finite check."""
+    return (numerator / denominator).masked_fill_(denominator <= 0, 0.0)
 
 
 def step_ratio(numerator: Tensor, denominator: Tensor) -> Tensor:

@@ -116,10 +116,16 @@ def batched_cg(
     return SolveResult(solution, done, residual)
 
 
-def shifted_gram(gram: Tensor, tau_prox: float) -> Tensor:
-    """M = G + I/τθ, shape (groups, d, d)."""
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    return gram + eye / tau_prox
+def shifted_gram(gram: Tensor, tau_prox: float, constants: PlanState | None = None) -> Tensor:
+    """M = G + I/τθ, shape (groups, d, d); I/τθ kept in ``constants`` where given."""
+    dim, dtype, device = gram.shape[-1], gram.dtype, gram.device
+
+    def scaled_eye() -> Tensor:
+        return torch.eye(dim, dtype=dtype, device=device) / tau_prox
+
+    if constants is None:
+        return gram + scaled_eye()
+    return gram + constants.constant(f"eye/tau:{dim}:{dtype}", scaled_eye)
 
 
 # With at least this many rows per Gram dimension, the primal exact solve multiplies by the
@@ -131,7 +137,11 @@ EXPLICIT_INVERSE_MIN_ROWS_PER_DIM = 2
 
 
 def cholesky_solve_rows(
-    gram: Tensor, rhs: Tensor, tau_prox: float, diagnostics: bool = True
+    gram: Tensor,
+    rhs: Tensor,
+    tau_prox: float,
+    diagnostics: bool = True,
+    constants: PlanState | None = None,
 ) -> SolveResult:
     """Exact v = g M⁻¹ per group by Cholesky, M = G + I/τθ.
 
@@ -140,27 +150,31 @@ def cholesky_solve_rows(
         rhs: g, (groups, rows_per_group, d).
         diagnostics: also return the residual in float64 (narrower dtypes compute it
             anyway, for their accuracy check).
+        constants: the plan's kept constants (I/τθ).
 
     In float64 nothing is read back: a factorisation that fails (M not numerically positive
     definite: non-finite inputs, or a τθ so large that I/τθ vanishes against a singular G)
     gives a NaN direction, which the optimizer's non-finite check names. In a narrower
-    dtype one read-back decides whether the factorisation held and its residual is within
-    :data:`EXACT_RESIDUAL_LIMIT` (M is ill-conditioned in float32 when τθ·‖G‖ is large);
-    if not, the whole solve is redone in float64.
+    dtype one read-back of two norms decides whether the residual is within
+    :data:`EXACT_RESIDUAL_LIMIT` of g (M is ill-conditioned in float32 when τθ·‖G‖ is
+    large; a factorisation that failed leaves a residual that is far off or NaN); if not,
+    the whole solve is redone in float64.
     """
-    shifted = shifted_gram(gram, tau_prox)
+    shifted = shifted_gram(gram, tau_prox, constants)
     factor, info = torch.linalg.cholesky_ex(shifted)
     if rhs.shape[-2] >= EXPLICIT_INVERSE_MIN_ROWS_PER_DIM * rhs.shape[-1]:
-        direction = rhs @ torch.cholesky_inverse(factor)
+        # bmm itself: the @ operator dispatches five more (expands and views) around it.
+        direction = torch.bmm(rhs, torch.cholesky_inverse(factor))
     else:
         direction = torch.cholesky_solve(rhs.transpose(-1, -2), factor).transpose(-1, -2)
     if rhs.dtype == torch.float64:
         direction = direction.masked_fill(info.ne(0).reshape(-1, 1, 1), float("nan"))
-        residual = rhs - direction @ shifted if diagnostics else None
+        residual = torch.baddbmm(rhs, direction, shifted, alpha=-1) if diagnostics else None
         return SolveResult(direction, 0, residual)
-    residual = rhs - direction @ shifted
-    accurate = info.eq(0).all() & (residual.norm() <= EXACT_RESIDUAL_LIMIT * rhs.norm())
-    if bool(accurate):
+    residual = torch.baddbmm(rhs, direction, shifted, alpha=-1)
+    residual_norm, rhs_norm = torch.stack(torch._foreach_norm([residual, rhs])).tolist()
+    # (A NaN residual norm fails this comparison too.)
+    if residual_norm <= EXACT_RESIDUAL_LIMIT * rhs_norm:
         return SolveResult(direction, 0, residual)
     wide = cholesky_solve_rows(gram.double(), rhs.double(), tau_prox)
     direction, residual = wide.direction.to(rhs.dtype), wide.residual.to(rhs.dtype)
@@ -354,12 +368,13 @@ def solve(
         kernel = DualKernel(system)
         # The dual form works on (m, d_weight) rows: a convolution's weight flattened.
         rows = grad_weight.shape[0]
+        flat = grad_weight.dim() == 2  # a Linear weight is its rows already (no views)
         flat_out = None
         if out is not None and out[0].is_contiguous():
-            flat_out = (out[0].view(rows, -1), out[1])
+            flat_out = out if flat else (out[0].view(rows, -1), out[1])
         result = solve_dual(
             kernel,
-            grad_weight.reshape(rows, -1),
+            grad_weight if flat else grad_weight.reshape(rows, -1),
             grad_bias,
             tau_prox,
             exact=exact,
@@ -371,7 +386,8 @@ def solve(
             diagnostics=diagnostics,
             basis=dual_basis,
         )
-        weight, bias = result.weight.view(grad_weight.shape), result.bias
+        weight = result.weight if flat else result.weight.view(grad_weight.shape)
+        bias = result.bias
         if out is not None and flat_out is None:
             weight = out[0].copy_(weight)
             bias = out[1].copy_(bias) if bias is not None else None
@@ -381,7 +397,7 @@ def solve(
     if form == "primal":
         gram = system.gram()
         if exact:
-            rows = cholesky_solve_rows(gram, rhs, tau_prox, diagnostics)
+            rows = cholesky_solve_rows(gram, rhs, tau_prox, diagnostics, constants)
         else:
             rows = batched_cg(primal_operator(gram, tau_prox), rhs, cg_iters, cg_tol)
     elif form == "matrix_free":
