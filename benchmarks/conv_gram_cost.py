@@ -24,7 +24,7 @@ from torch import nn
 from proxoptim.costs import CPU
 from proxoptim.experiments.provenance import provenance_comment
 from proxoptim.operators import LayerSystem, RowLayout, kind_for
-from proxoptim.solvers import estimate_costs
+from proxoptim.plan import estimate_costs
 
 # (in channels, out channels, input size, kernel, padding, batch)
 LAYERS = {

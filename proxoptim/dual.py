@@ -41,13 +41,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from proxoptim.costs import (
-    DUAL_CG_ACCESSES,
-    DUAL_CG_CALLS,
-    PROBE_CALLS,
-    DeviceCosts,
-    combined,
-)
 from proxoptim.operators import LayerSystem
 from proxoptim.readback import read_back
 from proxoptim.rowwise import guarded_ratio, row_dot, step_ratio
@@ -210,24 +203,6 @@ class DualKernel:
                     torch.sum(coefficients, 1, out=bias_rows)
         return out_weight, out_bias if self.has_bias else None
 
-    @staticmethod
-    def should_probe(system: LayerSystem, exact: bool) -> bool:
-        """Whether to probe for δ (see :func:`probe_numbers_for`; every call must have
-        captured δ). An exact solve always does: its direction from δ avoids the
-        cancellation of τθ·g against the row-space part, which the general form suffers in
-        float32 (relative errors of ~3e-2 against float64 on the paper MLP on a GPU). For
-        CG the probe can save one (m × n)(n × d) product and costs a few small operators and
-        a host sync, which on an accelerator outweigh that product at the paper's sizes
-        (proxoptim.costs)."""
-        if any(call.output_grad is None for call in system.calls):
-            return False
-        if exact:
-            return True
-        layout, costs = system.layout, system.costs
-        saved = 2.0 * system.num_columns * layout.rows * layout.row_dim
-        return costs.always_probe or saved > PROBE_CALLS * costs.operator_call + costs.host_sync
-
-
 def draw_probe(grad_weight: Tensor, grad_bias: Tensor | None, generator: torch.Generator) -> Tensor:
     """A standard normal probe ω for the gradient's rows: (d_in,), or (d_in + 1,) with a
     bias (its last entry probes the bias column)."""
@@ -244,7 +219,7 @@ def probe_numbers_for(
     their least-squares ratio; shape (4,), float64, on the device (nothing is read back, so
     a CUDA graph can compute it). Every call must have its δ.
 
-    O((m + n)·d) work, against the O(m·n·d) the δ form can save, in 14 operators (12
+    O((m + n)·d) work, against the O(m·n·d) the δ form can save, in 13 operators (11
     without a bias, 3 more per further call): each product with ω is one matrix-vector
     product with the bias term fused in, and the mismatch is the norm of the residual
     vector itself, not ‖ĝ‖² − s²‖δ̂‖², whose cancellation would blur it far above a float64
@@ -276,8 +251,11 @@ def probe_numbers_for(
             probed_delta = torch.addmv(probed_delta, delta, probed_inputs)
     delta_sq = torch.dot(probed_delta, probed_delta)
     scale = torch.dot(probed_grad, probed_delta) / delta_sq
-    mismatch = torch.addcmul(probed_grad, probed_delta, scale, value=-1).norm()
-    return torch.stack([delta_sq, scale, mismatch, probed_grad.norm()]).double()
+    residual = torch.addcmul(probed_grad, probed_delta, scale, value=-1)
+    # The norms are taken in float64 (cast as they are read), and stack widens the rest.
+    mismatch = torch.linalg.vector_norm(residual, dtype=torch.float64)
+    grad_norm = torch.linalg.vector_norm(probed_grad, dtype=torch.float64)
+    return torch.stack([delta_sq, scale, mismatch, grad_norm])
 
 
 def probe_verdicts(numbers: list[Tensor | None], dtypes: list[torch.dtype]) -> list[float | None]:
@@ -354,6 +332,8 @@ def solve_dual(
     if exact:
         return _exact(kernel, grad_weight, grad_bias, tau_prox, output_grad_scale, out, diagnostics)
     if basis is None:
+        from proxoptim.plan import dual_cg_costs  # (the plan module imports this one)
+
         eigenbasis, coefficient = dual_cg_costs(
             kernel.costs,
             kernel.columns,
@@ -361,7 +341,7 @@ def solve_dual(
             cg_iters,
             output_grad_known=output_grad_scale is not None,
         )
-        basis = BASES[1] if coefficient < eigenbasis else BASES[0]
+        basis = "coefficient" if coefficient < eigenbasis else "eigenbasis"
     if basis == "coefficient":
         solution = _coefficient_cg(
             kernel, grad_weight, grad_bias, tau_prox, cg_iters, cg_tol, output_grad_scale, out
@@ -483,47 +463,6 @@ def _block_rows(kernel: DualKernel, rows: int) -> int:
     """Rows per block: CG_ROW_BLOCK where the device profits from it (a CPU's caches);
     elsewhere all rows at once, since every block costs its own operator launches."""
     return CG_ROW_BLOCK if kernel.costs.row_blocks else max(rows, 1)
-
-
-def dual_cg_costs(
-    costs: DeviceCosts,
-    columns: int,
-    rows: int,
-    iterations: int,
-    graphed: bool = False,
-    output_grad_known: bool = False,
-) -> tuple[float, float]:
-    """(eigenbasis, coefficient-basis) cost of the dual CG's n-dimensional work on its own
-    (:func:`dual_cg_parts` combined by :func:`proxoptim.costs.combined`)."""
-    parts = dual_cg_parts(costs, columns, rows, iterations, output_grad_known)
-    eigenbasis, coefficient = (combined(costs, *parts[basis], graphed) for basis in BASES)
-    return eigenbasis, coefficient
-
-
-BASES = ("eigenbasis", "coefficient")
-
-
-def dual_cg_parts(
-    costs: DeviceCosts, columns: int, rows: int, iterations: int, output_grad_known: bool
-) -> dict[str, tuple[float, int]]:
-    """(device work, operators) of the dual CG's n-dimensional work per basis, the work in
-    the device's float32-GEMM flops: one eigh plus the changes of basis (2·m·n² each way)
-    against two (m × n)(n × n) float64 products per iteration, each basis with the memory
-    traffic of its recurrences and the operators they dispatch per block of rows, in the
-    δ form (``output_grad_known``) or the general one."""
-    n, m = columns, rows
-    blocks = -(-m // CG_ROW_BLOCK) if costs.row_blocks else 1
-    parts = {}
-    for basis in BASES:
-        accesses, item = DUAL_CG_ACCESSES[(basis, output_grad_known)]
-        work = iterations * accesses * item * m * n * costs.memory_byte
-        if basis == "eigenbasis":
-            work += costs.eigh_fixed + costs.eigh_per_cube * n**3 + 4.0 * m * n * n
-        else:
-            work += iterations * 4.0 * m * n * n * costs.float64_slowdown
-        operators = iterations * blocks * DUAL_CG_CALLS[(basis, output_grad_known)]
-        parts[basis] = (work, operators)
-    return parts
 
 
 def _gradient_sq(grad_weight: Tensor, grad_bias: Tensor | None) -> Tensor:

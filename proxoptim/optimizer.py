@@ -15,11 +15,10 @@ from torch.optim import Optimizer
 from proxoptim.capture import Capture
 from proxoptim.checks import nonfinite_problem
 from proxoptim.distributed import Communicator, average_over_ranks, default_mode
-from proxoptim.dual import BASES
 from proxoptim.graphs import GraphRunner, SolveGraphs
 from proxoptim.layers import adopt, claim, find_layers, release, resolve_exclusions, unwrap
 from proxoptim.pipeline import SPECULATION_BACKOFF, StepPipeline, _phase
-from proxoptim.plan import LayerPlan, SolveOptions
+from proxoptim.plan import BASES, LayerPlan, SolveOptions
 from proxoptim.solvers import FORMS
 from proxoptim.stats import LayerStats
 

@@ -8,7 +8,7 @@ The optimizer's solve settings are fixed at construction (:class:`SolveOptions`)
 are part of the cache, not of the key.
 
 The first time a signature appears, :func:`make_plan` runs the whole cost model
-(:func:`proxoptim.solvers.choose_form`, the Gram sources, the dual basis, the probe and
+(:func:`choose_form`, the Gram sources, the dual basis, the probe and
 graph policies) and freezes its answers into a :class:`LayerPlan`. Every later step with
 that signature reads the plan: no form is priced again. A new signature (the last, smaller
 batch of an epoch; a new sequence length; ``model.double()``; a bias frozen mid-training)
@@ -31,9 +31,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from proxoptim.dual import BASES, DualKernel, dual_cg_costs
+from proxoptim.costs import (
+    DUAL_CG_ACCESSES,
+    DUAL_CG_CALLS,
+    PRIMAL_EXACT_SYNCS,
+    PROBE_CALLS,
+    ROW_CG_ACCESSES,
+    DeviceCosts,
+    combined,
+    form_operators,
+)
+from proxoptim.dual import CG_ROW_BLOCK
 from proxoptim.operators import LayerSystem, RowLayout
-from proxoptim.solvers import choose_form
+from proxoptim.solvers import FORMS
 
 # Signatures kept per layer. A training loop sees one or two batch shapes per layer (the
 # full batch and the last, smaller one), evaluation never steps, and sequence models a few
@@ -54,7 +64,7 @@ class SolveOptions:
         form: the requested form ("auto" lets the cost model choose per layer).
         diagnostics: whether each solve also computes its residual and cosine.
         probe: when ``.grad`` is probed for s·δᵀŨᵀ (only ever where the δ form would be
-            the dual form): "auto" (the cost rule, :meth:`DualKernel.should_probe`;
+            the dual form): "auto" (the cost rule, :func:`probe_pays`;
             speculatively inside the δ form's CUDA graph where one replays), "eager"
             (every such layer, before its solve, never speculatively) or "never".
         dual_basis: where the dual CG runs: "auto" (the cheaper by the cost model),
@@ -224,8 +234,7 @@ def make_plan(
     # eager probe, which also serves steps in which speculation backs off.
     speculate = options.probe == "auto" and graphs_apply and dual_with_delta
     probe = dual_with_delta and (
-        options.probe == "eager"
-        or (options.probe == "auto" and DualKernel.should_probe(system, exact))
+        options.probe == "eager" or (options.probe == "auto" and probe_pays(system, exact))
     )
     bases = (options.dual_basis, options.dual_basis)
     if options.dual_basis == "auto":
@@ -258,6 +267,179 @@ def _cheaper_basis(system: LayerSystem, cg_iters: int, output_grad_known: bool) 
         output_grad_known=output_grad_known,
     )
     return BASES[1] if coefficient < eigenbasis else BASES[0]
+
+
+# -- the cost model ----------------------------------------------------------------------
+# Every form gives the same direction; the plan runs the cheapest on the layer's device,
+# priced with the tables of proxoptim.costs (measured constants and where they come from).
+
+# Largest primal Gram (all groups together, in elements) the "auto" rule will build:
+# 2^26 float32 elements are 256 MiB.
+MAX_GRAM_ELEMENTS = 1 << 26
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Flop estimates of each form for one layer (DESIGN.md §2); inf where inapplicable."""
+
+    matrix_free: float
+    primal: float
+    dual: float
+
+    def cheapest(self, allowed: tuple[str, ...]) -> str:
+        return min(allowed, key=lambda form: getattr(self, form))
+
+
+def estimate_costs(
+    system: LayerSystem,
+    exact: bool,
+    cg_iters: int,
+    output_grad_known: bool = False,
+    graphed: bool = False,
+) -> Costs:
+    """Cost of each form for n columns, row dim d, m rows in total, k iterations, in the
+    float32-GEMM flops of the layer's device (proxoptim.costs): the device work of its
+    products, dense factorisations and memory traffic, and the operators it dispatches,
+    combined as the device does (:func:`proxoptim.costs.combined`; ``graphed``: replayed
+    from a CUDA graph).
+
+    Forms whose memory (a Gram or kernel above :data:`MAX_GRAM_ELEMENTS`) or layer kind rule
+    them out cost inf; so does matrix-free for an exact solve.
+    """
+    layout = system.layout
+    n, d, m, groups = system.num_columns, layout.row_dim, layout.rows, layout.groups
+    k = 0 if exact else cg_iters
+    device = system.costs
+    # Both row forms' CG recurrences pass over (m, d) rows in the working dtype.
+    row_traffic = k * ROW_CG_ACCESSES * system.dtype.itemsize * m * d * device.memory_byte
+
+    matrix_free = float("inf")
+    if not exact:
+        work = 4.0 * k * n * d * m
+        if system.im2col:
+            work *= device.conv_product_slowdown
+        work += row_traffic
+        matrix_free = combined(device, work, form_operators("matrix_free", k), graphed)
+
+    primal = float("inf")
+    if groups * d * d <= MAX_GRAM_ELEMENTS and system.has_patches:
+        work = system.gram_cost() + row_traffic
+        if exact:
+            work += groups * (device.cholesky_fixed + d**3 / 3.0) + 4.0 * m * d * d
+        else:
+            work += 2.0 * k * m * d * d
+        primal = combined(device, work, form_operators("primal", k), graphed)
+        if exact:
+            primal += PRIMAL_EXACT_SYNCS * device.host_sync
+
+    dual = float("inf")
+    patches_fit = not system.im2col or n * d <= MAX_GRAM_ELEMENTS
+    if system.supports_dual and n * n <= MAX_GRAM_ELEMENTS and patches_fit:
+        work = 2.0 * n * n * d + 2.0 * n * m * d  # the kernel and the final product
+        operators = form_operators("dual", k)
+        if system.im2col:
+            work += device.im2col_per_element * n * d  # the patches, copied once
+        if not output_grad_known:
+            work += 2.0 * n * m * d  # h = gŨ
+        if exact:
+            work += device.cholesky_fixed
+            if device.explicit_inverse:
+                work += device.inverse_per_cube * n**3 + 2.0 * m * n * n
+            else:
+                work += 2.0 * m * n * n * device.float64_slowdown  # two triangular solves
+            dual = combined(device, work, operators, graphed)
+        else:
+            parts = dual_cg_parts(device, n, m, k, output_grad_known)
+            dual = min(
+                combined(device, work + basis_work, operators + basis_operators, graphed)
+                for basis_work, basis_operators in parts.values()
+            )
+    return Costs(matrix_free, primal, dual)
+
+
+def choose_form(
+    system: LayerSystem,
+    exact: bool,
+    cg_iters: int,
+    requested: str = "auto",
+    output_grad_known: bool = False,
+    graphed: bool = False,
+) -> str:
+    """The form to run for one layer.
+
+    A requested form runs wherever the layer allows it (dual: Linear layers; primal: layers
+    with patches whose Gram fits the memory limit); elsewhere, and under "auto", the
+    cheapest by :func:`estimate_costs` (``graphed``: priced as replayed in a CUDA graph).
+    An exact solve with neither a Gram nor a kernel available runs "matrix_free" CG to
+    convergence.
+    """
+    costs = estimate_costs(system, exact, cg_iters, output_grad_known, graphed)
+    if requested != "auto" and getattr(costs, requested) < float("inf"):
+        return requested
+    cheapest = costs.cheapest(FORMS)
+    if getattr(costs, cheapest) == float("inf"):
+        # No Gram or kernel fits (or the layer has none): CG runs matrix-free, and an exact
+        # solve becomes CG run to convergence (see :func:`solve`).
+        return "matrix_free"
+    return cheapest
+
+
+def dual_cg_costs(
+    costs: DeviceCosts,
+    columns: int,
+    rows: int,
+    iterations: int,
+    graphed: bool = False,
+    output_grad_known: bool = False,
+) -> tuple[float, float]:
+    """(eigenbasis, coefficient-basis) cost of the dual CG's n-dimensional work on its own
+    (:func:`dual_cg_parts` combined by :func:`proxoptim.costs.combined`)."""
+    parts = dual_cg_parts(costs, columns, rows, iterations, output_grad_known)
+    eigenbasis, coefficient = (combined(costs, *parts[basis], graphed) for basis in BASES)
+    return eigenbasis, coefficient
+
+
+BASES = ("eigenbasis", "coefficient")
+
+
+def dual_cg_parts(
+    costs: DeviceCosts, columns: int, rows: int, iterations: int, output_grad_known: bool
+) -> dict[str, tuple[float, int]]:
+    """(device work, operators) of the dual CG's n-dimensional work per basis, the work in
+    the device's float32-GEMM flops: one eigh plus the changes of basis (2·m·n² each way)
+    against two (m × n)(n × n) float64 products per iteration, each basis with the memory
+    traffic of its recurrences and the operators they dispatch per block of rows, in the
+    δ form (``output_grad_known``) or the general one."""
+    n, m = columns, rows
+    blocks = -(-m // CG_ROW_BLOCK) if costs.row_blocks else 1
+    parts = {}
+    for basis in BASES:
+        accesses, item = DUAL_CG_ACCESSES[(basis, output_grad_known)]
+        work = iterations * accesses * item * m * n * costs.memory_byte
+        if basis == "eigenbasis":
+            work += costs.eigh_fixed + costs.eigh_per_cube * n**3 + 4.0 * m * n * n
+        else:
+            work += iterations * 4.0 * m * n * n * costs.float64_slowdown
+        operators = iterations * blocks * DUAL_CG_CALLS[(basis, output_grad_known)]
+        parts[basis] = (work, operators)
+    return parts
+
+
+def probe_pays(system: LayerSystem, exact: bool) -> bool:
+    """Whether to probe for δ (see :func:`proxoptim.dual.probe_numbers_for`; every call must have
+    captured δ). An exact solve always does: its direction from δ avoids the
+    cancellation of τθ·g against the row-space part, which the general form suffers in
+    float32 (relative errors of ~3e-2 against float64 on the paper MLP on a GPU). For
+    CG the probe can save one (m × n)(n × d) product and costs a few small operators and
+    a host sync, which on an accelerator outweigh that product at the paper's sizes
+    (proxoptim.costs)."""
+    if any(call.output_grad is None for call in system.calls):
+        return False
+    if exact:
+        return True
+    layout, costs = system.layout, system.costs
+    saved = 2.0 * system.num_columns * layout.rows * layout.row_dim
+    return costs.always_probe or saved > PROBE_CALLS * costs.operator_call + costs.host_sync
 
 
 class PlanCache:

@@ -11,7 +11,8 @@ Two forms of the same computation (DESIGN.md §2) are implemented:
 * ``"primal"``: build ``G = Ũ Ũᵀ`` once (``n·d²``), then CG with ``V/τθ + V G``
   (``m·d²`` per iteration) or an exact Cholesky solve (``d³/3 + 2·m·d²``).
 
-Both give the same iterates up to rounding; :func:`choose_form` picks the cheaper.
+Both give the same iterates up to rounding; the plan (:func:`proxoptim.plan.choose_form`)
+picks the cheaper.
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from proxoptim.costs import PRIMAL_EXACT_SYNCS, ROW_CG_ACCESSES, combined, form_operators
-from proxoptim.dual import DualKernel, dual_cg_parts, solve_dual
+from proxoptim.dual import DualKernel, solve_dual
 from proxoptim.operators import LayerSystem
 from proxoptim.rowwise import row_dot, step_ratio
 from proxoptim.workspace import Workspace
@@ -33,10 +33,6 @@ if TYPE_CHECKING:
     from proxoptim.plan import PlanState
 
 FORMS = ("matrix_free", "primal", "dual")
-
-# Largest primal Gram (all groups together, in elements) the "auto" rule will build:
-# 2^26 float32 elements are 256 MiB.
-MAX_GRAM_ELEMENTS = 1 << 26
 
 # An exact solve in a precision narrower than float64 whose relative residual ‖g − vM‖/‖g‖
 # exceeds this is redone in float64.
@@ -210,112 +206,6 @@ EXACT_CG_MAX_ITERATIONS = 1000
 def exact_cg_budget(row_dim: int, dtype: torch.dtype) -> tuple[int, float]:
     """(iterations, tolerance) for an exact solve by CG on rows of dimension ``row_dim``."""
     return min(2 * row_dim, EXACT_CG_MAX_ITERATIONS), EXACT_CG_TOLERANCE.get(dtype, 1e-3)
-
-
-@dataclass(frozen=True)
-class Costs:
-    """Flop estimates of each form for one layer (DESIGN.md §2); inf where inapplicable."""
-
-    matrix_free: float
-    primal: float
-    dual: float
-
-    def cheapest(self, allowed: tuple[str, ...]) -> str:
-        return min(allowed, key=lambda form: getattr(self, form))
-
-
-def estimate_costs(
-    system: LayerSystem,
-    exact: bool,
-    cg_iters: int,
-    output_grad_known: bool = False,
-    graphed: bool = False,
-) -> Costs:
-    """Cost of each form for n columns, row dim d, m rows in total, k iterations, in the
-    float32-GEMM flops of the layer's device (proxoptim.costs): the device work of its
-    products, dense factorisations and memory traffic, and the operators it dispatches,
-    combined as the device does (:func:`proxoptim.costs.combined`; ``graphed``: replayed
-    from a CUDA graph).
-
-    Forms whose memory (a Gram or kernel above :data:`MAX_GRAM_ELEMENTS`) or layer kind rule
-    them out cost inf; so does matrix-free for an exact solve.
-    """
-    layout = system.layout
-    n, d, m, groups = system.num_columns, layout.row_dim, layout.rows, layout.groups
-    k = 0 if exact else cg_iters
-    device = system.costs
-    # Both row forms' CG recurrences pass over (m, d) rows in the working dtype.
-    row_traffic = k * ROW_CG_ACCESSES * system.dtype.itemsize * m * d * device.memory_byte
-
-    matrix_free = float("inf")
-    if not exact:
-        work = 4.0 * k * n * d * m
-        if system.im2col:
-            work *= device.conv_product_slowdown
-        work += row_traffic
-        matrix_free = combined(device, work, form_operators("matrix_free", k), graphed)
-
-    primal = float("inf")
-    if groups * d * d <= MAX_GRAM_ELEMENTS and system.has_patches:
-        work = system.gram_cost() + row_traffic
-        if exact:
-            work += groups * (device.cholesky_fixed + d**3 / 3.0) + 4.0 * m * d * d
-        else:
-            work += 2.0 * k * m * d * d
-        primal = combined(device, work, form_operators("primal", k), graphed)
-        if exact:
-            primal += PRIMAL_EXACT_SYNCS * device.host_sync
-
-    dual = float("inf")
-    patches_fit = not system.im2col or n * d <= MAX_GRAM_ELEMENTS
-    if system.supports_dual and n * n <= MAX_GRAM_ELEMENTS and patches_fit:
-        work = 2.0 * n * n * d + 2.0 * n * m * d  # the kernel and the final product
-        operators = form_operators("dual", k)
-        if system.im2col:
-            work += device.im2col_per_element * n * d  # the patches, copied once
-        if not output_grad_known:
-            work += 2.0 * n * m * d  # h = gŨ
-        if exact:
-            work += device.cholesky_fixed
-            if device.explicit_inverse:
-                work += device.inverse_per_cube * n**3 + 2.0 * m * n * n
-            else:
-                work += 2.0 * m * n * n * device.float64_slowdown  # two triangular solves
-            dual = combined(device, work, operators, graphed)
-        else:
-            parts = dual_cg_parts(device, n, m, k, output_grad_known)
-            dual = min(
-                combined(device, work + basis_work, operators + basis_operators, graphed)
-                for basis_work, basis_operators in parts.values()
-            )
-    return Costs(matrix_free, primal, dual)
-
-
-def choose_form(
-    system: LayerSystem,
-    exact: bool,
-    cg_iters: int,
-    requested: str = "auto",
-    output_grad_known: bool = False,
-    graphed: bool = False,
-) -> str:
-    """The form to run for one layer.
-
-    A requested form runs wherever the layer allows it (dual: Linear layers; primal: layers
-    with patches whose Gram fits the memory limit); elsewhere, and under "auto", the
-    cheapest by :func:`estimate_costs` (``graphed``: priced as replayed in a CUDA graph).
-    An exact solve with neither a Gram nor a kernel available runs "matrix_free" CG to
-    convergence.
-    """
-    costs = estimate_costs(system, exact, cg_iters, output_grad_known, graphed)
-    if requested != "auto" and getattr(costs, requested) < float("inf"):
-        return requested
-    cheapest = costs.cheapest(FORMS)
-    if getattr(costs, cheapest) == float("inf"):
-        # No Gram or kernel fits (or the layer has none): CG runs matrix-free, and an exact
-        # solve becomes CG run to convergence (see :func:`solve`).
-        return "matrix_free"
-    return cheapest
 
 
 @dataclass

@@ -14,9 +14,8 @@ import torch
 from torch import nn
 
 from proxoptim.costs import ACCELERATOR, CPU, OPERATOR_CALLS, combined, device_costs
-from proxoptim.dual import DualKernel, dual_cg_costs
 from proxoptim.operators import LayerSystem, RowLayout, kind_for
-from proxoptim.solvers import choose_form, estimate_costs
+from proxoptim.plan import choose_form, dual_cg_costs, estimate_costs, probe_pays
 
 
 def system(module, batch, size=32, costs=None, output_grad=False):
@@ -113,12 +112,12 @@ def test_accelerators_build_conv_grams_from_patches():
 @pytest.mark.parametrize(("batch", "width", "expected"), [(500, 1000, False), (8192, 8192, True)])
 def test_probe_runs_on_accelerators_only_where_it_pays(batch, width, expected):
     layer = nn.Linear(width, width)
-    assert DualKernel.should_probe(system(layer, batch, output_grad=True), False)  # CPU: always
+    assert probe_pays(system(layer, batch, output_grad=True), False)  # CPU: always
     on_gpu = system(layer, batch, costs=ACCELERATOR, output_grad=True)
-    assert DualKernel.should_probe(on_gpu, False) == expected
-    assert DualKernel.should_probe(on_gpu, True)  # exact solves always probe
+    assert probe_pays(on_gpu, False) == expected
+    assert probe_pays(on_gpu, True)  # exact solves always probe
     # Without a captured δ there is nothing to probe.
-    assert not DualKernel.should_probe(system(layer, batch), True)
+    assert not probe_pays(system(layer, batch), True)
 
 
 def test_graphed_solves_are_priced_by_their_kernels_not_their_launches():

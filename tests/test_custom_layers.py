@@ -105,7 +105,7 @@ def test_exact_solve_without_room_for_the_gram_runs_cg_to_convergence(monkeypatc
     torch.manual_seed(0)
     layer = nn.Conv2d(3, 4, 3, padding=1).double()
     x = torch.rand(2, 3, 5, 5, dtype=torch.float64)
-    monkeypatch.setattr("proxoptim.solvers.MAX_GRAM_ELEMENTS", 10)
+    monkeypatch.setattr("proxoptim.plan.MAX_GRAM_ELEMENTS", 10)
     with pytest.warns(UserWarning, match="no Gram within the memory limit"):
         direction, grad, stats = direction_of(layer, x, 0, solver="exact")
     assert stats.form == "matrix_free" and stats.iterations > 1

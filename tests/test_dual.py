@@ -19,7 +19,7 @@ BASES = {"eigenbasis": (0.0, 1.0), "coefficient": (1.0, 0.0)}
 def cg_basis(request, monkeypatch):
     """Run the dual CG in the given basis (its cost model picks per device and size)."""
     costs = BASES[request.param]
-    monkeypatch.setattr("proxoptim.dual.dual_cg_costs", lambda *args, **kwargs: costs)
+    monkeypatch.setattr("proxoptim.plan.dual_cg_costs", lambda *args, **kwargs: costs)
     return request.param
 
 

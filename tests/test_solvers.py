@@ -9,15 +9,8 @@ from oracle import relative_error, textbook_cg
 
 from proxoptim.costs import CPU, OPERATOR_CALLS, PATCH_CHUNK_CALLS
 from proxoptim.operators import LayerSystem, RowLayout, kind_for
-from proxoptim.solvers import (
-    MAX_GRAM_ELEMENTS,
-    batched_cg,
-    cholesky_solve_rows,
-    choose_form,
-    estimate_costs,
-    primal_operator,
-    shifted_gram,
-)
+from proxoptim.plan import MAX_GRAM_ELEMENTS, choose_form, estimate_costs
+from proxoptim.solvers import batched_cg, cholesky_solve_rows, primal_operator, shifted_gram
 
 
 def random_problem(groups=2, rows=5, dim=7, columns=4, seed=0, dtype=torch.float64):
@@ -187,10 +180,10 @@ def test_cost_rule_never_builds_a_huge_gram_for_cg(monkeypatch):
     wide = _system(torch.nn.Linear(64, 512), batch=4096)
     assert MAX_GRAM_ELEMENTS >= 65 * 65
     assert choose_form(wide, exact=False, cg_iters=10) == "primal"
-    monkeypatch.setattr("proxoptim.solvers.MAX_GRAM_ELEMENTS", 65 * 65)
+    monkeypatch.setattr("proxoptim.plan.MAX_GRAM_ELEMENTS", 65 * 65)
     assert choose_form(wide, exact=False, cg_iters=10) == "primal"  # the limit is inclusive
     # One element less and neither the Gram nor the 4096 × 4096 kernel may be built.
-    monkeypatch.setattr("proxoptim.solvers.MAX_GRAM_ELEMENTS", 65 * 65 - 1)
+    monkeypatch.setattr("proxoptim.plan.MAX_GRAM_ELEMENTS", 65 * 65 - 1)
     costs = estimate_costs(wide, exact=False, cg_iters=10)
     assert costs.primal == costs.dual == float("inf")
     assert choose_form(wide, exact=False, cg_iters=10) == "matrix_free"
