@@ -203,6 +203,7 @@ class DualKernel:
                     torch.sum(coefficients, 1, out=bias_rows)
         return out_weight, out_bias if self.has_bias else None
 
+
 def draw_probe(grad_weight: Tensor, grad_bias: Tensor | None, generator: torch.Generator) -> Tensor:
     """A standard normal probe ω for the gradient's rows: (d_in,), or (d_in + 1,) with a
     bias (its last entry probes the bias column)."""
@@ -718,7 +719,7 @@ def _diagonal_cg(
     direction = residual
     spare = workspace.take("direction", start.shape, start)
     image = workspace.take("work", start.shape, start)
-    limit_sq = None if tol is None else tol * tol  # relative to ‖r₀‖² = 1 (0: met)
+    threshold_sq = None if tol is None else (tol * tol) * residual_sq
     done = 0
     for done in range(1, iterations + 1):
         torch.mul(direction, diagonal, out=image)
@@ -732,7 +733,7 @@ def _diagonal_cg(
         if done == iterations:
             break
         new_residual_sq = row_dot(residual, residual)
-        if limit_sq is not None and bool((new_residual_sq <= limit_sq).all()):
+        if threshold_sq is not None and bool((new_residual_sq <= threshold_sq).all()):
             break
         beta = step_ratio(new_residual_sq, residual_sq)
         # p ← r + β·p in one pass (out= fully overlapping an input is allowed).
@@ -799,7 +800,9 @@ def _general_cg(
     residual_a = direction_a = solution_a = None
     residual_b = direction_b = solution_b = kernel_direction = None
     if general:
-        residual_a = direction_a = torch.ones(rows, 1, dtype=reference.dtype, device=reference.device)
+        residual_a = direction_a = torch.ones(
+            rows, 1, dtype=reference.dtype, device=reference.device
+        )
         residual_sq = gradient_sq
     else:
         residual_b = direction_b = start
@@ -811,7 +814,7 @@ def _general_cg(
     for done in range(1, iterations + 1):
         if direction_b is None:  # general form, p = g: Mp = (1/τθ, h), w = h, ⟨p, g⟩ = ‖g‖²
             image_b = kernel_direction = projected
-            probe_g = gradient_sq
+            direction_dot_g = gradient_sq
         else:
             if kernel_direction is None:
                 kernel_direction = kernel_times(direction_b)
@@ -819,12 +822,13 @@ def _general_cg(
                 kernel_direction.addcmul_(projected, direction_a)
             image_b = torch.add(kernel_direction, direction_b, alpha=inverse_tau)
             if general:
-                probe_g = row_dot(projected, direction_b).addcmul_(direction_a, gradient_sq)
+                direction_dot_g = row_dot(projected, direction_b)
+                direction_dot_g.addcmul_(direction_a, gradient_sq)
         curvature = row_dot(image_b, kernel_direction)
         kernel_direction = None
         if general:
             image_a = direction_a * inverse_tau
-            curvature.addcmul_(image_a, probe_g)
+            curvature.addcmul_(image_a, direction_dot_g)
         alpha = guarded_ratio(residual_sq, curvature)
         if general:
             solution_a = (

@@ -652,9 +652,7 @@ class LayerSystem:
         shape = (*patch.shape[:-1], 1)
         if self.constants is None:
             return patch.new_ones(shape)
-        return self.constants.constant(
-            f"ones:{shape}:{patch.dtype}", lambda: patch.new_ones(shape)
-        )
+        return self.constants.constant(f"ones:{shape}:{patch.dtype}", lambda: patch.new_ones(shape))
 
     def gram_sources(self) -> list[tuple[bool, float]]:
         """Per call: whether its Gram comes from correlations, and its estimated cost."""

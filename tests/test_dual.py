@@ -327,3 +327,236 @@ def test_only_layers_that_would_run_the_dual_form_are_probed(monkeypatch, solver
     assert probed == dual_shapes
     for name, form in forms.items():
         assert (opt.last_stats[name].output_grad_scale is not None) == (form == "dual")
+
+
+def _count_operators(run):
+    """The aten operators ``run()`` dispatches, and its result."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        result = run()
+    return Count.calls, result
+
+
+@pytest.mark.parametrize("tol", [None, 1e-30, 0.05])
+@pytest.mark.parametrize("iterations", [1, 2, 5])
+def test_diagonal_cg_is_textbook_cg_in_the_scaled_coordinates(iterations, tol):
+    """The δ form's eigenbasis CG: textbook CG on diag(1/τθ + λ) for û = √λ·u, rows run at
+    unit norm and scaled back (a zero row, a tiny row and a null direction of K included),
+    from x₀ = 0 without zero-filled or copied vectors, the last iteration's β and direction
+    skipped; its Σ‖r‖² is that of the true residuals."""
+    from oracle import textbook_cg
+
+    from proxoptim.dual import _diagonal_cg
+    from proxoptim.workspace import Workspace
+
+    generator = torch.Generator().manual_seed(7)
+    rows, n, tau_prox = 4, 6, 0.4
+    eigenvalues = 3 * torch.rand(n, generator=generator, dtype=torch.float64)
+    eigenvalues[0] = 0.0
+    start = torch.randn(rows, n, generator=generator, dtype=torch.float64)
+    start[2] = 0.0
+    start[3] *= 1e-30
+    original = start.clone()
+    solution = torch.full_like(start, float("nan"))  # every entry must be written
+    done, residual_sq = _diagonal_cg(
+        start, solution, eigenvalues, tau_prox, iterations, tol, Workspace()
+    )
+    # A tolerance met stops every row early (here after 2 iterations), and only then.
+    assert done == (min(iterations, 2) if tol == 0.05 else iterations)
+    roots = eigenvalues.sqrt()
+    diagonal = torch.diag(eigenvalues + 1.0 / tau_prox)
+    expected_sq = 0.0
+    for row in range(rows):
+        rhs = original[row] * roots
+        scaled = textbook_cg(diagonal, rhs, done)
+        if tol == 0.05 and done < iterations:
+            assert (rhs - diagonal @ scaled).norm() <= tol * rhs.norm()
+        expected = scaled / torch.where(roots > 0, roots, 1.0)
+        expected_sq += float((rhs - diagonal @ scaled).square().sum())
+        if row == 2:
+            assert torch.equal(solution[row], torch.zeros(n, dtype=torch.float64))
+        else:
+            assert relative_error(solution[row], expected) <= 1e-10
+    assert float(residual_sq) == pytest.approx(expected_sq, rel=1e-9)
+
+
+def test_diagonal_cg_operators_per_iteration():
+    """Every full iteration of the δ form's eigenbasis CG dispatches 12 operators: the
+    diagonal product, two row inner products (two each), two step ratios (two each) and
+    three fused updates."""
+    from proxoptim.dual import _diagonal_cg
+    from proxoptim.workspace import Workspace
+
+    generator = torch.Generator().manual_seed(0)
+    eigenvalues = torch.rand(8, generator=generator)
+    start = torch.randn(5, 8, generator=generator)
+    counts = []
+    for iterations in (2, 6):
+        workspace = Workspace()
+        workspace.take("direction", start.shape, start)  # (slots made before counting)
+        workspace.take("work", start.shape, start)
+        count, _ = _count_operators(
+            lambda iterations=iterations, workspace=workspace: _diagonal_cg(
+                start.clone(),
+                torch.empty_like(start),
+                eigenvalues,
+                0.5,
+                iterations,
+                None,
+                workspace,
+            )
+        )
+        counts.append(count)
+    assert counts[1] - counts[0] == 4 * 12
+
+
+@pytest.mark.parametrize("tol", [None, 0.3])
+@pytest.mark.parametrize("iterations", [1, 2, 4])
+@pytest.mark.parametrize("delta_form", [False, True])
+def test_general_cg_is_textbook_cg_on_every_row(iterations, delta_form, tol):
+    """The dual CG on (a, c) coordinates, v = a·g + cŨᵀ: the same iterates as textbook CG
+    on M = I/τθ + ŨŨᵀ row by row, from g (general form; a zero row included) or from
+    start = s·δᵀ (δ form: a stays 0, ``start`` is never written); Σ‖r‖² is that of the
+    true residuals."""
+    from oracle import textbook_cg
+
+    from proxoptim.dual import _general_cg
+
+    generator = torch.Generator().manual_seed(11)
+    rows, d, n, tau_prox = 3, 7, 5, 0.6
+    patches = torch.randn(d, n, generator=generator, dtype=torch.float64)  # Ũ
+    kernel = patches.T @ patches
+    matrix = torch.eye(d, dtype=torch.float64) / tau_prox + patches @ patches.T
+
+    def kernel_times(coefficients):
+        return coefficients @ kernel
+
+    if delta_form:
+        start = torch.randn(rows, n, generator=generator, dtype=torch.float64)
+        original = start.clone()
+        grad = start @ patches.T
+        coefficients, done, residual_sq, scales = _general_cg(
+            None, None, kernel_times, tau_prox, iterations, tol, start=start
+        )
+        assert torch.equal(start, original)
+        assert torch.equal(scales, torch.zeros(rows, 1, dtype=torch.float64))
+    else:
+        grad = torch.randn(rows, d, generator=generator, dtype=torch.float64)
+        grad[1] = 0.0
+        projected = grad @ patches
+        gradient_sq = grad.square().sum(1, keepdim=True)
+        coefficients, done, residual_sq, scales = _general_cg(
+            projected, gradient_sq, kernel_times, tau_prox, iterations, tol
+        )
+    # A tolerance stops CG after the first iteration at which every row meets it.
+    expected_done = iterations
+    for k in range(1, iterations):
+        textbook = torch.stack([textbook_cg(matrix, row, k) for row in grad])
+        if tol and ((grad - textbook @ matrix).norm(dim=1) <= tol * grad.norm(dim=1)).all():
+            expected_done = k
+            break
+    assert done == expected_done
+    assert not (tol and iterations == 4) or done < iterations  # (the case is exercised)
+    direction = scales * grad + coefficients @ patches.T
+    if tol and done < iterations:
+        row_residual = (grad - direction @ matrix).norm(dim=1)
+        assert (row_residual <= tol * grad.norm(dim=1)).all()
+    for row in range(rows):
+        expected = textbook_cg(matrix, grad[row], done)
+        if row == 1 and not delta_form:
+            assert torch.equal(direction[row], torch.zeros(d, dtype=torch.float64))
+        else:
+            assert relative_error(direction[row], expected) <= 1e-10
+    true_residual_sq = float((grad - direction @ matrix).square().sum())
+    assert float(residual_sq) == pytest.approx(true_residual_sq, rel=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_probe_numbers_match_a_float64_reference(bias, dtype):
+    """(‖δ̂‖², s, ‖ĝ − sδ̂‖, ‖ĝ‖) in float64 for two calls (one with a δ of three
+    dimensions), ĝ = gω, δ̂ = Σ δᵀ(Xω_W + ω_b): equal to the float64 formulas; the
+    verdict holds for .grad = s·δᵀŨᵀ and fails once weight decay is added to it."""
+    from types import SimpleNamespace
+
+    from proxoptim.dual import probe_numbers_for, probe_verdict
+
+    generator = torch.Generator().manual_seed(3)
+    rows, d_in = 5, 4
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    xs, deltas = [randn(6, d_in), randn(6, d_in)], [randn(6, rows), randn(2, 3, rows)]
+    calls = [
+        SimpleNamespace(x=x.to(dtype), output_grad=delta.to(dtype))
+        for x, delta in zip(xs, deltas, strict=True)
+    ]
+    system = SimpleNamespace(layout=SimpleNamespace(rows=rows), calls=calls)
+    flat = [delta.reshape(-1, rows) for delta in deltas]
+    scale = 0.375
+    grad_weight = scale * sum(delta.T @ x for delta, x in zip(flat, xs, strict=True))
+    grad_bias = scale * sum(delta.sum(0) for delta in flat) if bias else None
+    probe = randn(d_in + bias)
+    weight_probe = probe[:d_in]
+    bias_probe = probe[d_in] if bias else 0.0
+    for decay in (0.0, 1e-3):
+        weight = grad_weight + decay * randn(rows, d_in)
+        probed_grad = weight @ weight_probe + (grad_bias * bias_probe if bias else 0.0)
+        probed_delta = sum(
+            delta.T @ (x @ weight_probe + bias_probe) for delta, x in zip(flat, xs, strict=True)
+        )
+        delta_sq = float(probed_delta @ probed_delta)
+        fit = float(probed_grad @ probed_delta) / delta_sq
+        expected = [
+            delta_sq,
+            fit,
+            float((probed_grad - fit * probed_delta).norm()),
+            float(probed_grad.norm()),
+        ]
+        numbers = probe_numbers_for(
+            system,
+            weight.to(dtype),
+            None if grad_bias is None else grad_bias.to(dtype),
+            probe.to(dtype),
+        )
+        assert numbers.dtype == torch.float64 and numbers.shape == (4,)
+        verdict = probe_verdict(numbers.tolist(), dtype)
+        if decay == 0.0:
+            assert verdict == pytest.approx(scale, rel=1e-5 if dtype == torch.float32 else 1e-12)
+            assert numbers[2] <= (1e-6 if dtype == torch.float32 else 1e-14) * numbers[3]
+        else:
+            assert verdict is None
+            # (The mismatch to rounding of the working dtype relative to ‖ĝ‖.)
+            tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+            got = numbers.tolist()
+            assert got[:2] + got[3:] == pytest.approx(expected[:2] + expected[3:], rel=tolerance)
+            assert abs(got[2] - expected[2]) <= tolerance * expected[3]
+
+
+def test_probe_operators():
+    """The δ probe of one call dispatches 13 operators with a bias, 11 without."""
+    from types import SimpleNamespace
+
+    from proxoptim.dual import probe_numbers_for
+
+    x, delta = torch.randn(6, 4), torch.randn(6, 5)
+    system = SimpleNamespace(
+        layout=SimpleNamespace(rows=5), calls=[SimpleNamespace(x=x, output_grad=delta)]
+    )
+    grad_weight, grad_bias = delta.T @ x, delta.sum(0)
+    with_bias, _ = _count_operators(
+        lambda: probe_numbers_for(system, grad_weight, grad_bias, torch.randn(5))
+    )
+    without, _ = _count_operators(
+        lambda: probe_numbers_for(system, grad_weight, None, torch.randn(4))
+    )
+    assert (with_bias, without) == (13 + 1, 11 + 1)  # (+ the probe's own randn)

@@ -35,3 +35,11 @@ def test_step_ratio_of_a_converged_row_is_zero_and_nan_stays_nan():
     result = step_ratio(numerator, denominator)
     assert torch.equal(result[:3], torch.tensor([0.25, 0.0, 3.0]))
     assert torch.isnan(result[3])
+
+
+def test_guarded_ratio_keeps_a_nan_denominator_for_the_non_finite_check():
+    """Three operators (divide, compare, fill): a zero or negative denominator gives 0, a NaN
+    one gives NaN (no comparison with NaN holds), so a corrupted row is not silently
+    stopped."""
+    result = guarded_ratio(torch.tensor([1.0, 0.0, 2.0]), torch.tensor([float("nan"), 0.0, -0.0]))
+    assert torch.isnan(result[0]) and torch.equal(result[1:], torch.zeros(2))

@@ -1,0 +1,93 @@
+"""Operators each solve form dispatches: the source of proxoptim.costs' operator counts.
+
+    python benchmarks/form_operators.py
+
+The cost model prices a form's operators (on an accelerator each eager operator is host
+time; see proxoptim.costs). This script measures them the way the table states them: a
+whole training step (zero_grad, forward, backward, step) of a two-layer network whose
+first layer is preconditioned, counted by a ``TorchDispatchMode``, minus the same step of
+plain backprop, for each form forced with ``solver_form`` and 1 and 2 CG iterations
+(base = 2·count(1) − count(2), per iteration = count(2) − count(1)). The dual form's CG is
+counted per basis, with δ known (the probe holds) and without (``probe="never"``); its
+base is the exact δ-form solve's count. Counts do not depend on the layer's sizes (they
+are operators, not flops), except where a form works in blocks of rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+from step_ops import count_operators
+from torch import nn
+
+from proxoptim import ProxPropOptimizer
+from proxoptim.experiments.provenance import provenance_comment
+
+
+def network() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 100), nn.ReLU(), nn.Linear(100, 10))
+
+
+def extra_operators(**kwargs: object) -> int:
+    """Operators of one ProxProp step beyond backprop's, after two warm-up steps."""
+    x = torch.rand(50, 64)
+    y = torch.randint(0, 10, (50,))
+    template = network()
+
+    def stepper(opt: torch.optim.Optimizer, model: nn.Module):
+        def step() -> None:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        return step
+
+    counts = []
+    for prox in (False, True):
+        model = copy.deepcopy(template)
+        if prox:
+            opt = ProxPropOptimizer(model, torch.optim.SGD, lr=1e-6, tau_prox=0.05, **kwargs)
+        else:
+            opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+        step = stepper(opt, model)
+        step()
+        step()
+        counts.append(sum(count_operators(step).values()))
+    return counts[1] - counts[0]
+
+
+def base_and_per_iteration(**kwargs: object) -> tuple[int, int]:
+    one = extra_operators(cg_iters=1, **kwargs)
+    two = extra_operators(cg_iters=2, **kwargs)
+    return 2 * one - two, two - one
+
+
+def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
+    torch.set_num_threads(2)
+    print(provenance_comment("python benchmarks/form_operators.py"))
+    print("| form | base | per CG iteration |")
+    print("|---|---|---|")
+    for form in ("matrix_free", "primal"):
+        base, per_iteration = base_and_per_iteration(solver="cg", solver_form=form, probe="never")
+        print(f"| {form} | {base} | {per_iteration} |")
+    exact_primal = extra_operators(solver="exact", solver_form="primal")
+    exact_dual = extra_operators(solver="exact", solver_form="dual", probe="eager")
+    print(f"| primal, exact | {exact_primal} | – |")
+    print(f"| dual, exact (δ form, probe included) | {exact_dual} | – |")
+    print()
+    print("| dual CG basis | δ known | per CG iteration |")
+    print("|---|---|---|")
+    for basis in ("eigenbasis", "coefficient"):
+        for probe, known in (("eager", True), ("never", False)):
+            _, per_iteration = base_and_per_iteration(
+                solver="cg", solver_form="dual", dual_basis=basis, probe=probe
+            )
+            print(f"| {basis} | {known} | {per_iteration} |")
+
+
+if __name__ == "__main__":
+    main()
