@@ -76,9 +76,9 @@ def all_finite(tensors: list[Tensor]) -> bool:
         if tensor.numel():
             groups.setdefault((tensor.device, tensor.dtype == torch.float64), []).append(tensor)
     maxima = [
-        torch.stack(torch._foreach_norm(group, 2, dtype=None if wide else torch.float32))
-        .max()
-        .reshape(1)
+        torch.stack(torch._foreach_norm(group, 2, dtype=None if wide else torch.float32)).max()
         for (_, wide), group in groups.items()
     ]
-    return all(math.isfinite(row[0]) for row in read_back(maxima))
+    if len(maxima) == 1:  # the usual case: one device, one precision
+        return math.isfinite(maxima[0].item())
+    return all(math.isfinite(row[0]) for row in read_back([top.reshape(1) for top in maxima]))

@@ -119,6 +119,14 @@ class DualKernel:
             self._kernel = product + 1.0 if self.has_bias else product
         return self._kernel
 
+    @property
+    def lower_kernel(self) -> Tensor:
+        """K with its lower triangle exact (all a Cholesky factorisation or an eigh reads):
+        no symmetrising."""
+        if self._kernel is not None:
+            return self._kernel
+        return self.product + 1.0 if self.has_bias else self.product
+
     def shifted64(self, tau_prox: float) -> Tensor:
         """I/τθ + K in float64 (lower triangle exact): the exact solve's matrix. Three
         operators with the plan's constant I/τθ (+ 1 with a bias)."""
@@ -597,7 +605,8 @@ def _eigenbasis_cg(
     workspace: Workspace,
 ) -> DualSolution:
     """CG on (a, c̃) coordinates in K's eigenbasis: every iteration elementwise."""
-    eigenvalues, basis = torch.linalg.eigh(kernel.kernel)
+    # eigh reads the lower triangle only: K needs no symmetrising for it.
+    eigenvalues, basis = torch.linalg.eigh(kernel.lower_kernel)
     eigenvalues = eigenvalues.clamp_min(0)
     if scale is not None:
         # g = s·δᵀŨᵀ: r₀ = (0, s·δᵀQ), a stays 0, and every quantity is a plain diagonal CG

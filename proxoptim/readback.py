@@ -16,7 +16,10 @@ def read_back(values: list[Tensor | None]) -> list[list[float] | None]:
             by_device.setdefault(value.device, []).append(position)
     numbers: list[list[float] | None] = [None] * len(values)
     for positions in by_device.values():
-        rows = torch.stack([values[position] for position in positions]).tolist()
+        if len(positions) == 1:  # (a stack of one tensor is an operator for nothing)
+            rows = [values[positions[0]].tolist()]
+        else:
+            rows = torch.stack([values[position] for position in positions]).tolist()
         for position, row in zip(positions, rows, strict=True):
             numbers[position] = row
     return numbers

@@ -46,8 +46,8 @@ class SolveResult:
     Attributes:
         direction: v, same shape as the right-hand side.
         iterations: CG iterations run (0 for an exact solve).
-        residual: the final residual g − v M (CG: by recurrence; exact: computed, or None
-            where not asked for).
+        residual: the final residual g − v M (CG: by recurrence; exact: computed), or None
+            where not asked for.
     """
 
     direction: Tensor
@@ -60,6 +60,7 @@ def batched_cg(
     rhs: Tensor,
     iterations: int,
     tol: float | None = None,
+    need_residual: bool = True,
 ) -> SolveResult:
     """Textbook conjugate gradients on every row of ``rhs`` at once, from v = 0.
 
@@ -72,6 +73,8 @@ def batched_cg(
         rhs: g, shape (..., row_dim).
         iterations: the most CG iterations to run (k ≥ 1).
         tol: optional relative residual at which to stop early.
+        need_residual: whether the caller reads the final residual; without it (and
+            without ``tol``) the last iteration does not update it (``residual`` None).
 
     Returns:
         The iterate after ``iterations`` (or fewer) steps and its recurrence residual.
@@ -90,13 +93,19 @@ def batched_cg(
     for done in range(1, iterations + 1):
         m_direction = apply_m(direction)
         alpha = step_ratio(residual_sq, row_dot(direction, m_direction))
+        last = done == iterations
         if solution is None:
             solution = direction * alpha
-            residual = torch.addcmul(rhs, m_direction, alpha, value=-1)
         else:
             solution.addcmul_(direction, alpha)
+        if last and not need_residual and tol is None:
+            residual = None  # (nobody reads the final residual)
+            break
+        if residual is rhs:
+            residual = torch.addcmul(rhs, m_direction, alpha, value=-1)
+        else:
             residual.addcmul_(m_direction, alpha, value=-1)
-        if done == iterations:
+        if last:
             # The last iterate's residual norm, β and direction would serve no one.
             break
         new_residual_sq = row_dot(residual, residual)
@@ -289,13 +298,17 @@ def solve(
         if exact:
             rows = cholesky_solve_rows(gram, rhs, tau_prox, diagnostics, constants)
         else:
-            rows = batched_cg(primal_operator(gram, tau_prox), rhs, cg_iters, cg_tol)
+            rows = batched_cg(
+                primal_operator(gram, tau_prox), rhs, cg_iters, cg_tol, need_residual=diagnostics
+            )
     elif form == "matrix_free":
         if exact:
             iterations, tol = exact_cg_budget(layout.row_dim, rhs.dtype)
         else:
             iterations, tol = cg_iters, cg_tol
-        rows = batched_cg(matrix_free_operator(system, tau_prox), rhs, iterations, tol)
+        rows = batched_cg(
+            matrix_free_operator(system, tau_prox), rhs, iterations, tol, need_residual=diagnostics
+        )
     else:
         raise ValueError(f"unknown solve form {form!r}; expected one of {FORMS}")
     weight, bias = layout.from_rows(rows.direction)

@@ -25,15 +25,27 @@ class Workspace:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
+        # The views handed out, per buffer and shape: a view made again every step would
+        # dispatch two operators (a slice and a view) for nothing.
+        self._views: dict[tuple[str, torch.dtype, torch.device], dict[tuple[int, ...], Tensor]] = {}
 
     def take(self, slot: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
         key = (slot, like.dtype, like.device)
+        views = self._views.get(key)
+        if views is not None:
+            view = views.get(shape)
+            if view is not None:
+                return view
         numel = math.prod(shape)
         buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < numel:
             buffer = torch.empty(numel, dtype=like.dtype, device=like.device)
             self._buffers[key] = buffer
-        return buffer[:numel].view(shape)
+            views = self._views[key] = {}  # views of the old buffer are of no more use
+        view = buffer[:numel].view(shape)
+        self._views.setdefault(key, {})[shape] = view
+        return view
 
     def clear(self) -> None:
         self._buffers.clear()
+        self._views.clear()
