@@ -366,6 +366,7 @@ def solve_dual(
             output_grad_scale,
             out,
             workspace if workspace is not None else Workspace(),
+            need_residual=diagnostics,
         )
     if not diagnostics:
         solution.residual_norm = None
@@ -603,8 +604,10 @@ def _eigenbasis_cg(
     scale: float | None,
     out: tuple[Tensor, Tensor | None] | None,
     workspace: Workspace,
+    need_residual: bool = True,
 ) -> DualSolution:
-    """CG on (a, c̃) coordinates in K's eigenbasis: every iteration elementwise."""
+    """CG on (a, c̃) coordinates in K's eigenbasis: every iteration elementwise.
+    ``need_residual``: whether the δ form reports its final residual norm (None without)."""
     # eigh reads the lower triangle only: K needs no symmetrising for it.
     eigenvalues, basis = torch.linalg.eigh(kernel.lower_kernel)
     eigenvalues = eigenvalues.clamp_min(0)
@@ -612,9 +615,11 @@ def _eigenbasis_cg(
         # g = s·δᵀŨᵀ: r₀ = (0, s·δᵀQ), a stays 0, and every quantity is a plain diagonal CG
         # in the weighted inner product Σ λᵢ uᵢ wᵢ; it runs in the working dtype.
         blocks = _ShortcutBlocks(
-            kernel, basis, eigenvalues, scale, tau_prox, iterations, tol, workspace
+            kernel, basis, eigenvalues, scale, tau_prox, iterations, tol, workspace, need_residual
         )
         weight, bias = kernel.expand_blocks(blocks, basis.T, grad_weight.shape[0], out)
+        if not need_residual and tol is None:
+            return DualSolution(weight, bias, blocks.done, None)
         residual_sq = blocks.residual_sq
         if residual_sq is None:  # no rows at all
             residual_sq = torch.zeros((), dtype=basis.dtype, device=basis.device)
@@ -650,8 +655,10 @@ class _ShortcutBlocks:
         iterations: int,
         tol: float | None,
         workspace: Workspace,
+        need_residual: bool = True,
     ) -> None:
         self.kernel, self.basis, self.eigenvalues = kernel, basis, eigenvalues
+        self.need_residual = need_residual
         self.scale, self.tau_prox, self.iterations, self.tol = scale, tau_prox, iterations, tol
         self.workspace = workspace
         self.done = 0
@@ -682,9 +689,12 @@ class _ShortcutBlocks:
                 self.iterations,
                 self.tol,
                 self.workspace,
+                self.need_residual,
             )
             self.done = max(self.done, block_done)
-            if self.residual_sq is None:
+            if block_residual_sq is None:
+                pass
+            elif self.residual_sq is None:
                 self.residual_sq = block_residual_sq
             else:
                 self.residual_sq = self.residual_sq + block_residual_sq
@@ -699,11 +709,13 @@ def _diagonal_cg(
     iterations: int,
     tol: float | None,
     workspace: Workspace,
-) -> tuple[int, Tensor]:
+    need_residual: bool = True,
+) -> tuple[int, Tensor | None]:
     """CG on diag(1/τθ + λ) for each row of ``start`` (rows, n), inner product Σ λ u w.
 
     Writes the iterate into ``solution`` (same shape); returns (iterations run, Σ over rows
-    of the final squared residual norm). ``start`` is consumed.
+    of the final squared residual norm, or None without ``need_residual`` and ``tol``: the
+    last iteration then skips the residual). ``start`` is consumed.
 
     The recurrences run on √λ-scaled vectors û = √λ·u, where the weighted inner product is
     the plain one: every norm is one reduction pass (no matrix-vector product, whose
@@ -735,9 +747,14 @@ def _diagonal_cg(
         alpha = step_ratio(residual_sq, row_dot(direction, image))
         if done == 1:
             torch.mul(direction, alpha, out=solution)
-            residual = torch.addcmul(direction, image, alpha, value=-1, out=spare)
         else:
             solution.addcmul_(direction, alpha)
+        if done == iterations and not need_residual and tol is None:
+            residual = None  # (nobody reads the final residual)
+            break
+        if done == 1:
+            residual = torch.addcmul(direction, image, alpha, value=-1, out=spare)
+        else:
             residual.addcmul_(image, alpha, value=-1)
         if done == iterations:
             break
@@ -755,6 +772,8 @@ def _diagonal_cg(
     # the smallest normal instead of 0; √λ is either 0 or far above it (√ of the smallest
     # subnormal), so every other component divides by √λ itself.
     solution.div_(roots.clamp_min(tiny)).mul_(row_scale)
+    if residual is None:
+        return done, None
     # Σ over rows of ‖r·row scale‖², from the last residual (scaled in place: no longer
     # needed; when no iteration ran, r = r₀).
     return done, torch.linalg.vector_norm(residual.mul_(row_scale)).square()
