@@ -79,14 +79,35 @@ def main() -> None:
     print(f"| primal, exact | {exact_primal} | – |")
     print(f"| dual, exact (δ form, probe included) | {exact_dual} | – |")
     print()
-    print("| dual CG basis | δ known | per CG iteration |")
-    print("|---|---|---|")
+    print("| dual CG basis | δ known | base (probe included where δ is known) | per CG iteration |")
+    print("|---|---|---|---|")
     for basis in ("eigenbasis", "coefficient"):
         for probe, known in (("eager", True), ("never", False)):
-            _, per_iteration = base_and_per_iteration(
+            base, per_iteration = base_and_per_iteration(
                 solver="cg", solver_form="dual", dual_basis=basis, probe=probe
             )
-            print(f"| {basis} | {known} | {per_iteration} |")
+            print(f"| {basis} | {known} | {base} | {per_iteration} |")
+    print()
+    print(f"δ probe alone: {probe_operators()} operators")
+
+
+def probe_operators() -> int:
+    """Operators of one layer's δ probe (draw and numbers, before the shared read-back)."""
+    from proxoptim.dual import draw_probe, probe_numbers_for
+    from proxoptim.operators import LayerSystem, RowLayout, kind_for
+
+    layer = nn.Linear(64, 100)
+    x, delta = torch.rand(50, 64), torch.rand(50, 100)
+    layout = RowLayout(layer.weight.shape, 1, True)
+    system = LayerSystem(layout, [(layer, kind_for(layer), x, delta)], torch.float32)
+    grad_weight, grad_bias = delta.T @ x, delta.sum(0)
+    generator = torch.Generator().manual_seed(0)
+
+    def probe() -> None:
+        vector = draw_probe(grad_weight, grad_bias, generator)
+        probe_numbers_for(system, grad_weight, grad_bias, vector)
+
+    return sum(count_operators(probe).values())
 
 
 if __name__ == "__main__":

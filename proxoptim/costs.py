@@ -144,22 +144,30 @@ def device_costs(device: torch.device | str) -> DeviceCosts:
     return CPU if torch.device(device).type == "cpu" else ACCELERATOR
 
 
-# Operators a step dispatches per layer and form (measured with a TorchDispatchMode
-# counter on a one-layer step with the accelerator table: matrix-free 74 + 29 per CG
-# iteration, primal 97 + 17 with a Linear layer's Gram, dual 101 plus its CG's; the
-# stats, checks and inner step are in each base).
+# Operators one training step dispatches for one preconditioned layer beyond backprop's, per
+# form: (base, per CG iteration) for CG, and the exact solves' counts. Measured with a
+# TorchDispatchMode counter by ``python benchmarks/form_operators.py`` (CPU, commit
+# c93058d: matrix-free 11 + 24 per iteration, primal 15 + 12, exact primal 27, exact dual
+# 36 with its 14-operator δ probe; the dual CG's base, 25 in the eigenbasis without the
+# probe, and its iterations are in DUAL_CG_CALLS). The step's own fixed operators (the
+# fused finiteness check) are in every base; ``diagnostics=True`` adds about 30 per layer
+# to every form alike.
 OPERATOR_CALLS = {
-    "matrix_free": (74, 29),
-    "primal": (95, 17),
-    "dual": (101, 0),
+    "matrix_free": (11, 24),
+    "primal": (15, 12),
+    "dual": (25, 0),
 }
-# Per iteration and block of rows of the dual CG (proxoptim.dual.dual_cg_costs), by basis
-# and by whether the δ form runs (True) or the general one (False); counted as above.
+EXACT_OPERATOR_CALLS = {
+    "primal": 27,
+    "dual": 22,
+}
+# Per iteration and block of rows of the dual CG (proxoptim.plan.dual_cg_costs), by basis
+# and by whether the δ form runs (True) or the general one (False); measured as above.
 DUAL_CG_CALLS = {
-    ("eigenbasis", True): 19,
-    ("eigenbasis", False): 53,
-    ("coefficient", True): 33,
-    ("coefficient", False): 53,
+    ("eigenbasis", True): 12,
+    ("eigenbasis", False): 34,
+    ("coefficient", True): 17,
+    ("coefficient", False): 34,
 }
 # Memory traffic of one CG iteration, in reads and writes per element of its large vectors
 # (counted from the recurrences: each in-place update reads two and writes one, each row
@@ -175,16 +183,19 @@ DUAL_CG_ACCESSES = {
 }
 # Building a Gram from im2col patches: about five operators per chunk of patches.
 PATCH_CHUNK_CALLS = 5
-# The δ probe (proxoptim.dual.probe_numbers_for, read back with every layer's in one
-# sync): about 20 operators.
-PROBE_CALLS = 20
-# A primal exact solve reads back its factorisation's status and its accuracy check.
-PRIMAL_EXACT_SYNCS = 2
+# The δ probe (proxoptim.dual.draw_probe and probe_numbers_for, read back with every
+# layer's in one sync): 14 operators (benchmarks/form_operators.py).
+PROBE_CALLS = 14
+# A float32 primal exact solve reads back its accuracy check (two norms, one sync); in
+# float64 nothing is read back.
+PRIMAL_EXACT_SYNCS = 1
 
 
-def form_operators(form: str, cg_iters: int) -> int:
+def form_operators(form: str, cg_iters: int, exact: bool = False) -> int:
     """Operators a step dispatches for one layer in ``form`` (without the dual CG's, see
-    :data:`DUAL_CG_CALLS`)."""
+    :data:`DUAL_CG_CALLS`): the exact solve's, or CG's with ``cg_iters`` iterations."""
+    if exact:
+        return EXACT_OPERATOR_CALLS[form]
     base, per_iteration = OPERATOR_CALLS[form]
     return base + per_iteration * cg_iters
 

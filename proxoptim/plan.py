@@ -328,15 +328,15 @@ def estimate_costs(
             work += groups * (device.cholesky_fixed + d**3 / 3.0) + 4.0 * m * d * d
         else:
             work += 2.0 * k * m * d * d
-        primal = combined(device, work, form_operators("primal", k), graphed)
-        if exact:
+        primal = combined(device, work, form_operators("primal", k, exact), graphed)
+        if exact and system.dtype != torch.float64:
             primal += PRIMAL_EXACT_SYNCS * device.host_sync
 
     dual = float("inf")
     patches_fit = not system.im2col or n * d <= MAX_GRAM_ELEMENTS
     if system.supports_dual and n * n <= MAX_GRAM_ELEMENTS and patches_fit:
         work = 2.0 * n * n * d + 2.0 * n * m * d  # the kernel and the final product
-        operators = form_operators("dual", k)
+        operators = form_operators("dual", k, exact)
         if system.im2col:
             work += device.im2col_per_element * n * d  # the patches, copied once
         if not output_grad_known:

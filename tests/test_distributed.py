@@ -74,7 +74,13 @@ def test_global_mode_equals_one_process_on_the_concatenated_batch(
     for result in ranks:
         for direction, reference in zip(result["directions"], expected, strict=True):
             assert relative_error(direction, reference) <= 1e-6
-        assert result["forms"] == {name: s.form for name, s in opt.last_stats.items()}
+        forms = {name: s.form for name, s in opt.last_stats.items()}
+        if forms["0"] == "dual":
+            # A convolution's dual form needs every rank's patches: across ranks the conv
+            # runs the cheapest of the other forms (the same direction).
+            assert result["forms"].pop("0") in ("primal", "matrix_free")
+            forms.pop("0")
+        assert result["forms"] == forms
     # Replicas stay bit-identical, and on the single-process trajectory.
     for result in ranks[1:]:
         for mine, theirs in zip(result["parameters"], ranks[0]["parameters"], strict=True):

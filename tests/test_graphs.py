@@ -120,7 +120,7 @@ def test_a_new_shape_is_captured_on_its_second_sighting():
     assert opt.captured_graphs == 4
 
 
-@pytest.mark.parametrize("kwargs", [{"solver": "exact"}, {"cg_tol": 1e-3}])
+@pytest.mark.parametrize("kwargs", [{"solver": "exact", "solver_form": "primal"}, {"cg_tol": 1e-3}])
 def test_solves_with_host_decisions_stay_eager(kwargs):
     model = network()
     opt = graphed(model, **kwargs)
