@@ -160,10 +160,13 @@ def cholesky_solve_rows(
     In float64 nothing is read back: a factorisation that fails (M not numerically positive
     definite: non-finite inputs, or a τθ so large that I/τθ vanishes against a singular G)
     gives a NaN direction, which the optimizer's non-finite check names. In a narrower
-    dtype one read-back of two norms decides whether the residual is within
-    :data:`EXACT_RESIDUAL_LIMIT` of g (M is ill-conditioned in float32 when τθ·‖G‖ is
-    large; a factorisation that failed leaves a residual that is far off or NaN); if not,
-    the whole solve is redone in float64.
+    dtype (M is ill-conditioned in float32 when τθ·‖G‖ is large) one read-back of two norms
+    checks the residual R = g − vM in a random combination of its rows: ‖ωᵀR‖ against
+    ‖ωᵀg‖ for a fixed Gaussian ω (per group) estimates ‖R‖_F/‖g‖_F, whose expectations
+    they are (squared), at the cost of three products with one row instead of a full
+    (m × d)(d × d) product as large as the solve's own. If it exceeds
+    :data:`EXACT_RESIDUAL_LIMIT` (or is NaN: a failed factorisation), the whole solve is
+    redone in float64.
     """
     shifted = shifted_gram(gram, tau_prox, constants)
     factor, info = torch.linalg.cholesky_ex(shifted)
@@ -176,14 +179,34 @@ def cholesky_solve_rows(
         direction = direction.masked_fill(info.ne(0).reshape(-1, 1, 1), float("nan"))
         residual = torch.baddbmm(rhs, direction, shifted, alpha=-1) if diagnostics else None
         return SolveResult(direction, 0, residual)
-    residual = torch.baddbmm(rhs, direction, shifted, alpha=-1)
-    residual_norm, rhs_norm = torch.stack(torch._foreach_norm([residual, rhs])).tolist()
+    combination = _row_combination(rhs, constants)
+    combined_rhs = torch.bmm(combination, rhs)
+    combined_residual = torch.baddbmm(
+        combined_rhs, torch.bmm(combination, direction), shifted, alpha=-1
+    )
+    norms = torch.stack(torch._foreach_norm([combined_residual, combined_rhs])).tolist()
     # (A NaN residual norm fails this comparison too.)
-    if residual_norm <= EXACT_RESIDUAL_LIMIT * rhs_norm:
+    if norms[0] <= EXACT_RESIDUAL_LIMIT * norms[1]:
+        residual = torch.baddbmm(rhs, direction, shifted, alpha=-1) if diagnostics else None
         return SolveResult(direction, 0, residual)
     wide = cholesky_solve_rows(gram.double(), rhs.double(), tau_prox)
     direction, residual = wide.direction.to(rhs.dtype), wide.residual.to(rhs.dtype)
     return SolveResult(direction, 0, residual)
+
+
+def _row_combination(rhs: Tensor, constants: PlanState | None) -> Tensor:
+    """A fixed Gaussian ω per group, (groups, 1, rows), from a seeded stream (the same on
+    every step and every run), kept by the plan."""
+    groups, rows = rhs.shape[0], rhs.shape[1]
+
+    def draw() -> Tensor:
+        generator = torch.Generator().manual_seed(0xC0DE)
+        weights = torch.randn(groups, 1, rows, generator=generator, dtype=torch.float64)
+        return weights.to(device=rhs.device, dtype=rhs.dtype)
+
+    if constants is None:
+        return draw()
+    return constants.constant(f"row-combination:{groups}:{rows}:{rhs.dtype}", draw)
 
 
 def matrix_free_operator(system: LayerSystem, tau_prox: float) -> Callable[[Tensor], Tensor]:
