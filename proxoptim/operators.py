@@ -475,6 +475,25 @@ class RowLayout:
         bias_rows = bias.reshape(self.groups, self.rows_per_group, 1)
         return torch.cat([weight_rows, bias_rows], dim=-1)
 
+    def write_rows(self, rows: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+        """Writes rows into (W, b) buffers shaped like the weight and bias: what
+        :meth:`from_rows` gives, copied. With one group (every Linear layer and most
+        convolutions) in three operators: a split, and a sum over the size-1 group axis
+        with ``out=`` for each part (a copy that needs no view of the buffers)."""
+        if self.rows_axis or self.groups != 1 or not weight.is_contiguous():
+            weight_rows, bias_rows = self.from_rows(rows)
+            weight.copy_(weight_rows)
+            if bias is not None:
+                bias.copy_(bias_rows)
+            return
+        target = weight if weight.dim() == 2 else weight.view(self.rows, self.weight_row_dim)
+        if not self.has_bias:
+            torch.sum(rows, 0, out=target)
+            return
+        weight_rows, bias_rows = torch.split(rows, [self.weight_row_dim, 1], dim=-1)
+        torch.sum(weight_rows, 0, out=target)
+        torch.sum(bias_rows, (0, 2), out=bias)
+
     def from_rows(self, rows: Tensor) -> tuple[Tensor, Tensor | None]:
         """rows -> (W, b or None); the inverse of :meth:`to_rows`."""
         weight = rows[..., : self.weight_row_dim]

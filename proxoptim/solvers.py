@@ -334,9 +334,10 @@ def solve(
         )
     else:
         raise ValueError(f"unknown solve form {form!r}; expected one of {FORMS}")
-    weight, bias = layout.from_rows(rows.direction)
     if out is not None:
-        weight = out[0].copy_(weight)
-        bias = out[1].copy_(bias) if bias is not None else None
+        layout.write_rows(rows.direction, out[0], out[1] if layout.has_bias else None)
+        weight, bias = out[0], out[1] if layout.has_bias else None
+    else:
+        weight, bias = layout.from_rows(rows.direction)
     residual_norm = rows.residual.norm() if diagnostics else None
     return Solution(weight, bias, rows.iterations, residual_norm)

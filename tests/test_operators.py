@@ -91,6 +91,28 @@ def test_row_layout_round_trip():
     assert no_bias.from_rows(no_bias.to_rows(weight, None))[1] is None
 
 
+@pytest.mark.parametrize(
+    ("weight_shape", "groups", "has_bias", "rows_axis"),
+    [
+        ((5, 7), 1, True, 0),  # Linear
+        ((5, 7), 1, False, 0),
+        ((6, 2, 3, 3), 1, True, 0),  # Conv2d
+        ((6, 2, 3, 3), 2, True, 0),  # grouped: the general path
+        ((2, 6, 3, 3), 1, True, 1),  # ConvTranspose: rows on axis 1
+    ],
+)
+def test_write_rows_copies_what_from_rows_gives(weight_shape, groups, has_bias, rows_axis):
+    layout = RowLayout(torch.Size(weight_shape), groups, has_bias, rows_axis)
+    rows = torch.randn(groups, layout.rows_per_group, layout.row_dim)
+    weight, bias = torch.empty(weight_shape), torch.empty(layout.rows) if has_bias else None
+    layout.write_rows(rows, weight, bias)
+    expected_weight, expected_bias = layout.from_rows(rows)
+    assert torch.equal(weight, expected_weight)
+    assert (bias is None) == (expected_bias is None)
+    if has_bias:
+        assert torch.equal(bias, expected_bias)
+
+
 def test_kind_for_recognises_supported_modules_only():
     assert isinstance(kind_for(nn.Linear(2, 2)), LinearKind)
     assert kind_for(nn.Conv3d(1, 1, 1)).spatial_dims == 3
