@@ -1,17 +1,27 @@
 """Plans (proxoptim.plan): the cost model runs once per layer signature, a changed
-signature re-plans and still solves exactly, and the cache stays bounded."""
+signature re-plans and still solves exactly, and the cache stays bounded; and the cost
+model's rule for each form."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from layer_cases import LAYER_CASES
 from oracle import Recorder, flatten_pair, oracle_direction, relative_error
 from torch import nn
 
 import proxoptim.plan as plan_module
 from proxoptim import ProxPropOptimizer
+from proxoptim.costs import CPU, OPERATOR_CALLS, PATCH_CHUNK_CALLS
 from proxoptim.graphs import EagerRunner
-from proxoptim.plan import PLANS_PER_LAYER, PlanCache
+from proxoptim.operators import LayerSystem, RowLayout, kind_for
+from proxoptim.plan import (
+    MAX_GRAM_ELEMENTS,
+    PLANS_PER_LAYER,
+    PlanCache,
+    choose_form,
+    estimate_costs,
+)
 
 
 def mlp(dtype=torch.float64):
@@ -196,3 +206,123 @@ def test_probe_never_solves_the_general_form():
     assert all(not plan.probe for plan in opt.plans.values())
     assert all(stats.output_grad_scale is None for stats in opt.last_stats.values())
     assert_exact(model, opt, x, gradients, 1.0)
+
+
+# -- the cost model ----------------------------------------------------------------------
+
+
+def _system(module, batch, size=32):
+    kind = kind_for(module)
+    layout = RowLayout(module.weight.shape, kind.groups(module), module.bias is not None)
+    x = torch.zeros(batch, *module_input_shape(module, size))
+    return LayerSystem(layout, [(module, kind, x, None)], torch.float32)
+
+
+def module_input_shape(module, size=32):
+    if isinstance(module, torch.nn.Linear):
+        return (module.in_features,)
+    return (module.in_channels, size, size)
+
+
+def test_cost_rule_picks_the_cheaper_form():
+    # Wide Linear, big batch, many iterations: Gram (d² per iteration) is cheaper.
+    wide = _system(torch.nn.Linear(64, 512), batch=4096)
+    assert choose_form(wide, exact=False, cg_iters=10) == "primal"
+    # Fan-in large, few rows, small batch: matrix-free products are cheaper.
+    narrow = _system(torch.nn.Linear(3072, 16), batch=64)
+    assert choose_form(narrow, exact=False, cg_iters=3) == "matrix_free"
+    costs = estimate_costs(narrow, exact=False, cg_iters=3)
+    assert costs.matrix_free < costs.primal
+    # An exact solve needs the Gram or the kernel: the kernel when the batch is small.
+    assert choose_form(narrow, exact=True, cg_iters=3) == "dual"
+    assert choose_form(wide, exact=True, cg_iters=3) == "primal"
+    # The paper's MLP layer at batch 500: n = 500 < d = 3073, the dual form.
+    paper = _system(torch.nn.Linear(3072, 4000), batch=500)
+    for exact, iterations in ((False, 3), (False, 10), (True, 3)):
+        assert choose_form(paper, exact=exact, cg_iters=iterations) == "dual"
+    # Grouped convolutions have no dual form; an explicit request wins wherever it applies.
+    grouped = _system(torch.nn.Conv2d(16, 20, 5, padding=2, groups=4), batch=8)
+    assert estimate_costs(grouped, exact=False, cg_iters=3).dual == float("inf")
+    assert choose_form(grouped, exact=False, cg_iters=3, requested="dual") != "dual"
+    # A deep convolution on a small image (ResNet-18's last stage on CIFAR-10: 1×1 outputs,
+    # n = 128 columns, d = 4609): the n×n kernel of its patches is the cheap form.
+    deep = _system(torch.nn.Conv2d(512, 512, 3, padding=1), batch=128, size=1)
+    assert choose_form(deep, exact=False, cg_iters=3) == "dual"
+    assert choose_form(deep, exact=True, cg_iters=3) == "dual"
+    assert choose_form(wide, exact=False, cg_iters=10, requested="matrix_free") == "matrix_free"
+    assert choose_form(wide, exact=False, cg_iters=10, requested="dual") == "dual"
+
+
+def test_cost_rule_for_the_paper_cnn():
+    """Stride-1 convolutions build their Gram from input correlations (proxoptim.conv_gram):
+    at batch 500 that beats three matrix-free iterations on the paper CNN's first two
+    layers and four or more on all three (measured on CPU: benchmarks/conv_gram_cost.py); a
+    single iteration stays matrix-free on the widest one (docs/design.md quotes this)."""
+    shapes = [(3, 16, 32), (16, 20, 16), (20, 20, 8)]
+    for index, (in_channels, out_channels, size) in enumerate(shapes):
+        module = torch.nn.Conv2d(in_channels, out_channels, 5, padding=2)
+        conv = _system(module, batch=500, size=size)
+        call = conv.calls[0]
+        correlation = call.kind.correlation_gram_cost(call.module, call.raw)
+        assert conv.gram_cost() == correlation  # cheaper than im2col
+        assert choose_form(conv, exact=False, cg_iters=10) == "primal"
+        assert choose_form(conv, exact=True, cg_iters=3) == "primal"
+        if index < 2:
+            assert choose_form(conv, exact=False, cg_iters=3) == "primal"
+        else:  # 20 → 20 channels on 8×8: three product pairs beat its Gram, four do not
+            assert choose_form(conv, exact=False, cg_iters=3) == "matrix_free"
+            assert choose_form(conv, exact=False, cg_iters=4) == "primal"
+    conv2 = _system(torch.nn.Conv2d(16, 20, 5, padding=2), batch=500, size=16)
+    assert choose_form(conv2, exact=False, cg_iters=1) == "matrix_free"
+    # A strided convolution has no correlation form: its Gram costs 2·n·d² plus im2col.
+    strided = _system(torch.nn.Conv2d(16, 20, 5, stride=2, padding=2), batch=500, size=16)
+    assert choose_form(strided, exact=False, cg_iters=3) == "matrix_free"
+
+
+def test_cost_rule_never_builds_a_huge_gram_for_cg(monkeypatch):
+    # d = 65 (with the bias): the cheapest form builds the 65 × 65 Gram, as long as it fits.
+    wide = _system(torch.nn.Linear(64, 512), batch=4096)
+    assert MAX_GRAM_ELEMENTS >= 65 * 65
+    assert choose_form(wide, exact=False, cg_iters=10) == "primal"
+    monkeypatch.setattr("proxoptim.plan.MAX_GRAM_ELEMENTS", 65 * 65)
+    assert choose_form(wide, exact=False, cg_iters=10) == "primal"  # the limit is inclusive
+    # One element less and neither the Gram nor the 4096 × 4096 kernel may be built.
+    monkeypatch.setattr("proxoptim.plan.MAX_GRAM_ELEMENTS", 65 * 65 - 1)
+    costs = estimate_costs(wide, exact=False, cg_iters=10)
+    assert costs.primal == costs.dual == float("inf")
+    assert choose_form(wide, exact=False, cg_iters=10) == "matrix_free"
+
+
+@pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: c.name)
+def test_cost_estimates_count_columns_rows_and_dims(case):
+    module, sample = case.make()
+    kind = kind_for(module)
+    layout = RowLayout(module.weight.shape, kind.groups(module), module.bias is not None)
+    system = LayerSystem(layout, [(module, kind, sample(3), None)], torch.float64)
+    n, d, m = system.num_columns, layout.row_dim, layout.rows
+    costs = estimate_costs(system, exact=False, cg_iters=2)
+    conv = system.im2col
+    assert conv == case.name.startswith("conv")
+    slowdown = CPU.conv_product_slowdown if conv else 1.0
+    # k = 2 iterations, two products each, plus the operators each form dispatches (on a CPU
+    # one thread does both: the costs add).
+    dispatch = {
+        form: (base + 2 * per_iteration) * CPU.operator_call
+        for form, (base, per_iteration) in OPERATOR_CALLS.items()
+    }
+    assert costs.matrix_free == pytest.approx(
+        slowdown * 4 * 2 * n * d * m + dispatch["matrix_free"]
+    )
+    assert costs.primal == pytest.approx(
+        system.gram_cost() + 2 * 2 * m * d * d + dispatch["primal"]
+    )
+    # The Gram is built the cheaper way; from patches it costs 2·n·d² per group plus the copy.
+    groups, weight_dim = layout.groups, layout.weight_row_dim
+    patches = 2 * groups * n * weight_dim**2
+    if conv:
+        patches += CPU.im2col_per_element * groups * n * weight_dim
+        patches += CPU.operator_call * PATCH_CHUNK_CALLS
+    correlation = kind.correlation_gram_cost(module, system.calls[0].raw)
+    assert system.gram_cost() == pytest.approx(min(patches, correlation))
+    strided = conv and any(stride != 1 for stride in module.stride)
+    assert (correlation == float("inf")) == (strided or not conv)
