@@ -113,3 +113,24 @@ def average_over_ranks(tensors: list[Tensor], communicator: Communicator) -> Non
     for tensor in tensors:
         tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
         offset += tensor.numel()
+
+
+def solving_ranks(
+    communicates: list[bool], mode: str | None, communicator: Communicator | None
+) -> list[int | None]:
+    """Which rank solves each layer to precondition, in layer order (the same answer on
+    every rank): under ``"global"``, layers that need no communication once their inputs
+    are gathered (Linear layers: ``communicates`` False) go round-robin over the ranks, and
+    their directions are broadcast from there; every other layer is solved by every rank
+    alike (None), convolutions all-reducing their Gram or products."""
+    if mode != "global":
+        return [None] * len(communicates)
+    owners: list[int | None] = []
+    owned = 0
+    for needs_communication in communicates:
+        if needs_communication:
+            owners.append(None)
+        else:
+            owners.append(owned % communicator.world_size)
+            owned += 1
+    return owners

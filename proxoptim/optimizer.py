@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 
 from proxoptim.capture import Capture
 from proxoptim.checks import nonfinite_problem
+from proxoptim.costs import DeviceCosts
 from proxoptim.distributed import Communicator, average_over_ranks, default_mode
 from proxoptim.graphs import GraphRunner, SolveGraphs
 from proxoptim.layers import adopt, claim, find_layers, release, resolve_exclusions, unwrap
@@ -84,6 +85,12 @@ class ProxPropOptimizer(Optimizer):
         dual_basis: the dual-form CG's basis: ``"auto"`` (the cheaper on the device),
             ``"eigenbasis"`` (one eigendecomposition of the n × n kernel, then O(m·n) per
             iteration) or ``"coefficient"`` (two (m × n)(n × n) products per iteration).
+        max_gram_elements: the largest Gram or kernel (all groups together, in elements)
+            the cost model may build (default :data:`proxoptim.plan.MAX_GRAM_ELEMENTS`,
+            2^26: 256 MiB in float32); larger ones rule their form out.
+        device_costs: the cost table forms are priced with (default: the one of each
+            layer's device, :func:`proxoptim.costs.device_costs`); e.g. a table measured
+            on your own machine.
         cuda_graphs: replay each layer's solve as a CUDA graph (tensors on a CUDA device;
             CG without ``cg_tol``, and exact solves in the dual form; not under
             ``distributed``). One launch replaces the solve's 100-200, which is what a GPU
@@ -134,6 +141,8 @@ class ProxPropOptimizer(Optimizer):
         diagnostics: bool = False,
         probe: str = "auto",
         dual_basis: str = "auto",
+        max_gram_elements: int | None = None,
+        device_costs: DeviceCosts | None = None,
         cuda_graphs: bool | GraphRunner = False,
         speculation_backoff: int = SPECULATION_BACKOFF,
         distributed: str | None = None,
@@ -168,6 +177,20 @@ class ProxPropOptimizer(Optimizer):
             raise ValueError(f"unknown probe policy {probe!r}; pass one of {PROBES}")
         if dual_basis not in DUAL_BASES:
             raise ValueError(f"unknown dual_basis {dual_basis!r}; pass one of {DUAL_BASES}")
+        if max_gram_elements is not None and (
+            isinstance(max_gram_elements, bool)
+            or not isinstance(max_gram_elements, int)
+            or max_gram_elements < 1
+        ):
+            raise ValueError(
+                f"max_gram_elements must be None or an integer >= 1 (elements of the "
+                f"largest Gram or kernel to build, e.g. 1 << 26), got {max_gram_elements!r}"
+            )
+        if device_costs is not None and not isinstance(device_costs, DeviceCosts):
+            raise ValueError(
+                "device_costs must be None or a proxoptim.costs.DeviceCosts (e.g. "
+                f"dataclasses.replace(proxoptim.costs.CPU, ...)), got {device_costs!r}"
+            )
         self.options = SolveOptions(
             solver=solver,
             cg_iters=int(cg_iters),
@@ -177,6 +200,8 @@ class ProxPropOptimizer(Optimizer):
             diagnostics=diagnostics,
             probe=probe,
             dual_basis=dual_basis,
+            max_gram_elements=max_gram_elements,
+            device_costs=device_costs,
         )
         self.nonfinite = nonfinite
         self.skipped_steps = 0

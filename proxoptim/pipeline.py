@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from proxoptim.capture import CapturedCall
-from proxoptim.distributed import Communicator, gathered_linear_calls
+from proxoptim.distributed import Communicator, gathered_linear_calls, solving_ranks
 from proxoptim.dual import draw_probe, probe_numbers_for, probe_verdicts
 from proxoptim.graphs import SolveGraphs
 from proxoptim.layers import Layer
@@ -162,7 +162,7 @@ class StepPipeline:
         """
         tasks: list[LayerTask] = []
         waiting: list[LayerTask] = []  # solved by another rank
-        owned = 0
+        chosen = []
         for index, layer in enumerate(self.layers):
             if layer.excluded or index == output_layer:
                 continue
@@ -171,11 +171,11 @@ class StepPipeline:
             if index not in calls:
                 self._warn_uncaptured(layer.name)
                 continue
-            owner = None
-            if self.distributed == "global" and not layer.kind.im2col:
-                # Round-robin over the ranks, in layer order (the same on every rank).
-                owner = owned % self.communicator.world_size
-                owned += 1
+            chosen.append((index, layer))
+        owners = solving_ranks(
+            [layer.kind.im2col for _, layer in chosen], self.distributed, self.communicator
+        )
+        for (index, layer), owner in zip(chosen, owners, strict=True):
             with _phase(f"ProxProp.prepare#{layer.name}"):
                 task = self.gather(index, layer, calls[index], owner)
             if owner is not None and owner != self.communicator.rank:
@@ -241,6 +241,7 @@ class StepPipeline:
             raw_calls,
             dtype,
             communicator,
+            costs=self.options.device_costs,
             # The last plan's Gram sources, where it was made for the same inputs.
             gram_sources=_sources_if_same_inputs(latest, raw_calls),
         )
@@ -422,6 +423,7 @@ class StepPipeline:
                     for module, x, grad in zip(modules, xs, output_grads, strict=True)
                 ],
                 dtype,
+                costs=options.device_costs,
                 gram_sources=plan.gram_sources,
             )
             numbers = probed

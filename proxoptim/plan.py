@@ -69,6 +69,10 @@ class SolveOptions:
             (every such layer, before its solve, never speculatively) or "never".
         dual_basis: where the dual CG runs: "auto" (the cheaper by the cost model),
             "eigenbasis" or "coefficient".
+        max_gram_elements: the largest Gram or kernel (all groups, in elements) a form
+            may build (None: :data:`MAX_GRAM_ELEMENTS`).
+        device_costs: the cost table to price forms with (None: that of the layer's
+            device, proxoptim.costs).
     """
 
     solver: str
@@ -79,6 +83,8 @@ class SolveOptions:
     diagnostics: bool
     probe: str = "auto"
     dual_basis: str = "auto"
+    max_gram_elements: int | None = None
+    device_costs: DeviceCosts | None = None
 
     @property
     def exact(self) -> bool:
@@ -218,16 +224,15 @@ def make_plan(
         graphs_supported and (exact or options.cg_tol is None) and system.communicator is None
     )
     graphed_pricing = graphs_apply and not exact
-    form = choose_form(
-        system, exact, options.cg_iters, options.form, False, graphed=graphed_pricing
-    )
+    limit = options.max_gram_elements
+    form = choose_form(system, exact, options.cg_iters, options.form, False, graphed_pricing, limit)
     delta_captured = system.supports_dual and all(
         call.output_grad is not None for call in system.calls
     )
     form_if_delta = None
     if delta_captured:
         form_if_delta = choose_form(
-            system, exact, options.cg_iters, options.form, True, graphed=graphed_pricing
+            system, exact, options.cg_iters, options.form, True, graphed_pricing, limit
         )
     dual_with_delta = form_if_delta == "dual"
     # Speculation is how "auto" probes where the δ form replays as a graph; "probe" is the
@@ -296,6 +301,7 @@ def estimate_costs(
     cg_iters: int,
     output_grad_known: bool = False,
     graphed: bool = False,
+    max_gram_elements: int | None = None,
 ) -> Costs:
     """Cost of each form for n columns, row dim d, m rows in total, k iterations, in the
     float32-GEMM flops of the layer's device (proxoptim.costs): the device work of its
@@ -303,7 +309,8 @@ def estimate_costs(
     combined as the device does (:func:`proxoptim.costs.combined`; ``graphed``: replayed
     from a CUDA graph).
 
-    Forms whose memory (a Gram or kernel above :data:`MAX_GRAM_ELEMENTS`) or layer kind rule
+    Forms whose memory (a Gram or kernel above ``max_gram_elements``, default
+    :data:`MAX_GRAM_ELEMENTS`) or layer kind rule
     them out cost inf; so does matrix-free for an exact solve.
     """
     layout = system.layout
@@ -322,7 +329,8 @@ def estimate_costs(
         matrix_free = combined(device, work, form_operators("matrix_free", k), graphed)
 
     primal = float("inf")
-    if groups * d * d <= MAX_GRAM_ELEMENTS and system.has_patches:
+    limit = MAX_GRAM_ELEMENTS if max_gram_elements is None else max_gram_elements
+    if groups * d * d <= limit and system.has_patches:
         work = system.gram_cost() + row_traffic
         if exact:
             work += groups * (device.cholesky_fixed + d**3 / 3.0) + 4.0 * m * d * d
@@ -333,8 +341,8 @@ def estimate_costs(
             primal += PRIMAL_EXACT_SYNCS * device.host_sync
 
     dual = float("inf")
-    patches_fit = not system.im2col or n * d <= MAX_GRAM_ELEMENTS
-    if system.supports_dual and n * n <= MAX_GRAM_ELEMENTS and patches_fit:
+    patches_fit = not system.im2col or n * d <= limit
+    if system.supports_dual and n * n <= limit and patches_fit:
         work = 2.0 * n * n * d + 2.0 * n * m * d  # the kernel and the final product
         operators = form_operators("dual", k, exact)
         if system.im2col:
@@ -364,6 +372,7 @@ def choose_form(
     requested: str = "auto",
     output_grad_known: bool = False,
     graphed: bool = False,
+    max_gram_elements: int | None = None,
 ) -> str:
     """The form to run for one layer.
 
@@ -373,7 +382,7 @@ def choose_form(
     An exact solve with neither a Gram nor a kernel available runs "matrix_free" CG to
     convergence.
     """
-    costs = estimate_costs(system, exact, cg_iters, output_grad_known, graphed)
+    costs = estimate_costs(system, exact, cg_iters, output_grad_known, graphed, max_gram_elements)
     if requested != "auto" and getattr(costs, requested) < float("inf"):
         return requested
     cheapest = costs.cheapest(FORMS)

@@ -101,13 +101,12 @@ def test_unregistered_layers_pass_through():
     assert opt.layer_names == ["2"]
 
 
-def test_exact_solve_without_room_for_the_gram_runs_cg_to_convergence(monkeypatch):
+def test_exact_solve_without_room_for_the_gram_runs_cg_to_convergence():
     torch.manual_seed(0)
     layer = nn.Conv2d(3, 4, 3, padding=1).double()
     x = torch.rand(2, 3, 5, 5, dtype=torch.float64)
-    monkeypatch.setattr("proxoptim.plan.MAX_GRAM_ELEMENTS", 10)
     with pytest.warns(UserWarning, match="no Gram within the memory limit"):
-        direction, grad, stats = direction_of(layer, x, 0, solver="exact")
+        direction, grad, stats = direction_of(layer, x, 0, solver="exact", max_gram_elements=10)
     assert stats.form == "matrix_free" and stats.iterations > 1
     assert stats.relative_residual <= 1e-11
     expected = oracle_direction(layer, [x], grad, 1.0, None)

@@ -115,3 +115,20 @@ def test_distributed_modes_need_a_process_group():
         ProxPropOptimizer(make_model(), torch.optim.SGD, lr=0.1, distributed="everywhere")
     assert ProxPropOptimizer(make_model(), torch.optim.SGD, lr=0.1).distributed is None
     assert PER_RANK >= 1
+
+
+class _Ranks:
+    def __init__(self, world_size):
+        self.world_size = world_size
+
+
+def test_solving_ranks_spread_linear_layers_round_robin_in_global_mode_only():
+    """Linear layers (no communication once gathered) go round-robin over the ranks in
+    layer order; convolutions (which all-reduce) are solved by every rank alike."""
+    from proxoptim.distributed import solving_ranks
+
+    communicates = [True, False, False, True, False]
+    assert solving_ranks(communicates, "global", _Ranks(2)) == [None, 0, 1, None, 0]
+    assert solving_ranks(communicates, "global", _Ranks(3)) == [None, 0, 1, None, 2]
+    assert solving_ranks(communicates, "local", _Ranks(2)) == [None] * 5
+    assert solving_ranks(communicates, None, None) == [None] * 5

@@ -205,20 +205,19 @@ def test_probed_layers_replay_the_delta_form_with_each_steps_scale(solver):
 
 
 @pytest.mark.parametrize("explicit_inverse", [True, False])
-def test_exact_dual_solves_replay(monkeypatch, explicit_inverse):
+def test_exact_dual_solves_replay(explicit_inverse):
     """Exact solves replay in the dual form (nothing in it reads a value back), with the
     inverse (CPU) or the triangular solves (accelerators)."""
-    from proxoptim import costs
+    from proxoptim.costs import CPU
 
-    monkeypatch.setattr(
-        costs, "CPU", dataclasses.replace(costs.CPU, explicit_inverse=explicit_inverse)
-    )
+    table = dataclasses.replace(CPU, explicit_inverse=explicit_inverse)
+    kwargs = {"solver": "exact", "solver_form": "dual", "device_costs": table}
     model = network()
     eager_model = copy.deepcopy(model)
     batches = [batch(seed) for seed in range(4)]
-    opt = graphed(model, solver="exact", solver_form="dual")
+    opt = graphed(model, **kwargs)
     seen = run_steps(opt, model, batches)
-    eager = ProxPropOptimizer(eager_model, Recorder, solver="exact", solver_form="dual")
+    eager = eager_optimizer(eager_model, **kwargs)
     expected = run_steps(eager, eager_model, batches)
     assert opt.captured_graphs == 2
     assert_same_directions(seen, expected, rtol=1e-5, atol=1e-7)

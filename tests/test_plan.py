@@ -192,6 +192,9 @@ class _FakePlan:
     [
         ({"probe": "sometimes"}, "unknown probe policy"),
         ({"dual_basis": "fourier"}, "unknown dual_basis"),
+        ({"max_gram_elements": 0}, "max_gram_elements must be None or an integer >= 1"),
+        ({"max_gram_elements": 1.5}, "max_gram_elements must be None or an integer >= 1"),
+        ({"device_costs": "cpu"}, "device_costs must be None or a proxoptim.costs.DeviceCosts"),
     ],
 )
 def test_plan_options_are_validated(kwargs, message):
@@ -326,3 +329,22 @@ def test_cost_estimates_count_columns_rows_and_dims(case):
     assert system.gram_cost() == pytest.approx(min(patches, correlation))
     strided = conv and any(stride != 1 for stride in module.stride)
     assert (correlation == float("inf")) == (strided or not conv)
+
+
+def test_max_gram_elements_and_device_costs_reach_the_plan():
+    """A Gram limit below a layer's Gram rules the primal form out of its plan, and a
+    cost table passed in prices the forms instead of the device's own."""
+    import dataclasses
+
+    model = mlp()
+    opt = ProxPropOptimizer(model, Recorder, solver="cg", solver_form="primal", max_gram_elements=8)
+    step(opt, model, 8, 0)
+    assert all(plan.form != "primal" for plan in opt.plans.values())
+    # A table on which every operator costs an eternity: the form with the fewest
+    # operators wins (primal CG: 15 + 12 per iteration, against matrix-free's 11 + 24 and
+    # the general dual form's 29 + 34; benchmarks/form_operators.py).
+    table = dataclasses.replace(CPU, operator_call=1e15)
+    model = mlp()
+    opt = ProxPropOptimizer(model, Recorder, solver="cg", device_costs=table, probe="never")
+    step(opt, model, 8, 0)
+    assert {plan.form for plan in opt.plans.values()} == {"primal"}
