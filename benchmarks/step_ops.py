@@ -18,8 +18,8 @@ process. The script reports two things per method:
 - the median step time over interleaved repeats, as a ratio to backprop's.
 
 The default network is the one ``proxoptim compare`` trains: MLP 64-400-100-400-10 on 8×8
-digits images, Nesterov SGD, batch 100. ``none`` is ProxProp with ``solver="none"``: capture
-and bookkeeping without any solve. The targets printed are issue 14's.
+digits images, Nesterov SGD, batch 100. ``none`` is ProxProp with ``solver="none"``: the
+wrapper and its fused non-finite check, without hooks or solves. The targets printed are issue 14's.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ class ProxPropOptimizer(Optimizer):
         tau_prox: τθ > 0, the proximal step size; smaller means closer to the gradient.
         solver: ``"cg"`` (``cg_iters`` batched CG iterations from v = 0), ``"exact"``
             (M⁻¹g by Cholesky) or ``"none"`` (the plain gradient; the inner optimizer's own
-            trajectory).
+            trajectory, with the non-finite check; no hooks run).
         cg_iters: k ≥ 1, the number of CG iterations (the most, when ``cg_tol`` is set).
         cg_tol: optional early stop once every row has ‖r_j‖ ≤ cg_tol·‖g_j‖ (the dual form
             checks rows in blocks of 1024, stopping each block once all its rows have).
@@ -245,10 +245,13 @@ class ProxPropOptimizer(Optimizer):
             graphs,
             speculation_backoff,
         )
+        # solver="none" takes the plain gradient: nothing captured would ever be read, so
+        # no hooks run (the layers are still claimed: a second optimizer is still refused).
         self._capture = Capture(
             (index, module, not layer.excluded, layer.kind.uses_output_grad)
             for index, layer in enumerate(self._layers)
             for module in layer.modules
+            if solver != "none"
         )
         adopt(self._layers, self._capture)
 

@@ -799,3 +799,17 @@ def test_diagnostics_are_computed_only_on_request(solver):
 def test_diagnostics_must_be_a_bool():
     with pytest.raises(ValueError, match="diagnostics must be True or False"):
         ProxPropOptimizer(make_mlp(), torch.optim.SGD, lr=0.1, diagnostics="yes")
+
+
+def test_solver_none_hooks_nothing_but_still_claims_the_layers():
+    """With the plain gradient nothing captured would ever be read: no hooks run, and the
+    layers stay claimed (a second optimizer on the model is still refused)."""
+    model = make_mlp()
+    opt = ProxPropOptimizer(model, Recorder, solver="none")
+    assert all(not module._forward_hooks for module in model.modules())
+    loss_of(model, *batch(0)).backward()
+    assert opt.captured_calls == 0
+    with pytest.raises(ValueError, match="already tracked by another ProxPropOptimizer"):
+        ProxPropOptimizer(model, Recorder)
+    opt.step()
+    assert opt.inner.seen[-1][model[0].weight] is not None
