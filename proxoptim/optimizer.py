@@ -18,7 +18,7 @@ from proxoptim.costs import DeviceCosts
 from proxoptim.distributed import Communicator, average_over_ranks, default_mode
 from proxoptim.graphs import GraphRunner, SolveGraphs
 from proxoptim.layers import adopt, claim, find_layers, release, resolve_exclusions, unwrap
-from proxoptim.pipeline import SPECULATION_BACKOFF, StepPipeline, _phase
+from proxoptim.pipeline import SPECULATION_BACKOFF, StepPipeline, profiler_range
 from proxoptim.plan import BASES, LayerPlan, SolveOptions
 from proxoptim.solvers import FORMS
 from proxoptim.stats import LayerStats
@@ -432,7 +432,7 @@ class ProxPropOptimizer(Optimizer):
             directions, stats = result.directions, result.stats
             if self.distributed == "local" and directions:
                 average_over_ranks(list(directions.values()), self._communicator)
-        with _phase("ProxProp.nonfinite_check"):
+        with profiler_range("ProxProp.nonfinite_check"):
             problem = nonfinite_problem(
                 self._layers,
                 [param for param in stepped if param.grad is not None],

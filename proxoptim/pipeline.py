@@ -176,24 +176,24 @@ class StepPipeline:
             [layer.kind.im2col for _, layer in chosen], self.distributed, self.communicator
         )
         for (index, layer), owner in zip(chosen, owners, strict=True):
-            with _phase(f"ProxProp.prepare#{layer.name}"):
+            with profiler_range(f"ProxProp.prepare#{layer.name}"):
                 task = self.gather(index, layer, calls[index], owner)
             if owner is not None and owner != self.communicator.rank:
                 waiting.append(task)
             else:
                 tasks.append(task)
         for task in tasks:
-            with _phase(f"ProxProp.probe#{task.layer.name}"):
+            with profiler_range(f"ProxProp.probe#{task.layer.name}"):
                 self.probe(task)
-        with _phase("ProxProp.probe_verdicts"):
+        with profiler_range("ProxProp.probe_verdicts"):
             scales = probe_verdicts(
                 [task.probe_numbers for task in tasks], [task.plan.dtype for task in tasks]
             )
         for task, scale in zip(tasks, scales, strict=True):
             task.scale = scale
-            with _phase(f"ProxProp.solve#{task.layer.name}"):
+            with profiler_range(f"ProxProp.solve#{task.layer.name}"):
                 self.solve(task)
-        with _phase("ProxProp.resolve_stats"):
+        with profiler_range("ProxProp.resolve_stats"):
             stats = resolve_stats({task.layer.name: task.stats for task in tasks})
         directions: dict[Tensor, Tensor] = {}
         for task in tasks:
@@ -526,7 +526,7 @@ def _sources_if_same_inputs(
     return plan.gram_sources
 
 
-def _phase(name: str) -> contextlib.AbstractContextManager[Any]:
+def profiler_range(name: str) -> contextlib.AbstractContextManager[Any]:
     """A profiler range named ``name`` for one phase of a step, when a profiler is running
     (``torch.profiler.profile``); otherwise nothing: each range costs two operators
     dispatched, a dozen per layer and step."""
