@@ -147,18 +147,18 @@ def device_costs(device: torch.device | str) -> DeviceCosts:
 # Operators one training step dispatches for one preconditioned layer beyond backprop's, per
 # form: (base, per CG iteration) for CG, and the exact solves' counts. Measured with a
 # TorchDispatchMode counter by ``python benchmarks/form_operators.py`` (CPU, commit
-# c93058d: matrix-free 11 + 24 per iteration, primal 15 + 12, exact primal 27, exact dual
+# 5ddb3a3: matrix-free 8 + 24 per iteration, primal 12 + 12, exact primal 26, exact dual
 # 36 with its 14-operator δ probe; the dual CG's base, 25 in the eigenbasis without the
 # probe, and its iterations are in DUAL_CG_CALLS). The step's own fixed operators (the
 # fused finiteness check) are in every base; ``diagnostics=True`` adds about 30 per layer
-# to every form alike.
+# to every form alike. tests/test_benchmarks.py holds these to the code's counts.
 OPERATOR_CALLS = {
-    "matrix_free": (11, 24),
-    "primal": (15, 12),
+    "matrix_free": (8, 24),
+    "primal": (12, 12),
     "dual": (25, 0),
 }
 EXACT_OPERATOR_CALLS = {
-    "primal": 27,
+    "primal": 26,
     "dual": 22,
 }
 # Per iteration and block of rows of the dual CG (proxoptim.plan.dual_cg_costs), by basis

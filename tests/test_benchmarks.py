@@ -11,6 +11,7 @@ import sys
 import traceback
 
 import pytest
+import torch
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 # The scripts (each with a main()); bench_*.py are pytest-benchmark files.
@@ -321,3 +322,42 @@ def test_step_ops_counts_each_dispatched_operator_and_a_whole_training_step(benc
     assert counts["aten.mm.default"] == 3
     assert counts["aten.threshold_backward.default"] == 1
     assert step_ops.preconditioned_layers(model) == 1
+
+
+def test_versus_commit_imports_another_commit_beside_this_tree(benchmark_module, tmp_path):
+    """The other commit's package is a separate module (its own classes), importable
+    beside this tree's; HEAD against this tree steps both."""
+    import proxoptim
+
+    versus = benchmark_module("versus_commit")
+    other = versus.import_commit("HEAD", tmp_path)
+    assert other.__name__ == "proxoptim_at_HEAD"
+    assert other.ProxPropOptimizer is not proxoptim.ProxPropOptimizer
+    assert pathlib.Path(other.__file__).is_relative_to(tmp_path)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    x, y = torch.rand(5, 4), torch.randint(0, 2, (5,))
+    step = versus.make_step(model, other.ProxPropOptimizer, x, y, solver="exact")
+    step()
+    sys.path.remove(str(tmp_path))
+
+
+def test_the_cost_models_operator_counts_are_the_codes(benchmark_module):
+    """proxoptim.costs' operator counts are what benchmarks/form_operators.py measures
+    on the code as it is: a leaner (or heavier) form must update the cost model."""
+    from proxoptim import costs
+
+    counter = benchmark_module("form_operators")
+    for form in ("matrix_free", "primal"):
+        measured = counter.base_and_per_iteration(solver="cg", solver_form=form, probe="never")
+        assert measured == costs.OPERATOR_CALLS[form], form
+    assert counter.probe_operators() == costs.PROBE_CALLS
+    exact_primal = counter.extra_operators(solver="exact", solver_form="primal")
+    assert exact_primal == costs.EXACT_OPERATOR_CALLS["primal"]
+    exact_dual = counter.extra_operators(solver="exact", solver_form="dual", probe="eager")
+    assert exact_dual - costs.PROBE_CALLS == costs.EXACT_OPERATOR_CALLS["dual"]
+    for basis in ("eigenbasis", "coefficient"):
+        for probe, known in (("eager", True), ("never", False)):
+            _, per_iteration = counter.base_and_per_iteration(
+                solver="cg", solver_form="dual", dual_basis=basis, probe=probe
+            )
+            assert per_iteration == costs.DUAL_CG_CALLS[(basis, known)], (basis, known)

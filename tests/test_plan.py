@@ -341,7 +341,7 @@ def test_max_gram_elements_and_device_costs_reach_the_plan():
     step(opt, model, 8, 0)
     assert all(plan.form != "primal" for plan in opt.plans.values())
     # A table on which every operator costs an eternity: the form with the fewest
-    # operators wins (primal CG: 15 + 12 per iteration, against matrix-free's 11 + 24 and
+    # operators wins (primal CG: 12 + 12 per iteration, against matrix-free's 8 + 24 and
     # the general dual form's 29 + 34; benchmarks/form_operators.py).
     table = dataclasses.replace(CPU, operator_call=1e15)
     model = mlp()
