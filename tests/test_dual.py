@@ -118,6 +118,21 @@ def test_gradient_with_extra_terms_uses_the_general_form(solver):
         assert relative_error(direction, expected) <= TOLERANCE, modify.__name__
 
 
+@pytest.mark.parametrize("solver", ["exact", "cg"])
+def test_a_gradient_hook_that_changes_grad_is_never_taken_for_the_shortcut(solver):
+    """A tensor hook on the weight changes .grad during backward (here: a fixed
+    perturbation well above rounding, far below the gradient): the probe must reject it,
+    and the general form solves with the gradient as it is."""
+    layer, x, weights = layer_and_batch(seed=4)
+    perturbation = 1e-4 * torch.randn(layer.weight.shape, dtype=torch.float64)
+    handle = layer.weight.register_hook(lambda grad: grad + perturbation)
+    direction, grad, stats = step_with(layer, x, weights, solver=solver)
+    handle.remove()
+    assert stats.form == "dual" and stats.output_grad_scale is None
+    expected = oracle_direction(layer, [x], grad, 1.0, None if solver == "exact" else 3)
+    assert relative_error(direction, expected) <= TOLERANCE
+
+
 def test_grad_scaler_unscaling_gives_the_unscaled_direction():
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(9, 7), nn.ReLU(), nn.Linear(7, 3))
