@@ -27,12 +27,14 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 from collections import Counter
 from collections.abc import Callable
 
 import torch
-from step_ratio import make_step  # one training step: zero_grad, forward, backward, step
+from step_ratio import (  # one training step: zero_grad, forward, backward, step
+    interleaved_times,
+    make_step,
+)
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -102,13 +104,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, object]]:
         model = copy.deepcopy(template)
         opt = build_optimizer(model, name, args.optimizer, args.tau_prox)
         steps[name] = make_step(model, opt, x, y)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for turn in range(args.warmup + args.repeats):
-        for name, step in steps.items():
-            started = time.perf_counter()
-            step()
-            if turn >= args.warmup:
-                times[name].append(time.perf_counter() - started)
+    times = interleaved_times(steps, args.repeats, args.warmup)
     # Counted after the warm-up: a step's first sighting of a layer may set up buffers.
     operators = {name: sum(count_operators(step).values()) for name, step in steps.items()}
     layers = preconditioned_layers(template)

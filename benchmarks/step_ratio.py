@@ -119,6 +119,19 @@ def measure(
         method = Method.parse("backprop" if name == FLOOR else name)
         opt = make_optimizer(model, method, optimizer, 1e-6, tau_prox)
         steps[name] = (make_floor_step if name == FLOOR else make_step)(model, opt, x, y)
+    return interleaved_times(steps, repeats, warmup, block, device)
+
+
+def interleaved_times(
+    steps: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int,
+    block: int = 1,
+    device: str = "cpu",
+) -> dict[str, list[float]]:
+    """Seconds per call of each step, ``repeats`` samples each, the steps taking turns
+    (every turn runs each once, or ``block`` times with the first untimed) after
+    ``warmup`` untimed turns; on a CUDA device each call is synchronised."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     turns = warmup + -(-repeats // max(block - 1, 1)) if block > 1 else warmup + repeats
     for turn in range(turns):

@@ -25,11 +25,11 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from step_ratio import interleaved_times
 from torch import nn
 
 import proxoptim
@@ -101,13 +101,7 @@ def main() -> None:
                 steps[f"{method} ({label})"] = make_step(
                     copy.deepcopy(template), package.ProxPropOptimizer, x, y, **METHODS[method]
                 )
-        times: dict[str, list[float]] = {name: [] for name in steps}
-        for turn in range(args.warmup + args.repeats):
-            for name, step in steps.items():
-                started = time.perf_counter()
-                step()
-                if turn >= args.warmup:
-                    times[name].append(time.perf_counter() - started)
+        times = interleaved_times(steps, args.repeats, args.warmup)
     backprop = statistics.median(times["backprop"])
     print(f"digits MLP, batch {args.batch_size}, CPU 2 threads; median of {args.repeats} turns")
     print("| method | step [ms] | ratio to backprop |")
