@@ -12,20 +12,31 @@ reads its factorisation's status back), never with a communicator. δ-form graph
 the scale from the δ probe's numbers on the device (never a number baked into the graph),
 and when speculating compute the probe themselves; the optimizer reads the verdict
 afterwards and falls back to the general form where it failed. A graph is captured the
-second time its key (layer, form, δ or not, exact or CG and its iteration count, τθ,
-input shapes and dtypes) is seen, so the first step runs eagerly and warms every library
-handle; a capture that fails leaves that key eager for good. Each graph keeps a private
-memory pool for its temporaries: graphs trade memory for launches.
+second time its key (the layer's plan signature, the form, δ or not) is seen, so the
+first step runs eagerly and warms every library handle; a capture that fails leaves that
+key eager for good. Each graph keeps a private memory pool for its temporaries: graphs
+trade memory for launches. :func:`graphed_layer_solve` builds a pipeline task's solve on
+the graph's static copies of its inputs.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Hashable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
+
+from proxoptim.dual import probe_numbers_for
+from proxoptim.operators import LayerSystem
+from proxoptim.solvers import solve
+from proxoptim.stats import layer_stats
+from proxoptim.workspace import Workspace
+
+if TYPE_CHECKING:
+    from proxoptim.pipeline import LayerTask
+    from proxoptim.plan import SolveOptions
 
 # Builds a layer's outputs from its static inputs, inside the capture; also returns the
 # CG iteration count, a host-side number fixed at capture.
@@ -168,3 +179,78 @@ class SolveGraphs:
             return None
         self._entries[key] = entry
         return entry
+
+
+def graphed_layer_solve(
+    graphs: SolveGraphs,
+    task: LayerTask,
+    options: SolveOptions,
+    form: str,
+    probe: Tensor | None,
+    speculative: bool = False,
+) -> tuple[list[Tensor | None], int] | None:
+    """A pipeline task's solve through ``graphs``: (v weight, v bias, the stats'
+    numbers) and the iteration count, or None where it runs eagerly this step (a key
+    not yet captured, or one whose capture failed). ``probe``: the layer's probe
+    numbers when its verdict was δ; the scale then stays on the device, one of the
+    graph's inputs, and the graph runs the δ form. With ``speculative``, ``probe`` is
+    the probe vector ω instead: the graph computes the probe's numbers itself, runs the
+    δ form with their scale and returns the numbers as a fourth output."""
+    modules = [call.module for call in task.calls]
+    inputs = [call.input for call in task.calls]
+    if probe is not None:
+        inputs += [call.output_grad for call in task.calls] + [probe]
+    inputs.append(task.grad_weight)
+    if task.grad_bias is not None:
+        inputs.append(task.grad_bias)
+    plan = task.plan
+    mode = "speculative" if speculative else probe is not None
+    # The plan's signature fixes the inputs' shapes, dtypes and strides.
+    key = (plan.signature, form, mode)
+    kind, layout, dtype = task.layer.kind, plan.layout, plan.dtype
+    calls = len(modules)
+    dual_basis = plan.dual_basis[probe is not None]
+
+    def solve_static(static: list[Tensor]) -> tuple[list[Tensor | None], int]:
+        xs, rest = static[:calls], static[calls:]
+        output_grads: list[Tensor | None] = [None] * calls
+        probed = None
+        if probe is not None:
+            output_grads, probed, rest = rest[:calls], rest[calls], rest[calls + 1 :]
+        static_weight, static_bias = rest[0], rest[1] if len(rest) > 1 else None
+        system = LayerSystem(
+            layout,
+            [
+                (module, kind, x, grad)
+                for module, x, grad in zip(modules, xs, output_grads, strict=True)
+            ],
+            dtype,
+            costs=options.device_costs,
+            gram_sources=plan.gram_sources,
+        )
+        numbers = probed
+        if speculative:
+            numbers = probe_numbers_for(system, static_weight, static_bias, probed)
+        solution = solve(
+            system,
+            static_weight,
+            static_bias,
+            options.tau_prox,
+            exact=options.exact,
+            cg_iters=options.cg_iters,
+            cg_tol=None,
+            form=form,
+            output_grad_scale=None if numbers is None else numbers[1],
+            workspace=Workspace(),  # the graph's own: shared slots could be reallocated
+            diagnostics=options.diagnostics,
+            dual_basis=dual_basis,
+        )
+        pending = layer_stats(
+            form, solution, static_weight, static_bias, 0.0, system, None, options.diagnostics
+        )
+        outputs = [solution.weight, solution.bias, pending.values]
+        if speculative:
+            outputs.append(numbers)
+        return outputs, solution.iterations
+
+    return graphs.run(key, inputs, solve_static)

@@ -39,7 +39,7 @@ from torch import Tensor
 from proxoptim.capture import CapturedCall
 from proxoptim.distributed import Communicator, gathered_linear_calls, solving_ranks
 from proxoptim.dual import draw_probe, probe_numbers_for, probe_verdicts
-from proxoptim.graphs import SolveGraphs
+from proxoptim.graphs import SolveGraphs, graphed_layer_solve
 from proxoptim.layers import Layer
 from proxoptim.operators import LayerSystem, RowLayout
 from proxoptim.plan import LayerPlan, PlanCache, SolveOptions, make_plan, signature_of
@@ -278,7 +278,9 @@ class StepPipeline:
             task.grad_weight, task.grad_bias, self._probe_generator(task.layer.weight.device)
         )
         if speculates:
-            graphed = self._graphed_solve(task, "dual", probe, speculative=True)
+            graphed = graphed_layer_solve(
+                self.graphs, task, self.options, "dual", probe, speculative=True
+            )
             if graphed is not None:
                 (weight_v, bias_v, values, task.probe_numbers), iterations = graphed
                 task.speculation = GraphOutputs(weight_v, bias_v, values, iterations)
@@ -311,9 +313,8 @@ class StepPipeline:
         options = self.options
         # Exact solves replay only in the dual form: the others read values back mid-solve.
         if plan.graphed and (not options.exact or form == "dual"):
-            graphed = self._graphed_solve(
-                task, form, None if task.scale is None else task.probe_numbers
-            )
+            numbers = None if task.scale is None else task.probe_numbers
+            graphed = graphed_layer_solve(self.graphs, task, self.options, form, numbers)
             if graphed is not None:
                 (weight_v, bias_v, values), iterations = graphed
                 task.seconds += time.perf_counter() - started
@@ -383,75 +384,6 @@ class StepPipeline:
             task.scale,
         )
         task.directions = _layer_directions(task, outputs.weight, outputs.bias)
-
-    def _graphed_solve(
-        self, task: LayerTask, form: str, probe: Tensor | None, speculative: bool = False
-    ) -> tuple[list[Tensor | None], int] | None:
-        """The layer's solve through :class:`SolveGraphs`: (v weight, v bias, the stats'
-        numbers) and the iteration count, or None where it runs eagerly this step (a key
-        not yet captured, or one whose capture failed). ``probe``: the layer's probe
-        numbers when its verdict was δ; the scale then stays on the device, one of the
-        graph's inputs, and the graph runs the δ form. With ``speculative``, ``probe`` is
-        the probe vector ω instead: the graph computes the probe's numbers itself, runs the
-        δ form with their scale and returns the numbers as a fourth output."""
-        modules = [call.module for call in task.calls]
-        inputs = [call.input for call in task.calls]
-        if probe is not None:
-            inputs += [call.output_grad for call in task.calls] + [probe]
-        inputs.append(task.grad_weight)
-        if task.grad_bias is not None:
-            inputs.append(task.grad_bias)
-        plan, options = task.plan, self.options
-        mode = "speculative" if speculative else probe is not None
-        # The plan's signature fixes the inputs' shapes, dtypes and strides.
-        key = (plan.signature, form, mode)
-        kind, layout, dtype = task.layer.kind, plan.layout, plan.dtype
-        calls = len(modules)
-        dual_basis = plan.dual_basis[probe is not None]
-
-        def solve_static(static: list[Tensor]) -> tuple[list[Tensor | None], int]:
-            xs, rest = static[:calls], static[calls:]
-            output_grads: list[Tensor | None] = [None] * calls
-            probed = None
-            if probe is not None:
-                output_grads, probed, rest = rest[:calls], rest[calls], rest[calls + 1 :]
-            static_weight, static_bias = rest[0], rest[1] if len(rest) > 1 else None
-            system = LayerSystem(
-                layout,
-                [
-                    (module, kind, x, grad)
-                    for module, x, grad in zip(modules, xs, output_grads, strict=True)
-                ],
-                dtype,
-                costs=options.device_costs,
-                gram_sources=plan.gram_sources,
-            )
-            numbers = probed
-            if speculative:
-                numbers = probe_numbers_for(system, static_weight, static_bias, probed)
-            solution = solve(
-                system,
-                static_weight,
-                static_bias,
-                options.tau_prox,
-                exact=options.exact,
-                cg_iters=options.cg_iters,
-                cg_tol=None,
-                form=form,
-                output_grad_scale=None if numbers is None else numbers[1],
-                workspace=Workspace(),  # the graph's own: shared slots could be reallocated
-                diagnostics=options.diagnostics,
-                dual_basis=dual_basis,
-            )
-            pending = layer_stats(
-                form, solution, static_weight, static_bias, 0.0, system, None, options.diagnostics
-            )
-            outputs = [solution.weight, solution.bias, pending.values]
-            if speculative:
-                outputs.append(numbers)
-            return outputs, solution.iterations
-
-        return self.graphs.run(key, inputs, solve_static)
 
     # -- what persists ---------------------------------------------------------------------
 
