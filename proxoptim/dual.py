@@ -341,16 +341,12 @@ def solve_dual(
     if exact:
         return _exact(kernel, grad_weight, grad_bias, tau_prox, output_grad_scale, out, diagnostics)
     if basis is None:
-        from proxoptim.plan import dual_cg_costs  # (the plan module imports this one)
+        from proxoptim.plan import cheaper_dual_basis  # (the plan module imports this one)
 
-        eigenbasis, coefficient = dual_cg_costs(
-            kernel.costs,
-            kernel.columns,
-            grad_weight.shape[0],
-            cg_iters,
-            output_grad_known=output_grad_scale is not None,
+        known = output_grad_scale is not None
+        basis = cheaper_dual_basis(
+            kernel.costs, kernel.columns, grad_weight.shape[0], cg_iters, known
         )
-        basis = "coefficient" if coefficient < eigenbasis else "eigenbasis"
     if basis == "coefficient":
         solution = _coefficient_cg(
             kernel, grad_weight, grad_bias, tau_prox, cg_iters, cg_tol, output_grad_scale, out

@@ -246,7 +246,10 @@ def make_plan(
         bases = ("eigenbasis", "eigenbasis")
         if not exact and "dual" in (form, form_if_delta):
             bases = tuple(  # type: ignore[assignment]
-                _cheaper_basis(system, options.cg_iters, known) for known in (False, True)
+                cheaper_dual_basis(
+                    system.costs, system.num_columns, system.layout.rows, options.cg_iters, known
+                )
+                for known in (False, True)
             )
     return LayerPlan(
         signature=signature,
@@ -263,13 +266,12 @@ def make_plan(
     )
 
 
-def _cheaper_basis(system: LayerSystem, cg_iters: int, output_grad_known: bool) -> str:
+def cheaper_dual_basis(
+    costs: DeviceCosts, columns: int, rows: int, cg_iters: int, output_grad_known: bool
+) -> str:
+    """The dual CG's basis :func:`dual_cg_costs` prices lower on ``costs``' device."""
     eigenbasis, coefficient = dual_cg_costs(
-        system.costs,
-        system.num_columns,
-        system.layout.rows,
-        cg_iters,
-        output_grad_known=output_grad_known,
+        costs, columns, rows, cg_iters, output_grad_known=output_grad_known
     )
     return BASES[1] if coefficient < eigenbasis else BASES[0]
 
