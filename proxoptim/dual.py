@@ -369,6 +369,35 @@ def solve_dual(
     return solution
 
 
+def solve_dual_from_output_grads(
+    kernel: DualKernel,
+    rows: int,
+    tau_prox: float,
+    *,
+    exact: bool,
+    cg_iters: int,
+    cg_tol: float | None,
+    diagnostics: bool = False,
+    basis: str | None = None,
+) -> DualSolution:
+    """The δ form, v = δᵀ (I/τθ + K)⁻¹ Ũᵀ (or CG on it), from δ and X alone, where no
+    gradient exists (``solve_in_backward``, proxoptim.backward_solve). ``rows``: m."""
+    # The δ form reads g only for its row count, dtype and device: an empty stand-in.
+    shape_only = kernel.inputs.new_empty((rows, 0))
+    return solve_dual(
+        kernel,
+        shape_only,
+        None,
+        tau_prox,
+        exact=exact,
+        cg_iters=cg_iters,
+        cg_tol=cg_tol,
+        output_grad_scale=1.0,
+        diagnostics=diagnostics,
+        basis=basis,
+    )
+
+
 def _exact(
     kernel: DualKernel,
     grad_weight: Tensor,

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from proxoptim.backward_solve import BackwardSolves, gradient_sync
 from proxoptim.capture import Capture
 from proxoptim.checks import nonfinite_problem
 from proxoptim.costs import DeviceCosts
@@ -112,6 +113,15 @@ class ProxPropOptimizer(Optimizer):
             ranks' batches) or ``"local"`` (each rank's own M, directions averaged); see
             :mod:`proxoptim.distributed`. Every rank must run the same layers each step.
         process_group: the group to communicate over (default: the world).
+        solve_in_backward: compute the direction during backward, in place of the weight
+            gradient, for every layer whose plan solves in the dual form with δ (Linear
+            layers with fewer batch rows than fan-in; proxoptim.backward_solve): the
+            weight-gradient product is never computed, and after ``backward`` those
+            layers' ``.grad`` holds v (``clip_grad_norm_`` then clips v; GradScaler
+            unscales it). Other layers, layers with several calls in a step and a layer's
+            first step keep the default path; ``last_stats`` tells which is which. Needs
+            ``distributed`` None or ``"local"`` (where each rank solves its own batch and
+            DDP averages the directions).
         **optimizer_kwargs: passed to ``optimizer`` when it is a class.
 
     ``param_groups``, ``state`` and ``defaults`` are the inner optimizer's own objects, so
@@ -147,6 +157,7 @@ class ProxPropOptimizer(Optimizer):
         speculation_backoff: int = SPECULATION_BACKOFF,
         distributed: str | None = None,
         process_group: Any = None,
+        solve_in_backward: bool = False,
         **optimizer_kwargs: Any,
     ) -> None:
         _validate(
@@ -191,6 +202,8 @@ class ProxPropOptimizer(Optimizer):
                 "device_costs must be None or a proxoptim.costs.DeviceCosts (e.g. "
                 f"dataclasses.replace(proxoptim.costs.CPU, ...)), got {device_costs!r}"
             )
+        if not isinstance(solve_in_backward, bool):
+            raise ValueError(f"solve_in_backward must be True or False, got {solve_in_backward!r}")
         self.options = SolveOptions(
             solver=solver,
             cg_iters=int(cg_iters),
@@ -207,6 +220,18 @@ class ProxPropOptimizer(Optimizer):
         self.skipped_steps = 0
         self.exclude_last = bool(exclude_last)
         self.distributed = default_mode(distributed)
+        if solve_in_backward and solver == "none":
+            raise ValueError(
+                "solve_in_backward=True has nothing to solve with solver='none'; pass "
+                "solver='exact' or 'cg'"
+            )
+        if solve_in_backward and self.distributed == "global":
+            raise ValueError(
+                "solve_in_backward=True solves each rank's own batch during backward, which "
+                "distributed='global' (the single-process direction over all ranks' "
+                "batches) cannot; pass distributed='local', or solve_in_backward=False"
+            )
+        wrapper = model
         self._communicator = Communicator(process_group) if self.distributed else None
         model = unwrap(model)
 
@@ -254,6 +279,16 @@ class ProxPropOptimizer(Optimizer):
             if solver != "none"
         )
         adopt(self._layers, self._capture)
+        self._backward = None
+        if solve_in_backward:
+            self._backward = BackwardSolves(
+                self._layers,
+                self._pipeline,
+                self.options,
+                self._capture,
+                self.exclude_last,
+                gradient_sync(wrapper),
+            )
 
     # The inner optimizer's containers, always read through so that load_state_dict on the
     # inner optimizer (which may rebind them) can never leave us holding stale copies.
@@ -352,7 +387,7 @@ class ProxPropOptimizer(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zeroes the gradients (through the inner optimizer) and drops captured inputs."""
         self.inner.zero_grad(set_to_none=set_to_none)
-        self._capture.clear()
+        self._clear_captures()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.inner.add_param_group(param_group)
@@ -404,6 +439,8 @@ class ProxPropOptimizer(Optimizer):
     def remove_hooks(self) -> None:
         """Detaches ProxProp from the model (idempotent); later steps use the plain gradient."""
         self._capture.remove()
+        if self._backward is not None:
+            self._backward.remove()
         release(self._layers, self._capture)
         self._pipeline.clear()
 
@@ -428,8 +465,13 @@ class ProxPropOptimizer(Optimizer):
         calls = self._capture.calls()
         stepped = [p for group in self.inner.param_groups for p in group["params"]]
         if self.solver != "none":
-            result = self._pipeline.run(calls, set(stepped), self._output_layer(calls))
+            output_layer = self._output_layer(calls)
+            # (Kept until the step succeeds: a step that raises can be retried.)
+            in_backward = None if self._backward is None else dict(self._backward.outcomes)
+            result = self._pipeline.run(calls, set(stepped), output_layer, in_backward)
             directions, stats = result.directions, result.stats
+            if self._backward is not None:
+                self._backward.plan_taps(calls, output_layer)
             if self.distributed == "local" and directions:
                 average_over_ranks(list(directions.values()), self._communicator)
         with profiler_range("ProxProp.nonfinite_check"):
@@ -450,13 +492,13 @@ class ProxPropOptimizer(Optimizer):
             warnings.warn(f"ProxProp: {problem}; step skipped", stacklevel=2)
             self.skipped_steps += 1
             self.last_stats = {}
-            self._capture.clear()
+            self._clear_captures()
             return loss
 
         # The captured inputs and output gradients have served: release them before the
         # inner step, whose temporaries make a training step's memory peak (backprop would
         # have freed the inputs at the end of backward).
-        self._capture.clear()
+        self._clear_captures()
         del calls
         originals = {param: param.grad for param in directions}
         for param, direction in directions.items():
@@ -468,6 +510,11 @@ class ProxPropOptimizer(Optimizer):
                 param.grad = grad
         self.last_stats = stats
         return loss
+
+    def _clear_captures(self) -> None:
+        self._capture.clear()
+        if self._backward is not None:
+            self._backward.clear()
 
     def _output_layer(self, calls: dict[int, list[Any]]) -> int | None:
         """The index of the layer that keeps its plain gradient as the output layer (the

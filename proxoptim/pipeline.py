@@ -28,8 +28,8 @@ import contextlib
 import time
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.autograd.profiler as autograd_profiler
@@ -46,6 +46,9 @@ from proxoptim.plan import LayerPlan, PlanCache, SolveOptions, make_plan, signat
 from proxoptim.solvers import solve
 from proxoptim.stats import LayerStats, PendingStats, layer_stats, pack, resolve_stats, unpack
 from proxoptim.workspace import Workspace
+
+if TYPE_CHECKING:
+    from proxoptim.backward_solve import BackwardOutcome
 
 # After a speculative δ-form solve whose probe failed, the layer runs the general form for
 # this many steps before speculating again: a gradient that is not s·δᵀŨᵀ once (weight
@@ -150,7 +153,11 @@ class StepPipeline:
     # -- the stages ------------------------------------------------------------------------
 
     def run(
-        self, calls: dict[int, list[CapturedCall]], stepped: set[Tensor], output_layer: int | None
+        self,
+        calls: dict[int, list[CapturedCall]],
+        stepped: set[Tensor],
+        output_layer: int | None,
+        in_backward: dict[int, BackwardOutcome] | None = None,
     ) -> StepResult:
         """Every direction and the stats of the layers to precondition.
 
@@ -159,12 +166,21 @@ class StepPipeline:
             stepped: the parameters the inner optimizer steps.
             output_layer: the index of the layer that keeps its plain gradient as the
                 output layer, or None.
+            in_backward: what ``solve_in_backward`` did per layer: layers whose ``.grad``
+                already holds the direction are only reported; the others (several
+                calls, another form) are solved here from the summed gradient.
         """
+        in_backward = in_backward or {}
         tasks: list[LayerTask] = []
         waiting: list[LayerTask] = []  # solved by another rank
         chosen = []
+        solved_in_backward: dict[str, PendingStats] = {}
         for index, layer in enumerate(self.layers):
             if layer.excluded or index == output_layer:
+                continue
+            outcome = in_backward.get(index)
+            if outcome is not None and outcome.solved:
+                solved_in_backward[layer.name] = outcome.stats
                 continue
             if layer.weight.grad is None or layer.weight not in stepped:
                 continue
@@ -194,7 +210,16 @@ class StepPipeline:
             with profiler_range(f"ProxProp.solve#{task.layer.name}"):
                 self.solve(task)
         with profiler_range("ProxProp.resolve_stats"):
-            stats = resolve_stats({task.layer.name: task.stats for task in tasks})
+            pending = {task.layer.name: task.stats for task in tasks}
+            stats = resolve_stats({**solved_in_backward, **pending})
+        for name in solved_in_backward:
+            stats[name] = replace(stats[name], solved_in_backward=True)
+        for task in tasks:
+            outcome = in_backward.get(task.position)
+            if outcome is not None and outcome.fallback is not None:
+                stats[task.layer.name] = replace(
+                    stats[task.layer.name], backward_fallback=outcome.fallback
+                )
         directions: dict[Tensor, Tensor] = {}
         for task in tasks:
             directions.update(task.directions)
@@ -215,8 +240,7 @@ class StepPipeline:
         started = time.perf_counter()
         weight, bias = layer.weight, layer.bias
         has_bias = bias is not None and bias.requires_grad
-        # Solve in at least float32 whatever the parameter (or autocast input) dtype.
-        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        dtype = solve_dtype(weight)
         grad_weight = weight.grad.to(dtype)
         grad_bias = None
         if has_bias:
@@ -232,6 +256,29 @@ class StepPipeline:
                 communicator = self.communicator  # all-reduce the Gram or each product
             else:
                 raw_calls = gathered_linear_calls(raw_calls, dtype, self.communicator)
+        system, plan = self.system_and_plan(index, layer, raw_calls, dtype, communicator)
+        task = LayerTask(layer, index, plan, calls, system, grad_weight, grad_bias, owner)
+        if owner is not None and owner != self.communicator.rank:
+            buffers = self._direction_buffers(weight, grad_weight, grad_bias)
+            task.directions = {weight: buffers[0]}
+            if has_bias and bias.grad is not None:
+                task.directions[bias] = buffers[1]
+        task.seconds = time.perf_counter() - started
+        return task
+
+    def system_and_plan(
+        self,
+        index: int,
+        layer: Layer,
+        raw_calls: list[tuple[Any, Any, Tensor, Tensor | None]],
+        dtype: torch.dtype,
+        communicator: Communicator | None = None,
+    ) -> tuple[LayerSystem, LayerPlan]:
+        """The layer's system over ``raw_calls`` (``(module, kind, input, δ)``) and the plan
+        of its signature, made by the cost model only if the signature is new. Also serves
+        the solves run during backward (proxoptim.backward_solve)."""
+        weight, bias = layer.weight, layer.bias
+        has_bias = bias is not None and bias.requires_grad
         latest = self.plans.latest(index)
         layout = RowLayout(
             weight.shape, layer.kind.groups(layer.modules[0]), has_bias, layer.kind.rows_axis
@@ -254,14 +301,7 @@ class StepPipeline:
             plan = make_plan(signature, system, self.options, graphs_supported)
             self.plans.add(plan)
         system.constants = plan.state
-        task = LayerTask(layer, index, plan, calls, system, grad_weight, grad_bias, owner)
-        if owner is not None and owner != self.communicator.rank:
-            buffers = self._direction_buffers(weight, grad_weight, grad_bias)
-            task.directions = {weight: buffers[0]}
-            if has_bias and bias.grad is not None:
-                task.directions[bias] = buffers[1]
-        task.seconds = time.perf_counter() - started
-        return task
+        return system, plan
 
     def probe(self, task: LayerTask) -> None:
         """Starts the layer's δ probe where its plan has one (its numbers stay on the
@@ -456,6 +496,11 @@ def _sources_if_same_inputs(
         if call.input_shape != tuple(raw.shape) or call.input_dtype != raw.dtype:
             return None
     return plan.gram_sources
+
+
+def solve_dtype(weight: Tensor) -> torch.dtype:
+    """Solves run in at least float32 whatever the parameter (or autocast input) dtype."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
 def profiler_range(name: str) -> contextlib.AbstractContextManager[Any]:

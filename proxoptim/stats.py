@@ -36,7 +36,14 @@ class LayerStats:
             accelerator it includes only what the host waited for).
         columns: n, the number of columns of Ũ (samples × positions over all calls).
         output_grad_scale: s where ``.grad`` was verified to be s·δᵀŨᵀ (Linear layers:
-            the dual form then needs one large product fewer), else None.
+            the dual form then needs one large product fewer), else None; 1 for layers
+            solved in backward (v from δ itself).
+        solved_in_backward: the direction was computed during backward and ``.grad``
+            holds it (``solve_in_backward=True``; proxoptim.backward_solve).
+        backward_fallback: why a layer ``solve_in_backward`` tapped was solved by the step
+            instead ("several calls": the summed system of gradient accumulation or shared
+            weights; "plan not dual with δ": this step's shapes chose another form); None
+            otherwise.
     """
 
     form: str
@@ -46,6 +53,8 @@ class LayerStats:
     seconds: float
     columns: int
     output_grad_scale: float | None = None
+    solved_in_backward: bool = False
+    backward_fallback: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,385 @@
+"""``solve_in_backward=True``: a layer's direction computed during backward, in place of its
+weight gradient.
+
+Where a layer's plan solves in the dual form with δ known (proxoptim.dual), the direction
+needs only δ, the gradient of the layer's output, and the layer's input X:
+
+    v = δᵀ (I/τθ + K)⁻¹ Ũᵀ,   K = ŨᵀŨ = XXᵀ (+ 1),
+
+(or ``cg_iters`` CG iterations on it). The default path first lets autograd compute
+g = δᵀŨᵀ into ``.grad``, then solves: one (m × n)(n × d) product, as large as the weight
+gradient, is spent on g. Here that product is never computed:
+
+* a forward pre-hook lets the layer's own forward run with its weight and bias not
+  requiring grad, so autograd records only the input's gradient for it;
+* a forward hook gives the output a second autograd node in place (:class:`_Direction`,
+  ``mark_dirty``: the output stays the same tensor, and in-place operations on it, such
+  as ``ReLU(inplace=True)``, still work). Its backward receives δ, passes it on unchanged
+  to the input's gradient, and returns v as the weight's and bias's gradient, which
+  autograd accumulates into ``.grad`` (and DDP all-reduces, and GradScaler unscales: v is
+  linear in δ).
+
+Which layers: a layer is solved in backward from the step after its plan (made for a step
+with exactly one call of the layer) chose the dual form with δ, which the cost model does
+for Linear layers with fewer batch rows than fan-in (d ≫ n; docs/performance.md). It must
+not be the output layer (``exclude_last``). Convolutions keep the default path: their
+dual form would need δ in the im2col layout, and at the image sizes they run on, n = batch
+× positions exceeds the fan-in, so their plans are primal or matrix-free anyway.
+
+Several calls in one step (gradient accumulation, shared weights): the direction must be
+that of the summed system, never a sum of per-call directions. A layer that had several
+calls in its last step is not tapped. A layer tapped on a single-call history that then
+meets a second call returns that call's gradient plus g₁ − v₁ for its first call (v₁
+recomputed from the kept δ₁ and X₁), so ``.grad`` holds g₁ + g₂ and the step solves the
+summed system as the default path does; ``last_stats`` says so. Under DDP this needs the
+first call's gradient not to have been all-reduced yet (``no_sync`` on every micro-batch
+but the last, as gradient accumulation under DDP does anyway); otherwise it raises.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+from torch.utils.hooks import RemovableHandle
+
+from proxoptim.capture import Capture
+from proxoptim.dual import DualKernel, solve_dual_from_output_grads
+from proxoptim.layers import Layer
+from proxoptim.pipeline import solve_dtype
+from proxoptim.solvers import Solution
+from proxoptim.stats import PendingStats, layer_stats
+
+if TYPE_CHECKING:
+    from proxoptim.operators import LayerSystem
+    from proxoptim.pipeline import StepPipeline
+    from proxoptim.plan import LayerPlan, SolveOptions
+
+# Why a tapped layer's direction was left to the step (``LayerStats.backward_fallback``).
+SEVERAL_CALLS = "several calls"
+NOT_DUAL = "plan not dual with δ"
+
+
+@dataclass
+class TappedCall:
+    """One forward call of a tapped layer: its module, input and what its forward
+    switched off (restored by the forward hook)."""
+
+    index: int
+    module: nn.Module
+    input: Tensor
+    bias: Tensor | None  # the trained bias, also switched off
+    synced: bool  # whether DDP all-reduces this call's gradients (decided at forward)
+
+
+@dataclass
+class BackwardOutcome:
+    """What backward did for one layer since the last step.
+
+    Attributes:
+        calls: tapped calls whose backward ran.
+        solved: ``.grad`` holds the direction (one call, solved in the dual form);
+            otherwise it holds the summed gradient and the step solves as usual.
+        fallback: why not solved (None where solved).
+        stats: the solve's stats (solved layers).
+        first: (module, input, δ) of a solved first call, to undo its direction if a
+            second call comes.
+        synced: whether that first direction may already have been all-reduced (DDP).
+    """
+
+    calls: int = 0
+    solved: bool = False
+    fallback: str | None = None
+    stats: PendingStats | None = None
+    first: tuple[nn.Module, Tensor, Tensor] | None = field(default=None, repr=False)
+    synced: bool = False
+
+
+class BackwardSolves:
+    """The hooks and per-step bookkeeping of ``solve_in_backward=True``.
+
+    Args:
+        layers: the optimizer's layers.
+        pipeline: the step pipeline, whose plan cache and systems the solves share.
+        options: the solve settings.
+        capture: the optimizer's capture (to tell the output layer during backward).
+        exclude_last: whether the output layer keeps its plain gradient.
+        gradient_sync: returns whether this backward all-reduces gradients (DDP's
+            ``require_backward_grad_sync``), or None outside DDP.
+    """
+
+    def __init__(
+        self,
+        layers: list[Layer],
+        pipeline: StepPipeline,
+        options: SolveOptions,
+        capture: Capture,
+        exclude_last: bool,
+        gradient_sync: Callable[[], bool] | None,
+    ) -> None:
+        self.layers = layers
+        self.pipeline = pipeline
+        self.options = options
+        self.capture = capture
+        self.exclude_last = exclude_last
+        self.gradient_sync = gradient_sync
+        self.tapped: set[int] = set()  # layers whose next calls are solved in backward
+        self.outcomes: dict[int, BackwardOutcome] = {}
+        self._in_flight: dict[nn.Module, TappedCall] = {}
+        self._handles: list[RemovableHandle] = []
+        self_ref = weakref.ref(self)
+        for index, layer in enumerate(layers):
+            if layer.excluded or not layer.kind.uses_output_grad:
+                continue
+            for module in layer.modules:
+                self._handles.append(
+                    module.register_forward_pre_hook(_make_pre_hook(self_ref, index))
+                )
+                # First among the forward hooks (the capture's checks requires_grad), and
+                # run even when the forward raises, so requires_grad is always restored.
+                self._handles.append(
+                    module.register_forward_hook(
+                        _make_post_hook(self_ref), prepend=True, always_call=True
+                    )
+                )
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.tapped.clear()
+        self.clear()
+
+    def clear(self) -> None:
+        """Forgets this step's outcomes (after a step or ``zero_grad``)."""
+        self.outcomes = {}
+
+    def plan_taps(self, calls: dict[int, list[Any]], output_layer: int | None) -> None:
+        """Which layers the next steps solve in backward: those with one call this step,
+        not the output layer, whose plan solves in the dual form with δ."""
+        tapped = set()
+        for index, layer_calls in calls.items():
+            if index == output_layer or len(layer_calls) != 1 or index >= len(self.layers):
+                continue
+            layer = self.layers[index]
+            if layer.excluded or not layer.kind.uses_output_grad:
+                continue
+            plan = self.pipeline.plans.latest(index)
+            if plan is not None and plan.form_if_delta == "dual":
+                tapped.add(index)
+        self.tapped = tapped
+
+    # -- forward -------------------------------------------------------------------------
+
+    def begin_call(self, index: int, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if index not in self.tapped or not torch.is_grad_enabled() or not args:
+            return
+        weight = module._parameters.get("weight")
+        if weight is None or not weight.requires_grad or not isinstance(args[0], Tensor):
+            return
+        bias = module._parameters.get("bias")
+        bias = bias if bias is not None and bias.requires_grad else None
+        synced = self.gradient_sync is not None and self.gradient_sync()
+        self._in_flight[module] = TappedCall(index, module, args[0], bias, synced)
+        weight.requires_grad_(False)
+        if bias is not None:
+            bias.requires_grad_(False)
+
+    def end_call(self, module: nn.Module, output: Any) -> None:
+        call = self._in_flight.pop(module, None)
+        if call is None:
+            return
+        weight = module._parameters["weight"]
+        weight.requires_grad_(True)
+        if call.bias is not None:
+            call.bias.requires_grad_(True)
+        if isinstance(output, Tensor):  # (None when the forward raised)
+            _Direction.apply(output, weight, call.bias, _Tap(weakref.ref(self), call))
+
+    # -- backward ------------------------------------------------------------------------
+
+    def directions(self, call: TappedCall, output_grad: Tensor) -> tuple[Tensor, Tensor | None]:
+        """What backward accumulates into the layer's ``.grad`` for one call: v (solved),
+        or g plus the correction that turns an earlier call's v into its g."""
+        layer = self.layers[call.index]
+        outcome = self.outcomes.setdefault(call.index, BackwardOutcome())
+        outcome.calls += 1
+        if outcome.calls == 1 and not self._is_output_layer(call.index):
+            solved = self._solve(call.index, call.module, call.input, output_grad)
+            if solved is not None:
+                solution, stats = solved
+                outcome.solved, outcome.stats = True, stats
+                outcome.first = (call.module, call.input, output_grad)
+                outcome.synced = call.synced
+                return _cast(solution.weight, solution.bias, layer)
+            outcome.fallback = NOT_DUAL
+        weight_grad, bias_grad = self._gradient(call.index, call.module, call.input, output_grad)
+        if outcome.solved:
+            # A second call: the summed system is the step's to solve. Turn the first
+            # call's v (already accumulated, or about to be) into its g.
+            if outcome.synced:
+                raise RuntimeError(
+                    f"ProxProp: layer {layer.name!r} was called again after its direction "
+                    "was solved in backward and all-reduced by DDP; with solve_in_backward="
+                    "True, accumulate micro-batches under model.no_sync() (all but the "
+                    "last), or pass solve_in_backward=False"
+                )
+            module, first_input, first_grad = outcome.first
+            first_v, _ = self._solve(call.index, module, first_input, first_grad)  # type: ignore[misc]
+            first_g = self._gradient(call.index, module, first_input, first_grad)
+            weight_grad = weight_grad + first_g[0] - first_v.weight.view_as(first_g[0])
+            if bias_grad is not None:
+                bias_grad = bias_grad + first_g[1] - first_v.bias
+            outcome.solved, outcome.stats, outcome.first = False, None, None
+            outcome.fallback = SEVERAL_CALLS
+            self.tapped.discard(call.index)
+        elif outcome.calls > 1:
+            outcome.fallback = SEVERAL_CALLS
+        return _cast(weight_grad, bias_grad, layer)
+
+    def _is_output_layer(self, index: int) -> bool:
+        """Whether the layer is the one backward reached first (its call was confirmed
+        before any other this step)."""
+        if not self.exclude_last:
+            return False
+        calls = self.capture.calls()
+        if not calls:
+            return False
+        first = min(calls, key=lambda key: min(c.confirmation for c in calls[key]))
+        return first == index
+
+    def _system(
+        self, index: int, module: nn.Module, x: Tensor, output_grad: Tensor | None
+    ) -> tuple[LayerSystem, LayerPlan]:
+        layer = self.layers[index]
+        raw_calls = [(module, layer.kind, x, output_grad)]
+        return self.pipeline.system_and_plan(index, layer, raw_calls, solve_dtype(layer.weight))
+
+    def _solve(
+        self, index: int, module: nn.Module, x: Tensor, output_grad: Tensor
+    ) -> tuple[Solution, PendingStats] | None:
+        """v for one call in the dual form with δ, where its plan chose that form."""
+        started = time.perf_counter()
+        system, plan = self._system(index, module, x, output_grad)
+        if plan.form_if_delta != "dual":
+            return None
+        options = self.options
+        result = solve_dual_from_output_grads(
+            DualKernel(system),
+            system.layout.rows,
+            options.tau_prox,
+            exact=options.exact,
+            cg_iters=options.cg_iters,
+            cg_tol=options.cg_tol,
+            diagnostics=options.diagnostics,
+            basis=plan.dual_basis[1],
+        )
+        solution = Solution(result.weight, result.bias, result.iterations, result.residual_norm)
+        grad_weight = grad_bias = None
+        if options.diagnostics:  # the cosine to g needs g itself: only when asked for
+            grad_weight, grad_bias = self._gradient(index, module, x, output_grad, system)
+            grad_weight = grad_weight.reshape(solution.weight.shape)
+        stats = layer_stats(
+            "dual",
+            solution,
+            grad_weight,
+            grad_bias,
+            time.perf_counter() - started,
+            system,
+            1.0,
+            options.diagnostics,
+        )
+        return solution, stats
+
+    def _gradient(
+        self,
+        index: int,
+        module: nn.Module,
+        x: Tensor,
+        output_grad: Tensor,
+        system: LayerSystem | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """g = A*δ for one call: the product autograd would have computed."""
+        layer = self.layers[index]
+        if system is None:
+            system, _ = self._system(index, module, x, None)
+        call = system.calls[0]
+        # (Only Linear layers are tapped: δ is (..., m) and the prepared input (n, d).)
+        rows = system.layout.rows
+        grad_weight, grad_bias = layer.kind.adjoint(
+            module, call.x, output_grad.reshape(-1, rows).to(system.dtype), layer.weight.shape
+        )
+        return grad_weight, grad_bias if system.layout.has_bias else None
+
+
+def gradient_sync(model: nn.Module) -> Callable[[], bool] | None:
+    """Whether a forward of ``model`` now makes its backward all-reduce gradients (DDP
+    outside ``no_sync``); None for a model that is not DDP-wrapped."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return lambda: bool(model.require_backward_grad_sync)
+    return None
+
+
+def _cast(weight: Tensor, bias: Tensor | None, layer: Layer) -> tuple[Tensor, Tensor | None]:
+    weight = weight.reshape(layer.weight.shape).to(layer.weight.dtype)
+    if bias is not None and layer.bias is not None:
+        bias = bias.to(layer.bias.dtype)
+    return weight, bias
+
+
+@dataclass
+class _Tap:
+    """What a tapped call's backward needs: the solves (weakly) and the call."""
+
+    solves: Callable[[], BackwardSolves | None]
+    call: TappedCall
+
+
+class _Direction(torch.autograd.Function):
+    """Identity on the layer's output, in place; its backward turns δ into the weight's and
+    bias's direction (the layer's own node then computes only the input's gradient)."""
+
+    @staticmethod
+    def forward(ctx: Any, output: Tensor, weight: Tensor, bias: Tensor | None, tap: _Tap) -> Tensor:
+        ctx.mark_dirty(output)
+        ctx.tap = tap
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, output_grad: Tensor) -> tuple[Any, ...]:
+        solves = ctx.tap.solves()
+        call = ctx.tap.call
+        ctx.tap = None  # (a second backward over the graph has nothing to solve with)
+        if solves is None:
+            raise RuntimeError("ProxProp: the optimizer of this layer is gone")
+        weight_grad, bias_grad = solves.directions(call, output_grad)
+        return output_grad, weight_grad, bias_grad if call.bias is not None else None, None
+
+
+def _make_pre_hook(
+    solves_ref: Callable[[], BackwardSolves | None], index: int
+) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+    def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        solves = solves_ref()
+        if solves is not None:
+            solves.begin_call(index, module, args)
+
+    return pre_hook
+
+
+def _make_post_hook(
+    solves_ref: Callable[[], BackwardSolves | None],
+) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+    def post_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        solves = solves_ref()
+        if solves is not None:
+            solves.end_call(module, output)
+
+    return post_hook
