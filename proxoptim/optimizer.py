@@ -347,6 +347,18 @@ class ProxPropOptimizer(Optimizer):
         return self.options.diagnostics
 
     @property
+    def solve_in_backward(self) -> bool:
+        return self._backward is not None
+
+    @property
+    def tapped_layers(self) -> list[str]:
+        """Names of the layers whose next calls are solved in backward
+        (``solve_in_backward=True``; decided after each step from the plans)."""
+        if self._backward is None:
+            return []
+        return [self._layers[index].name for index in sorted(self._backward.tapped)]
+
+    @property
     def speculation_countdown(self) -> dict[str, int]:
         """{layer name: steps left} for layers whose speculative δ probe failed and that
         run the general form until their count reaches 0 (``cuda_graphs`` only); a copy."""

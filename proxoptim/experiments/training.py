@@ -27,12 +27,15 @@ OPTIMIZERS = ("nesterov", "adam")
 @dataclass(frozen=True)
 class Method:
     """A way to compute the update direction: ``backprop``, ``cg<k>`` or ``exact``;
-    ``cg<k>-graphs`` and ``exact-graphs`` replay their solves as CUDA graphs."""
+    ``-graphs`` replays their solves as CUDA graphs (``cuda_graphs=True``), ``-bw`` solves
+    in backward where a layer's plan allows (``solve_in_backward=True``), e.g. ``exact-bw``
+    or ``cg3-graphs-bw``."""
 
     name: str
     solver: str
     cg_iters: int = 3
     cuda_graphs: bool = False
+    solve_in_backward: bool = False
 
     @property
     def is_backprop(self) -> bool:
@@ -43,14 +46,16 @@ class Method:
         name = name.strip().lower()
         if name in ("backprop", "bp"):
             return cls("backprop", "none")
-        if name in ("exact", "exact-graphs"):
-            return cls(name, "exact", cuda_graphs=name.endswith("-graphs"))
-        match = re.fullmatch(r"cg(\d+)(-graphs)?", name)
-        if match and int(match.group(1)) >= 1:
-            return cls(name, "cg", int(match.group(1)), match.group(2) is not None)
+        match = re.fullmatch(r"(exact|cg(\d+))(-graphs)?(-bw)?", name)
+        if match and (match.group(2) is None or int(match.group(2)) >= 1):
+            solver = "exact" if match.group(2) is None else "cg"
+            cg_iters = 3 if match.group(2) is None else int(match.group(2))
+            return cls(
+                name, solver, cg_iters, match.group(3) is not None, match.group(4) is not None
+            )
         raise ValueError(
-            f"unknown method {name!r}; use backprop, exact, cg<k> such as cg3, or either with "
-            "-graphs (cuda_graphs=True)"
+            f"unknown method {name!r}; use backprop, exact, cg<k> such as cg3, either with "
+            "-graphs (cuda_graphs=True) and/or -bw (solve_in_backward=True), e.g. exact-bw"
         )
 
 
@@ -140,6 +145,7 @@ def make_optimizer(
         solver=method.solver,
         cg_iters=method.cg_iters,
         cuda_graphs=method.cuda_graphs,
+        solve_in_backward=method.solve_in_backward,
         **kwargs,
     )
 

@@ -30,7 +30,11 @@ def test_method_names():
     assert Method.parse("cg3-graphs") == Method("cg3-graphs", "cg", 3, cuda_graphs=True)
     assert Method.parse("exact-graphs") == Method("exact-graphs", "exact", cuda_graphs=True)
     assert Method.parse("exact").solver == "exact"
-    for bad in ("cg0", "cg", "newton"):
+    assert Method.parse("exact-bw") == Method("exact-bw", "exact", solve_in_backward=True)
+    assert Method.parse("cg3-graphs-bw") == Method(
+        "cg3-graphs-bw", "cg", 3, cuda_graphs=True, solve_in_backward=True
+    )
+    for bad in ("cg0", "cg", "newton", "cg0-bw", "exact-bw-graphs"):
         with pytest.raises(ValueError, match="cg<k>"):
             Method.parse(bad)
 
@@ -42,6 +46,9 @@ def test_make_optimizer_wraps_only_proxprop_methods():
     wrapped = make_optimizer(model, Method.parse("cg5"), "adam", 1e-3, 0.5)
     assert isinstance(wrapped, ProxPropOptimizer) and isinstance(wrapped.inner, torch.optim.Adam)
     assert wrapped.cg_iters == 5 and wrapped.tau_prox == 0.5
+    assert not wrapped.solve_in_backward
+    in_backward = make_optimizer(factory(), Method.parse("exact-bw"), "adam", 1e-3, 0.5)
+    assert in_backward.solve_in_backward
     with pytest.raises(ValueError, match="nesterov"):
         make_optimizer(model, Method.parse("cg5"), "rmsprop", 1e-3, 0.5)
 
