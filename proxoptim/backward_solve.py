@@ -20,11 +20,13 @@ gradient, is spent on g. Here that product is never computed:
   linear in δ).
 
 Which layers: a layer is solved in backward from the step after its plan (made for a step
-with exactly one call of the layer) chose the dual form with δ, which the cost model does
-for Linear layers with fewer batch rows than fan-in (d ≫ n; docs/performance.md). It must
-not be the output layer (``exclude_last``). Convolutions keep the default path: their
-dual form would need δ in the im2col layout, and at the image sizes they run on, n = batch
-× positions exceeds the fan-in, so their plans are primal or matrix-free anyway.
+with exactly one call of the layer) chose the dual form with δ. The cost model does so for
+Linear layers with fewer batch rows than fan-in (d ≫ n; docs/performance.md), and for
+one-group convolutions whose columns n = batch × output positions are fewer than their
+fan-in C_in·k (deep layers on small images: ResNet-18's last stage on CIFAR-10, n = 128·16
+against d = 512·9); for those δ is read in the im2col patches' (sample, position) order.
+It must not be the output layer (``exclude_last``). Every other layer keeps the default
+path.
 
 Several calls in one step (gradient accumulation, shared weights): the direction must be
 that of the summed system, never a sum of per-call directions. A layer that had several
@@ -49,7 +51,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.utils.hooks import RemovableHandle
 
-from proxoptim.capture import Capture
+from proxoptim.capture import Capture, CapturedCall
 from proxoptim.dual import DualKernel, solve_dual_from_output_grads
 from proxoptim.layers import Layer
 from proxoptim.pipeline import solve_dtype
@@ -135,7 +137,7 @@ class BackwardSolves:
         self._handles: list[RemovableHandle] = []
         self_ref = weakref.ref(self)
         for index, layer in enumerate(layers):
-            if layer.excluded or not layer.kind.uses_output_grad:
+            if layer.excluded or not layer.kind.supports_dual:
                 continue
             for module in layer.modules:
                 self._handles.append(
@@ -160,17 +162,23 @@ class BackwardSolves:
         """Forgets this step's outcomes (after a step or ``zero_grad``)."""
         self.outcomes = {}
 
-    def plan_taps(self, calls: dict[int, list[Any]], output_layer: int | None) -> None:
+    def plan_taps(self, calls: dict[int, list[CapturedCall]], output_layer: int | None) -> None:
         """Which layers the next steps solve in backward: those with one call this step,
-        not the output layer, whose plan solves in the dual form with δ."""
+        not the output layer, whose plan with δ known solves in the dual form. Layers that
+        do not capture δ (convolutions: it is as large as their output) get that plan from
+        δ's shape alone, made once per signature like every plan."""
         tapped = set()
         for index, layer_calls in calls.items():
             if index == output_layer or len(layer_calls) != 1 or index >= len(self.layers):
                 continue
-            layer = self.layers[index]
-            if layer.excluded or not layer.kind.uses_output_grad:
+            layer, call = self.layers[index], layer_calls[0]
+            if layer.excluded or not layer.kind.supports_dual or call.input is None:
                 continue
             plan = self.pipeline.plans.latest(index)
+            if call.output_grad is None:
+                # A zero-stride stand-in: the cost model reads only δ's shape.
+                stand_in = call.input.new_empty(()).expand(call.output_shape)
+                _, plan = self._system(index, call.module, call.input, stand_in)
             if plan is not None and plan.form_if_delta == "dual":
                 tapped.add(index)
         self.tapped = tapped
@@ -310,10 +318,10 @@ class BackwardSolves:
         if system is None:
             system, _ = self._system(index, module, x, None)
         call = system.calls[0]
-        # (Only Linear layers are tapped: δ is (..., m) and the prepared input (n, d).)
-        rows = system.layout.rows
+        if not layer.kind.im2col:  # a Linear layer's adjoint takes δ as (n, m)
+            output_grad = layer.kind.output_grad_rows(module, output_grad)
         grad_weight, grad_bias = layer.kind.adjoint(
-            module, call.x, output_grad.reshape(-1, rows).to(system.dtype), layer.weight.shape
+            module, call.x, output_grad.to(system.dtype), layer.weight.shape
         )
         return grad_weight, grad_bias if system.layout.has_bias else None
 

@@ -39,13 +39,14 @@ class CapturedCall:
     """A confirmed call: its forward-order number, the module that ran, its input (None
     for layers tracked only for their order) and, where asked for, the gradient its output
     received (δ, shaped like the output); ``confirmation`` numbers the calls in the order
-    backward reached them."""
+    backward reached them; ``output_shape`` is the output's shape (what δ's would be)."""
 
     sequence: int
     module: nn.Module
     input: Tensor | None
     output_grad: Tensor | None = None
     confirmation: int = 0
+    output_shape: tuple[int, ...] = ()
 
 
 class Capture:
@@ -114,7 +115,9 @@ def _make_forward_hook(
         sequence = capture._next_sequence()
         layer_input = args[0] if keep_input else None
         output.register_hook(
-            _make_confirm_hook(capture_ref, key, sequence, module, layer_input, keep_output_grad)
+            _make_confirm_hook(
+                capture_ref, key, sequence, module, layer_input, keep_output_grad, output.shape
+            )
         )
 
     return forward_hook
@@ -127,6 +130,7 @@ def _make_confirm_hook(
     module: nn.Module,
     layer_input: Tensor | None,
     keep_output_grad: bool,
+    output_shape: torch.Size,
 ) -> Callable[[Tensor], None]:
     confirmed = False
 
@@ -137,6 +141,11 @@ def _make_confirm_hook(
             return
         confirmed = True
         output_grad = grad if keep_output_grad else None
-        capture._confirm(key, CapturedCall(sequence, module, layer_input, output_grad))
+        capture._confirm(
+            key,
+            CapturedCall(
+                sequence, module, layer_input, output_grad, output_shape=tuple(output_shape)
+            ),
+        )
 
     return confirm

@@ -86,13 +86,11 @@ class DualKernel:
         self.constants = system.constants
         self._product: Tensor | None = None
         self._kernel: Tensor | None = None
-        grads = [call.output_grad for call in system.calls]
         self.output_grads = None
-        if all(grad is not None for grad in grads):
-            rows = system.layout.rows
-            self.output_grads = _stack([grad.reshape(-1, rows) for grad in grads]).to(
-                self.inputs.dtype
-            )
+        if all(call.output_grad is not None for call in system.calls):
+            self.output_grads = _stack(
+                [call.kind.output_grad_rows(call.module, call.output_grad) for call in system.calls]
+            ).to(self.inputs.dtype)
 
     @property
     def columns(self) -> int:

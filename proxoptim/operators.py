@@ -91,6 +91,11 @@ class LayerKind:
         """Ũᵀ without the bias column, (n, d_weight), for the dual form (one group only)."""
         raise NotImplementedError
 
+    def output_grad_rows(self, module: nn.Module, output_grad: Tensor) -> Tensor:
+        """δ as (n, rows): one row per column of Ũ, in :meth:`dual_inputs`' order (outputs
+        whose last axis indexes the output units, as a Linear layer's)."""
+        return output_grad.reshape(-1, output_grad.shape[-1])
+
     def count_columns(self, module: nn.Module, raw: Tensor) -> int | None:
         """n of a captured (unprepared) input from its shape alone, or None when that needs
         the prepared input (:meth:`num_columns`)."""
@@ -270,6 +275,13 @@ class ConvKind(LayerKind):
 
     def dual_inputs(self, module: nn.Module, x: Tensor) -> Tensor:
         return torch.cat([chunk[0] for chunk in self.patches(module, x)])
+
+    def output_grad_rows(self, module: nn.Module, output_grad: Tensor) -> Tensor:
+        # (N, C_out, O_1..O_dims) -> (N·O_1·…·O_dims, C_out): the patches' (sample,
+        # position) order.
+        if output_grad.dim() == self.spatial_dims + 1:  # unbatched
+            output_grad = output_grad.unsqueeze(0)
+        return output_grad.movedim(1, -1).reshape(-1, output_grad.shape[1])
 
     def patches(self, module: nn.Module, x: Tensor) -> Iterator[Tensor]:
         # Generic N-d im2col with Tensor.unfold: one window per output position and

@@ -211,7 +211,9 @@ class StepPipeline:
                 self.solve(task)
         with profiler_range("ProxProp.resolve_stats"):
             pending = {task.layer.name: task.stats for task in tasks}
-            stats = resolve_stats({**solved_in_backward, **pending})
+            pending.update(solved_in_backward)
+            order = {layer.name: position for position, layer in enumerate(self.layers)}
+            stats = resolve_stats(dict(sorted(pending.items(), key=lambda item: order[item[0]])))
         for name in solved_in_backward:
             stats[name] = replace(stats[name], solved_in_backward=True)
         for task in tasks:
