@@ -287,6 +287,7 @@ class BackwardSolves:
             cg_tol=options.cg_tol,
             diagnostics=options.diagnostics,
             basis=plan.dual_basis[1],
+            workspace=self.pipeline.workspace,
         )
         solution = Solution(result.weight, result.bias, result.iterations, result.residual_norm)
         grad_weight = grad_bias = None

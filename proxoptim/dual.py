@@ -377,6 +377,7 @@ def solve_dual_from_output_grads(
     cg_tol: float | None,
     diagnostics: bool = False,
     basis: str | None = None,
+    workspace: Workspace | None = None,
 ) -> DualSolution:
     """The δ form, v = δᵀ (I/τθ + K)⁻¹ Ũᵀ (or CG on it), from δ and X alone, where no
     gradient exists (``solve_in_backward``, proxoptim.backward_solve). ``rows``: m."""
@@ -391,6 +392,7 @@ def solve_dual_from_output_grads(
         cg_iters=cg_iters,
         cg_tol=cg_tol,
         output_grad_scale=1.0,
+        workspace=workspace,
         diagnostics=diagnostics,
         basis=basis,
     )

@@ -478,9 +478,15 @@ class ProxPropOptimizer(Optimizer):
         stepped = [p for group in self.inner.param_groups for p in group["params"]]
         if self.solver != "none":
             output_layer = self._output_layer(calls)
-            # (Kept until the step succeeds: a step that raises can be retried.)
-            in_backward = None if self._backward is None else dict(self._backward.outcomes)
-            result = self._pipeline.run(calls, set(stepped), output_layer, in_backward)
+            # The outcomes stay until the step succeeds (a step that raises can be retried);
+            # no reference outlives the run, so that the inputs and δ they keep are freed
+            # with the captures, before the inner step's temporaries.
+            result = self._pipeline.run(
+                calls,
+                set(stepped),
+                output_layer,
+                None if self._backward is None else dict(self._backward.outcomes),
+            )
             directions, stats = result.directions, result.stats
             if self._backward is not None:
                 self._backward.plan_taps(calls, output_layer)

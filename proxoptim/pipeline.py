@@ -146,7 +146,7 @@ class StepPipeline:
         self.plans = PlanCache(on_drop=None if graphs is None else graphs.forget)
         self.backoff: dict[str, int] = {}
         self._buffers: dict[Tensor, tuple[Tensor, Tensor | None]] = {}
-        self._workspace = Workspace()
+        self.workspace = Workspace()
         self._generators: dict[torch.device, torch.Generator] = {}
         self._warned: set[tuple[str, str]] = set()
 
@@ -181,6 +181,8 @@ class StepPipeline:
             outcome = in_backward.get(index)
             if outcome is not None and outcome.solved:
                 solved_in_backward[layer.name] = outcome.stats
+                # Its direction lives in .grad now: the layer-sized buffers are of no use.
+                self._buffers.pop(layer.weight, None)
                 continue
             if layer.weight.grad is None or layer.weight not in stepped:
                 continue
@@ -373,7 +375,7 @@ class StepPipeline:
             form=form,
             output_grad_scale=task.scale,
             out=self._direction_buffers(layer.weight, task.grad_weight, task.grad_bias),
-            workspace=self._workspace,
+            workspace=self.workspace,
             diagnostics=options.diagnostics,
             dual_basis=plan.dual_basis[task.scale is not None],
             constants=plan.state,
@@ -458,7 +460,7 @@ class StepPipeline:
         """Drops plans, buffers and graphs (after ``remove_hooks``)."""
         self.plans.clear()
         self._buffers.clear()
-        self._workspace.clear()
+        self.workspace.clear()
         if self.graphs is not None:
             self.graphs.clear()  # their static copies and memory pools are of no more use
 

@@ -4,6 +4,7 @@ its provenance first, and the device check's own checks fail when they should.""
 from __future__ import annotations
 
 import importlib
+import json
 import pathlib
 import re
 import subprocess
@@ -361,3 +362,49 @@ def test_the_cost_models_operator_counts_are_the_codes(benchmark_module):
                 solver="cg", solver_form="dual", dual_basis=basis, probe=probe
             )
             assert per_iteration == costs.DUAL_CG_CALLS[(basis, known)], (basis, known)
+
+
+PEERS_METHODS = ("backprop", "isaac", "exact", "exact-bw", "cg3", "cg3-bw")
+
+
+@pytest.fixture
+def torch_threads():
+    """Restores torch's thread count, which benchmark scripts set."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_peers_compares_isaac_with_proxprop_like_for_like(
+    benchmark_module, monkeypatch, capsys, torch_threads
+):
+    """On the bias-free network τθ times ISAAC's weight gradient is exact-bw's direction
+    (float64 ISAAC: the identity, up to ProxProp's float32 rounding; float32 ISAAC adds its
+    own), every hidden layer solved in backward; each variant's table has every method."""
+    peers = benchmark_module("peers")
+    lines, status = run_main(peers, ["--quick", "--no-memory"], monkeypatch, capsys)
+    assert status == 0
+    assert PROVENANCE.match(lines[0]), lines[0]
+    correctness = next(line for line in lines if line.startswith("correctness"))
+    float64 = float(re.search(r"ISAAC in float64 max (\S+)", correctness).group(1))
+    float32 = float(re.search(r"ISAAC in float32 max (\S+)", correctness).group(1))
+    assert float64 < 1e-5, correctness
+    assert float32 < 1e-3, correctness
+    assert correctness.endswith("every hidden layer solved in backward"), correctness
+    rows = [line.split(" | ")[0].removeprefix("| ") for line in lines if line.startswith("| ")]
+    assert rows == ["method", *PEERS_METHODS] * 2  # the paper MLP and its bias-free twin
+    assert any(line.startswith("- target: exact-bw no slower than isaac") for line in lines)
+
+
+def test_peers_memory_child_reports_tensor_and_rss_peaks(
+    benchmark_module, monkeypatch, capsys, torch_threads
+):
+    peers = benchmark_module("peers")
+    argv = ["--quick", "--memory-child", "exact-bw", "--variants", "bias-free"]
+    lines, status = run_main(peers, argv + ["--memory-steps", "2"], monkeypatch, capsys)
+    assert status == 0
+    peaks = json.loads(lines[-1])
+    # At least the gradients and momentum of the tiny MLP (3072·80 + 80·20 + 20·80 + 80·10
+    # float32 weights: about 1 MiB each).
+    assert peaks["tensors"] > 1.5
+    assert peaks["rss"] > peaks["tensors"]
