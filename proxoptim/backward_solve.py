@@ -36,6 +36,21 @@ recomputed from the kept δ₁ and X₁), so ``.grad`` holds g₁ + g₂ and the
 summed system as the default path does; ``last_stats`` says so. Under DDP this needs the
 first call's gradient not to have been all-reduced yet (``no_sync`` on every micro-batch
 but the last, as gradient accumulation under DDP does anyway); otherwise it raises.
+
+What else reaches the node, and what it does:
+
+* a second backward over a retained graph adds the call's direction for the new δ (M is
+  the call's own and v is linear in δ: the sum is M⁻¹ of the summed gradient);
+* a backward that does not reach the weight (``torch.autograd.grad`` with respect to
+  inputs only, a saliency map) passes δ through and solves nothing;
+* a forward with other tensors in the layer's place (``torch.func.functional_call``, fast
+  weights) is not tapped: it is not the layer's weight;
+* ``torch.autograd.grad`` with respect to a tapped layer's weight returns v;
+* ``.grad`` left from a previous step (no ``zero_grad``) accumulates v on top, where the
+  default path would solve the summed gradient;
+* under ``distributed="local"``, the ranks agree after every step on which layers are
+  tapped (one all-reduce of a flag per layer), a tapped layer is solved in the dual form
+  whatever its local shapes, and a step raises if a layer was solved on some ranks only.
 """
 
 from __future__ import annotations
@@ -59,6 +74,7 @@ from proxoptim.solvers import Solution
 from proxoptim.stats import PendingStats, layer_stats
 
 if TYPE_CHECKING:
+    from proxoptim.distributed import Communicator
     from proxoptim.operators import LayerSystem
     from proxoptim.pipeline import StepPipeline
     from proxoptim.plan import LayerPlan, SolveOptions
@@ -68,16 +84,19 @@ SEVERAL_CALLS = "several calls"
 NOT_DUAL = "plan not dual with δ"
 
 
-@dataclass
+@dataclass(eq=False)
 class TappedCall:
-    """One forward call of a tapped layer: its module, input and what its forward
-    switched off (restored by the forward hook)."""
+    """One forward call of a tapped layer: its module, input, what its forward switched
+    off (restored by the forward hook), and what its backward did so far."""
 
     index: int
     module: nn.Module
-    input: Tensor
     bias: Tensor | None  # the trained bias, also switched off
     synced: bool  # whether DDP all-reduces this call's gradients (decided at forward)
+    input: Tensor | None = None  # as the forward got it (after every pre-hook)
+    # δ summed over the backward passes that reached .grad through this call (several
+    # over one retained graph), kept where the call was solved: its v may need undoing.
+    output_grad: Tensor | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -85,22 +104,19 @@ class BackwardOutcome:
     """What backward did for one layer since the last step.
 
     Attributes:
-        calls: tapped calls whose backward ran.
+        calls: tapped calls whose backward reached ``.grad``.
         solved: ``.grad`` holds the direction (one call, solved in the dual form);
             otherwise it holds the summed gradient and the step solves as usual.
         fallback: why not solved (None where solved).
         stats: the solve's stats (solved layers).
-        first: (module, input, δ) of a solved first call, to undo its direction if a
-            second call comes.
-        synced: whether that first direction may already have been all-reduced (DDP).
+        first: the first call, while solved: a second call must undo its direction.
     """
 
     calls: int = 0
     solved: bool = False
     fallback: str | None = None
     stats: PendingStats | None = None
-    first: tuple[nn.Module, Tensor, Tensor] | None = field(default=None, repr=False)
-    synced: bool = False
+    first: TappedCall | None = field(default=None, repr=False)
 
 
 class BackwardSolves:
@@ -114,6 +130,9 @@ class BackwardSolves:
         exclude_last: whether the output layer keeps its plain gradient.
         gradient_sync: returns whether this backward all-reduces gradients (DDP's
             ``require_backward_grad_sync``), or None outside DDP.
+        communicator: the process group of ``distributed="local"`` (ranks then agree on
+            which layers are tapped, and a tapped layer is always solved in the dual
+            form, whatever its local shapes: DDP must average like with like), or None.
     """
 
     def __init__(
@@ -124,6 +143,7 @@ class BackwardSolves:
         capture: Capture,
         exclude_last: bool,
         gradient_sync: Callable[[], bool] | None,
+        communicator: Communicator | None = None,
     ) -> None:
         self.layers = layers
         self.pipeline = pipeline
@@ -131,30 +151,34 @@ class BackwardSolves:
         self.capture = capture
         self.exclude_last = exclude_last
         self.gradient_sync = gradient_sync
+        self.communicator = communicator
         self.tapped: set[int] = set()  # layers whose next calls are solved in backward
         self.outcomes: dict[int, BackwardOutcome] = {}
         self._in_flight: dict[nn.Module, TappedCall] = {}
-        self._handles: list[RemovableHandle] = []
+        # The parameters each module had at construction: a forward run with others in
+        # their place (torch.func.functional_call, MAML-style fast weights) is not tapped.
+        self._registered: dict[nn.Module, tuple[Tensor, Tensor | None]] = {}
+        handles: list[RemovableHandle] = []
         self_ref = weakref.ref(self)
         for index, layer in enumerate(layers):
             if layer.excluded or not layer.kind.supports_dual:
                 continue
             for module in layer.modules:
-                self._handles.append(
-                    module.register_forward_pre_hook(_make_pre_hook(self_ref, index))
-                )
+                self._registered[module] = (module.weight, module.bias)
+                handles.append(module.register_forward_pre_hook(_make_pre_hook(self_ref, index)))
                 # First among the forward hooks (the capture's checks requires_grad), and
                 # run even when the forward raises, so requires_grad is always restored.
-                self._handles.append(
+                handles.append(
                     module.register_forward_hook(
                         _make_post_hook(self_ref), prepend=True, always_call=True
                     )
                 )
+        # The hooks hold only a weak reference to this object; once it is gone (the
+        # optimizer deleted without remove_hooks), they go too.
+        self._finalizer = weakref.finalize(self, _remove_handles, handles)
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._finalizer()
         self.tapped.clear()
         self.clear()
 
@@ -164,10 +188,11 @@ class BackwardSolves:
 
     def plan_taps(self, calls: dict[int, list[CapturedCall]], output_layer: int | None) -> None:
         """Which layers the next steps solve in backward: those with one call this step,
-        not the output layer, whose plan with δ known solves in the dual form. Layers that
-        do not capture δ (convolutions: it is as large as their output) get that plan from
-        δ's shape alone, made once per signature like every plan."""
-        tapped = set()
+        not the output layer, whose plan with δ known solves in the dual form (on every
+        rank, under a communicator). Layers that do not capture δ (convolutions: it is as
+        large as their output) get that plan from δ's shape alone, made once per
+        signature like every plan."""
+        wanted = torch.zeros(len(self.layers), dtype=torch.float64)
         for index, layer_calls in calls.items():
             if index == output_layer or len(layer_calls) != 1 or index >= len(self.layers):
                 continue
@@ -180,70 +205,110 @@ class BackwardSolves:
                 stand_in = call.input.new_empty(()).expand(call.output_shape)
                 _, plan = self._system(index, call.module, call.input, stand_in)
             if plan is not None and plan.form_if_delta == "dual":
-                tapped.add(index)
-        self.tapped = tapped
+                wanted[index] = 1.0
+        if self.communicator is not None:
+            wanted = self._summed_over_ranks(wanted)
+            wanted = (wanted == self.communicator.world_size).double()
+        self.tapped = {index for index in range(len(self.layers)) if wanted[index] > 0}
+
+    def check_agreement(self, outcomes: dict[int, BackwardOutcome]) -> None:
+        """Under a communicator: raises if a layer was solved in backward on some ranks
+        but not on others (DDP then averaged directions with gradients)."""
+        if self.communicator is None:
+            return
+        solved = torch.zeros(len(self.layers), dtype=torch.float64)
+        for index, outcome in outcomes.items():
+            solved[index] = float(outcome.solved)
+        counts = self._summed_over_ranks(solved)
+        world = self.communicator.world_size
+        mixed = [self.layers[i].name for i in range(len(self.layers)) if 0 < counts[i] < world]
+        if mixed:
+            raise RuntimeError(
+                f"ProxProp: layers {mixed} were solved in backward on some ranks and not on "
+                "others (a different number of calls per rank in this step), so DDP has "
+                "averaged directions with gradients; run the same calls on every rank, or "
+                "pass solve_in_backward=False"
+            )
+
+    def _summed_over_ranks(self, values: Tensor) -> Tensor:
+        device = self.layers[0].weight.device if self.layers else values.device
+        return self.communicator.all_reduce_(values.to(device)).cpu()
 
     # -- forward -------------------------------------------------------------------------
 
     def begin_call(self, index: int, module: nn.Module, args: tuple[Any, ...]) -> None:
         if index not in self.tapped or not torch.is_grad_enabled() or not args:
             return
-        weight = module._parameters.get("weight")
-        if weight is None or not weight.requires_grad or not isinstance(args[0], Tensor):
+        weight, bias = self._registered[module]
+        if module._parameters.get("weight") is not weight or not weight.requires_grad:
+            return  # (parameters substituted for this call, or a frozen layer)
+        if module._parameters.get("bias") is not bias or not isinstance(args[0], Tensor):
             return
-        bias = module._parameters.get("bias")
         bias = bias if bias is not None and bias.requires_grad else None
         synced = self.gradient_sync is not None and self.gradient_sync()
-        self._in_flight[module] = TappedCall(index, module, args[0], bias, synced)
+        self._in_flight[module] = TappedCall(index, module, bias, synced)
         weight.requires_grad_(False)
         if bias is not None:
             bias.requires_grad_(False)
 
-    def end_call(self, module: nn.Module, output: Any) -> None:
+    def end_call(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         call = self._in_flight.pop(module, None)
         if call is None:
             return
-        weight = module._parameters["weight"]
+        weight = self._registered[module][0]
         weight.requires_grad_(True)
         if call.bias is not None:
             call.bias.requires_grad_(True)
         if isinstance(output, Tensor):  # (None when the forward raised)
+            call.input = args[0]
             _Direction.apply(output, weight, call.bias, _Tap(weakref.ref(self), call))
 
     # -- backward ------------------------------------------------------------------------
 
-    def directions(self, call: TappedCall, output_grad: Tensor) -> tuple[Tensor, Tensor | None]:
-        """What backward accumulates into the layer's ``.grad`` for one call: v (solved),
-        or g plus the correction that turns an earlier call's v into its g."""
+    def directions(
+        self, call: TappedCall, output_grad: Tensor, weight_node: Any
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """What one backward pass accumulates into the layer's ``.grad`` through one call:
+        v (solved), or g plus the correction that turns an earlier call's v into its g;
+        (None, None) where this backward does not reach the weight (``weight_node``, its
+        AccumulateGrad: ``autograd.grad`` with respect to inputs only)."""
+        if not torch._C._will_engine_execute_node(weight_node):
+            return None, None
         layer = self.layers[call.index]
         outcome = self.outcomes.setdefault(call.index, BackwardOutcome())
+        if call is outcome.first:
+            # Another backward over the same retained graph: M is the call's own, and
+            # v is linear in δ, so its direction adds up as its gradient would.
+            solution, _ = self._solve(call.index, call.module, call.input, output_grad)
+            call.output_grad = call.output_grad + output_grad
+            return _cast(solution.weight, solution.bias, layer)
         outcome.calls += 1
         if outcome.calls == 1 and not self._is_output_layer(call.index):
             solved = self._solve(call.index, call.module, call.input, output_grad)
             if solved is not None:
                 solution, stats = solved
-                outcome.solved, outcome.stats = True, stats
-                outcome.first = (call.module, call.input, output_grad)
-                outcome.synced = call.synced
+                outcome.solved, outcome.stats, outcome.first = True, stats, call
+                call.output_grad = output_grad
                 return _cast(solution.weight, solution.bias, layer)
             outcome.fallback = NOT_DUAL
         weight_grad, bias_grad = self._gradient(call.index, call.module, call.input, output_grad)
-        if outcome.solved:
+        first = outcome.first
+        if first is not None:
             # A second call: the summed system is the step's to solve. Turn the first
             # call's v (already accumulated, or about to be) into its g.
-            if outcome.synced:
+            if first.synced:
                 raise RuntimeError(
                     f"ProxProp: layer {layer.name!r} was called again after its direction "
                     "was solved in backward and all-reduced by DDP; with solve_in_backward="
                     "True, accumulate micro-batches under model.no_sync() (all but the "
                     "last), or pass solve_in_backward=False"
                 )
-            module, first_input, first_grad = outcome.first
-            first_v, _ = self._solve(call.index, module, first_input, first_grad)  # type: ignore[misc]
-            first_g = self._gradient(call.index, module, first_input, first_grad)
+            first_v, _ = self._solve(call.index, first.module, first.input, first.output_grad)
+            first_g = self._gradient(call.index, first.module, first.input, first.output_grad)
             weight_grad = weight_grad + first_g[0] - first_v.weight.view_as(first_g[0])
             if bias_grad is not None:
                 bias_grad = bias_grad + first_g[1] - first_v.bias
+            first.output_grad = None
             outcome.solved, outcome.stats, outcome.first = False, None, None
             outcome.fallback = SEVERAL_CALLS
             self.tapped.discard(call.index)
@@ -275,7 +340,8 @@ class BackwardSolves:
         """v for one call in the dual form with δ, where its plan chose that form."""
         started = time.perf_counter()
         system, plan = self._system(index, module, x, output_grad)
-        if plan.form_if_delta != "dual":
+        dual = plan.form_if_delta == "dual"
+        if not dual and self.communicator is None:
             return None
         options = self.options
         result = solve_dual_from_output_grads(
@@ -286,7 +352,7 @@ class BackwardSolves:
             cg_iters=options.cg_iters,
             cg_tol=options.cg_tol,
             diagnostics=options.diagnostics,
-            basis=plan.dual_basis[1],
+            basis=plan.dual_basis[1] if dual else None,
             workspace=self.pipeline.workspace,
         )
         solution = Solution(result.weight, result.bias, result.iterations, result.residual_norm)
@@ -327,6 +393,11 @@ class BackwardSolves:
         return grad_weight, grad_bias if system.layout.has_bias else None
 
 
+def _remove_handles(handles: list[RemovableHandle]) -> None:
+    for handle in handles:
+        handle.remove()
+
+
 def gradient_sync(model: nn.Module) -> Callable[[], bool] | None:
     """Whether a forward of ``model`` now makes its backward all-reduce gradients (DDP
     outside ``no_sync``); None for a model that is not DDP-wrapped."""
@@ -365,10 +436,10 @@ class _Direction(torch.autograd.Function):
     def backward(ctx: Any, output_grad: Tensor) -> tuple[Any, ...]:
         solves = ctx.tap.solves()
         call = ctx.tap.call
-        ctx.tap = None  # (a second backward over the graph has nothing to solve with)
         if solves is None:
             raise RuntimeError("ProxProp: the optimizer of this layer is gone")
-        weight_grad, bias_grad = solves.directions(call, output_grad)
+        # ctx is the autograd node itself: its second edge leads to the weight.
+        weight_grad, bias_grad = solves.directions(call, output_grad, ctx.next_functions[1][0])
         return output_grad, weight_grad, bias_grad if call.bias is not None else None, None
 
 
@@ -389,6 +460,6 @@ def _make_post_hook(
     def post_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         solves = solves_ref()
         if solves is not None:
-            solves.end_call(module, output)
+            solves.end_call(module, args, output)
 
     return post_hook

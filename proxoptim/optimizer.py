@@ -288,6 +288,7 @@ class ProxPropOptimizer(Optimizer):
                 self._capture,
                 self.exclude_last,
                 gradient_sync(wrapper),
+                self._communicator if self.distributed == "local" else None,
             )
 
     # The inner optimizer's containers, always read through so that load_state_dict on the
@@ -481,6 +482,8 @@ class ProxPropOptimizer(Optimizer):
             # The outcomes stay until the step succeeds (a step that raises can be retried);
             # no reference outlives the run, so that the inputs and δ they keep are freed
             # with the captures, before the inner step's temporaries.
+            if self._backward is not None:
+                self._backward.check_agreement(self._backward.outcomes)
             result = self._pipeline.run(
                 calls,
                 set(stepped),
