@@ -83,6 +83,9 @@ if TYPE_CHECKING:
 SEVERAL_CALLS = "several calls"
 NOT_DUAL = "plan not dual with δ"
 
+# plan_taps' verdicts kept (per layer and call signature) before they are dropped.
+MAX_VERDICTS = 256
+
 
 @dataclass(eq=False)
 class TappedCall:
@@ -155,6 +158,7 @@ class BackwardSolves:
         self.tapped: set[int] = set()  # layers whose next calls are solved in backward
         self.outcomes: dict[int, BackwardOutcome] = {}
         self._in_flight: dict[nn.Module, TappedCall] = {}
+        self._verdicts: dict[tuple[Any, ...], bool] = {}  # plan_taps' per call signature
         # The parameters each module had at construction: a forward run with others in
         # their place (torch.func.functional_call, MAML-style fast weights) is not tapped.
         self._registered: dict[nn.Module, tuple[Tensor, Tensor | None]] = {}
@@ -190,26 +194,47 @@ class BackwardSolves:
         """Which layers the next steps solve in backward: those with one call this step,
         not the output layer, whose plan with δ known solves in the dual form (on every
         rank, under a communicator). Layers that do not capture δ (convolutions: it is as
-        large as their output) get that plan from δ's shape alone, made once per
-        signature like every plan."""
-        wanted = torch.zeros(len(self.layers), dtype=torch.float64)
+        large as their output) get that plan from δ's shape alone. Each verdict is kept
+        per call signature: a step whose shapes were seen before only looks it up."""
+        wanted = []
         for index, layer_calls in calls.items():
             if index == output_layer or len(layer_calls) != 1 or index >= len(self.layers):
                 continue
             layer, call = self.layers[index], layer_calls[0]
             if layer.excluded or not layer.kind.supports_dual or call.input is None:
                 continue
-            plan = self.pipeline.plans.latest(index)
-            if call.output_grad is None:
-                # A zero-stride stand-in: the cost model reads only δ's shape.
-                stand_in = call.input.new_empty(()).expand(call.output_shape)
-                _, plan = self._system(index, call.module, call.input, stand_in)
-            if plan is not None and plan.form_if_delta == "dual":
-                wanted[index] = 1.0
+            key = (
+                index,
+                tuple(call.input.shape),
+                call.input.dtype,
+                call.input.stride(),
+                call.output_shape,
+                call.output_grad is not None,
+            )
+            verdict = self._verdicts.get(key)
+            if verdict is None:
+                verdict = self._dual_with_delta(index, call)
+                if len(self._verdicts) >= MAX_VERDICTS:
+                    self._verdicts.clear()  # (shapes that change every step: start over)
+                self._verdicts[key] = verdict
+            if verdict:
+                wanted.append(index)
         if self.communicator is not None:
-            wanted = self._summed_over_ranks(wanted)
-            wanted = (wanted == self.communicator.world_size).double()
-        self.tapped = {index for index in range(len(self.layers)) if wanted[index] > 0}
+            flags = torch.zeros(len(self.layers), dtype=torch.float64)
+            flags[wanted] = 1.0
+            counts = self._summed_over_ranks(flags).tolist()
+            world = self.communicator.world_size
+            wanted = [index for index, count in enumerate(counts) if count == world]
+        self.tapped = set(wanted)
+
+    def _dual_with_delta(self, index: int, call: CapturedCall) -> bool:
+        """Whether the plan of the call's signature, with δ known, is the dual form."""
+        plan = self.pipeline.plans.latest(index)
+        if call.output_grad is None:
+            # A zero-stride stand-in: the cost model reads only δ's shape.
+            stand_in = call.input.new_empty(()).expand(call.output_shape)
+            _, plan = self._system(index, call.module, call.input, stand_in)
+        return plan is not None and plan.form_if_delta == "dual"
 
     def check_agreement(self, outcomes: dict[int, BackwardOutcome]) -> None:
         """Under a communicator: raises if a layer was solved in backward on some ranks
