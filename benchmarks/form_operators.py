@@ -92,7 +92,8 @@ def main() -> None:
 
 
 def probe_operators() -> int:
-    """Operators of one layer's δ probe (draw and numbers, before the shared read-back)."""
+    """Operators of one layer's δ probe, before the shared read-back (its vector is drawn
+    once per plan, so a step dispatches only the numbers)."""
     from proxoptim.dual import draw_probe, probe_numbers_for
     from proxoptim.operators import LayerSystem, RowLayout, kind_for
 
@@ -101,10 +102,9 @@ def probe_operators() -> int:
     layout = RowLayout(layer.weight.shape, 1, True)
     system = LayerSystem(layout, [(layer, kind_for(layer), x, delta)], torch.float32)
     grad_weight, grad_bias = delta.T @ x, delta.sum(0)
-    generator = torch.Generator().manual_seed(0)
+    vector = draw_probe(grad_weight, grad_bias, torch.Generator().manual_seed(0))
 
     def probe() -> None:
-        vector = draw_probe(grad_weight, grad_bias, generator)
         probe_numbers_for(system, grad_weight, grad_bias, vector)
 
     return sum(count_operators(probe).values())

@@ -184,8 +184,9 @@ DUAL_CG_ACCESSES = {
 # Building a Gram from im2col patches: about five operators per chunk of patches.
 PATCH_CHUNK_CALLS = 5
 # The δ probe (proxoptim.dual.draw_probe and probe_numbers_for, read back with every
-# layer's in one sync): 14 operators (benchmarks/form_operators.py).
-PROBE_CALLS = 14
+# layer's in one sync): 13 operators, the probe vector kept by the plan
+# (benchmarks/form_operators.py).
+PROBE_CALLS = 13
 # A float32 primal exact solve reads back its accuracy check (two norms, one sync); in
 # float64 nothing is read back.
 PRIMAL_EXACT_SYNCS = 1

@@ -116,7 +116,7 @@ class StepResult:
 
 class StepPipeline:
     """The per-layer stages of a step and what persists between steps: plans, direction
-    buffers, graphs, the probe's random stream, speculation backoff, warnings shown.
+    buffers, graphs, speculation backoff, warnings shown.
 
     Args:
         layers: the optimizer's layers, in model order.
@@ -147,7 +147,6 @@ class StepPipeline:
         self.backoff: dict[str, int] = {}
         self._buffers: dict[Tensor, tuple[Tensor, Tensor | None]] = {}
         self.workspace = Workspace()
-        self._generators: dict[torch.device, torch.Generator] = {}
         self._warned: set[tuple[str, str]] = set()
 
     # -- the stages ------------------------------------------------------------------------
@@ -318,8 +317,13 @@ class StepPipeline:
         if not (speculates or plan.probe):
             return
         started = time.perf_counter()
-        probe = draw_probe(
-            task.grad_weight, task.grad_bias, self._probe_generator(task.layer.weight.device)
+        # One probe per plan, drawn once from a fixed seed: a plan remade after a resume
+        # (or an eviction) draws the same, so a resumed run's scale s, and with it every
+        # direction, is bit-identical; and a step dispatches no random draw.
+        grad_weight, grad_bias = task.grad_weight, task.grad_bias
+        probe = plan.state.constant(
+            "δ-probe",
+            lambda: draw_probe(grad_weight, grad_bias, _probe_generator(grad_weight.device)),
         )
         if speculates:
             graphed = graphed_layer_solve(
@@ -448,14 +452,6 @@ class StepPipeline:
             self._buffers[weight] = buffers
         return buffers
 
-    def _probe_generator(self, device: torch.device) -> torch.Generator:
-        # A private, seeded stream: probing must never consume the user's random numbers.
-        generator = self._generators.get(device)
-        if generator is None:
-            generator = torch.Generator(device=device).manual_seed(0x5EED)
-            self._generators[device] = generator
-        return generator
-
     def clear(self) -> None:
         """Drops plans, buffers and graphs (after ``remove_hooks``)."""
         self.plans.clear()
@@ -500,6 +496,11 @@ def _sources_if_same_inputs(
         if call.input_shape != tuple(raw.shape) or call.input_dtype != raw.dtype:
             return None
     return plan.gram_sources
+
+
+def _probe_generator(device: torch.device) -> torch.Generator:
+    # A private, seeded stream: probing must never consume the user's random numbers.
+    return torch.Generator(device=device).manual_seed(0x5EED)
 
 
 def solve_dtype(weight: Tensor) -> torch.dtype:

@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--lr", type=float, help="learning rate for every method")
     compare.add_argument("--lr-backprop", type=float, help="learning rate of backprop")
     compare.add_argument("--lr-proxprop", type=float, help="learning rate of ProxProp methods")
+    compare.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue an interrupted compare run in RUN_DIR from its last epoch checkpoints "
+        "(its configuration is the run's own; other flags are ignored)",
+    )
 
     sweep = commands.add_parser(
         "sweep",
@@ -191,6 +197,24 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     config["download"] = bool(config.get("download"))
     if config["device"] == "auto":
         config["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    _check(config)
+    return config
+
+
+def resume_config(run_dir: str) -> dict[str, Any]:
+    """The configuration of the compare run in ``run_dir``, to continue it there.
+
+    Raises:
+        ConfigError: ``run_dir`` holds no compare run's config.json.
+    """
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"--resume: {path} does not exist; pass the folder of a compare run (it holds "
+            "config.json and checkpoints/)"
+        )
+    config = json.loads(path.read_text())
+    config["out"] = str(Path(run_dir))
     _check(config)
     return config
 
@@ -366,7 +390,15 @@ def _describe(splits: Splits, config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _run(config: dict[str, Any], splits: Splits, method: str, lr: float, label: str) -> RunResult:
+def _run(
+    config: dict[str, Any],
+    splits: Splits,
+    method: str,
+    lr: float,
+    label: str,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+) -> RunResult:
     shape, classes = splits.input_shape, splits.num_classes
 
     def factory() -> torch.nn.Module:
@@ -386,6 +418,8 @@ def _run(config: dict[str, Any], splits: Splits, method: str, lr: float, label: 
         device=config["device"],
         progress=not config["quiet"],
         description=label,
+        checkpoint=checkpoint,
+        resume=resume,
     )
 
 
@@ -460,7 +494,11 @@ def prepare(config: dict[str, Any]) -> Splits:
 
 
 def run_compare(
-    config: dict[str, Any], *, command: str | None = None, started: float | None = None
+    config: dict[str, Any],
+    *,
+    command: str | None = None,
+    started: float | None = None,
+    resume: bool = False,
 ) -> Path:
     """Trains every method of ``config`` and writes results.json, curves.png, summary.md.
 
@@ -470,14 +508,23 @@ def run_compare(
             compare``).
         started: ``time.perf_counter()`` when the command began (default: now), for the
             recorded wall time.
+        resume: continue each method from its checkpoint in ``config["out"]``
+            (``--resume``); otherwise every method starts afresh.
     """
     started = time.perf_counter() if started is None else started
     splits = prepare(config)
     out = _output_dir(config, "compare")
+    # What --resume reads back: the run's own configuration, and a checkpoint per method
+    # written after every epoch.
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    checkpoints = out / "checkpoints"
+    checkpoints.mkdir(exist_ok=True)
     runs = []
     for method in config["methods"]:
         lr = config["lr_backprop"] if method == "backprop" else config["lr_proxprop"]
-        runs.append(_run(config, splits, method, lr, label=f"{method} lr={lr:g}"))
+        label = f"{method} lr={lr:g}"
+        checkpoint = checkpoints / f"{method}.pt"
+        runs.append(_run(config, splits, method, lr, label, checkpoint, resume))
     title = f"{config['model']} on {splits.name}, {config['optimizer']}, τθ={config['tau_prox']:g}"
     results = {
         **_provenance("compare", command, started, config, splits),
@@ -556,8 +603,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = shlex.join(["proxoptim", *argv])
     run = run_compare if args.command == "compare" else run_sweep
     try:
-        config = resolve_config(args)
-        run(config, command=command, started=started)
+        resume = getattr(args, "resume", None)
+        if resume:
+            run_compare(resume_config(resume), command=command, started=started, resume=True)
+        else:
+            run(resolve_config(args), command=command, started=started)
     except (ConfigError, DatasetError) as error:
         print(f"proxoptim {args.command}: error: {error}", file=sys.stderr)
         return 2

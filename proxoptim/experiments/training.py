@@ -13,6 +13,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -187,6 +188,8 @@ def train(
     device: str | torch.device = "cpu",
     progress: bool = True,
     description: str | None = None,
+    checkpoint: Path | None = None,
+    resume: bool = False,
 ) -> RunResult:
     """Trains a fresh model (seeded) and records the per-epoch metrics.
 
@@ -200,6 +203,10 @@ def train(
         tau_prox: τθ for ProxProp (ignored for backprop).
         epochs: passes over the training set; epoch 0 in the record is the initial model.
         batch_size: minibatch size; the order is seeded and identical across methods.
+        checkpoint: a file written after every epoch (model, optimizer state, the batch
+            order's and torch's random states, the record so far; atomically).
+        resume: continue from ``checkpoint`` where it exists: the resumed run's record
+            equals an uninterrupted one's (step times aside); a finished run just returns.
     """
     device = torch.device(device)
     torch.manual_seed(seed)
@@ -211,6 +218,35 @@ def train(
     result = RunResult(method.name, optimizer, lr, None if method.is_backprop else tau_prox)
     generator = torch.Generator().manual_seed(seed)
     elapsed = 0.0
+    first_epoch = 1
+    if resume and checkpoint is not None and checkpoint.exists():
+        saved = torch.load(checkpoint, map_location=device, weights_only=False)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        result, elapsed = saved["result"], saved["elapsed"]
+        if saved["finished"]:
+            if isinstance(opt, ProxPropOptimizer):
+                opt.remove_hooks()
+            return result
+        first_epoch = result.epochs[-1].epoch + 1
+
+    def save(finished: bool) -> None:
+        if checkpoint is None:
+            return
+        state = {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "result": result,
+            "elapsed": elapsed,
+            "finished": finished,
+        }
+        partial = checkpoint.with_name(checkpoint.name + ".partial")
+        torch.save(state, partial)
+        partial.replace(checkpoint)  # (a run killed mid-write keeps the last whole one)
 
     def record(epoch: int) -> bool:
         train_loss, _ = evaluate(model, train_x, train_y)
@@ -219,11 +255,14 @@ def train(
         result.epochs.append(EpochRecord(epoch, train_loss, val_accuracy, test_accuracy, elapsed))
         return math.isfinite(train_loss)
 
-    record(0)
+    if first_epoch == 1:
+        record(0)
     steps_per_epoch = math.ceil(len(train_x) / batch_size)
-    bar = _progress_bar(epochs * steps_per_epoch, description or method.name, progress)
+    bar = _progress_bar(
+        (epochs - first_epoch + 1) * steps_per_epoch, description or method.name, progress
+    )
     try:
-        for epoch in range(1, epochs + 1):
+        for epoch in range(first_epoch, epochs + 1):
             order = torch.randperm(len(train_x), generator=generator).to(device)
             for start in range(0, len(train_x), batch_size):
                 index = order[start : start + batch_size]
@@ -242,6 +281,7 @@ def train(
                 step_time = time.perf_counter() - began
                 if not finite:
                     result.diverged, result.diverged_at_epoch = True, epoch
+                    save(finished=True)
                     return result
                 result.step_seconds.append(step_time)
                 elapsed += step_time
@@ -250,7 +290,9 @@ def train(
                     bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             if not record(epoch):
                 result.diverged, result.diverged_at_epoch = True, epoch
+                save(finished=True)
                 return result
+            save(finished=epoch == epochs)
             if bar is not None:
                 last = result.epochs[-1]
                 bar.set_postfix(loss=f"{last.train_loss:.3f}", val=f"{last.val_accuracy:.3f}")

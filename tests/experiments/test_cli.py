@@ -248,3 +248,58 @@ def test_module_and_console_entry_points():
         [sys.executable, "-m", "proxoptim", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "compare" in help_text and "sweep" in help_text
+
+
+def _curves(out: Path) -> list[tuple[str, list[tuple[float, float, float]], int]]:
+    """Every run's epoch records (loss, val, test: exact floats) and its step count."""
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    return [
+        (
+            run["method"],
+            [(e["train_loss"], e["val_accuracy"], e["test_accuracy"]) for e in run["epochs"]],
+            len(run["step_seconds"]),
+        )
+        for run in runs
+    ]
+
+
+def test_an_interrupted_compare_resumes_to_the_same_curves(tmp_path, monkeypatch):
+    # The process is killed (here: KeyboardInterrupt) while the cg3 run's second epoch
+    # checkpoint is written (after the .partial file, before it replaces the first one);
+    # --resume then continues from the last whole checkpoint, finishes cg3 and runs the
+    # methods after it. Every epoch's
+    # loss and accuracies equal the uninterrupted run's bit for bit: model, optimizer
+    # state, batch order and torch's random state all come back.
+    import torch
+
+    argv = ["compare", *TINY, "--epochs", "3", "--methods", "backprop,cg3,exact"]
+    main([*argv, "--out", str(tmp_path / "whole")])
+
+    save = torch.save
+    written = []
+
+    def killed_after_second_cg3_epoch(state, path, *args, **kwargs):
+        save(state, path, *args, **kwargs)
+        written.append(Path(path).name)
+        if written.count("cg3.pt.partial") == 2:
+            raise KeyboardInterrupt
+
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(torch, "save", killed_after_second_cg3_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--out", str(cut)])
+    monkeypatch.setattr(torch, "save", save)
+    assert not (cut / "results.json").exists()
+    written_files = {p.name for p in (cut / "checkpoints").iterdir()}
+    assert written_files == {"backprop.pt", "cg3.pt", "cg3.pt.partial"}
+
+    assert main(["compare", "--resume", str(cut)]) == 0
+    assert _curves(cut) == _curves(tmp_path / "whole")
+    # A finished run resumes to itself without training again.
+    assert main(["compare", "--resume", str(cut)]) == 0
+    assert _curves(cut) == _curves(tmp_path / "whole")
+
+
+def test_resume_of_a_folder_without_a_run_is_refused(tmp_path, capsys):
+    assert main(["compare", "--resume", str(tmp_path)]) == 2
+    assert "--resume" in capsys.readouterr().err
