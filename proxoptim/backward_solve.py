@@ -157,6 +157,7 @@ class BackwardSolves:
         self.communicator = communicator
         self.tapped: set[int] = set()  # layers whose next calls are solved in backward
         self.outcomes: dict[int, BackwardOutcome] = {}
+        self._first_reached: int | None = None  # the output layer, once backward knows
         self._in_flight: dict[nn.Module, TappedCall] = {}
         self._verdicts: dict[tuple[Any, ...], bool] = {}  # plan_taps' per call signature
         # The parameters each module had at construction: a forward run with others in
@@ -189,6 +190,7 @@ class BackwardSolves:
     def clear(self) -> None:
         """Forgets this step's outcomes (after a step or ``zero_grad``)."""
         self.outcomes = {}
+        self._first_reached = None
 
     def plan_taps(self, calls: dict[int, list[CapturedCall]], output_layer: int | None) -> None:
         """Which layers the next steps solve in backward: those with one call this step,
@@ -236,13 +238,13 @@ class BackwardSolves:
             _, plan = self._system(index, call.module, call.input, stand_in)
         return plan is not None and plan.form_if_delta == "dual"
 
-    def check_agreement(self, outcomes: dict[int, BackwardOutcome]) -> None:
+    def check_agreement(self) -> None:
         """Under a communicator: raises if a layer was solved in backward on some ranks
         but not on others (DDP then averaged directions with gradients)."""
         if self.communicator is None:
             return
         solved = torch.zeros(len(self.layers), dtype=torch.float64)
-        for index, outcome in outcomes.items():
+        for index, outcome in self.outcomes.items():
             solved[index] = float(outcome.solved)
         counts = self._summed_over_ranks(solved)
         world = self.communicator.world_size
@@ -301,22 +303,25 @@ class BackwardSolves:
             return None, None
         layer = self.layers[call.index]
         outcome = self.outcomes.setdefault(call.index, BackwardOutcome())
+        # The call's system (its input prepared) and plan, once: the solve and the
+        # gradient both read it.
+        system, plan = self._system(call.index, call.module, call.input, output_grad)
         if call is outcome.first:
             # Another backward over the same retained graph: M is the call's own, and
             # v is linear in δ, so its direction adds up as its gradient would.
-            solution, _ = self._solve(call.index, call.module, call.input, output_grad)
+            solution, _ = self._solve(system, plan)  # type: ignore[misc]
             call.output_grad = call.output_grad + output_grad
             return _cast(solution.weight, solution.bias, layer)
         outcome.calls += 1
         if outcome.calls == 1 and not self._is_output_layer(call.index):
-            solved = self._solve(call.index, call.module, call.input, output_grad)
+            solved = self._solve(system, plan)
             if solved is not None:
                 solution, stats = solved
                 outcome.solved, outcome.stats, outcome.first = True, stats, call
                 call.output_grad = output_grad
                 return _cast(solution.weight, solution.bias, layer)
             outcome.fallback = NOT_DUAL
-        weight_grad, bias_grad = self._gradient(call.index, call.module, call.input, output_grad)
+        weight_grad, bias_grad = self._gradient(layer, system)
         first = outcome.first
         if first is not None:
             # A second call: the summed system is the step's to solve. Turn the first
@@ -328,8 +333,11 @@ class BackwardSolves:
                     "True, accumulate micro-batches under model.no_sync() (all but the "
                     "last), or pass solve_in_backward=False"
                 )
-            first_v, _ = self._solve(call.index, first.module, first.input, first.output_grad)
-            first_g = self._gradient(call.index, first.module, first.input, first.output_grad)
+            first_system, first_plan = self._system(
+                call.index, first.module, first.input, first.output_grad
+            )
+            first_v, _ = self._solve(first_system, first_plan)  # type: ignore[misc]
+            first_g = self._gradient(layer, first_system)
             weight_grad = weight_grad + first_g[0] - first_v.weight.view_as(first_g[0])
             if bias_grad is not None:
                 bias_grad = bias_grad + first_g[1] - first_v.bias
@@ -342,15 +350,18 @@ class BackwardSolves:
         return _cast(weight_grad, bias_grad, layer)
 
     def _is_output_layer(self, index: int) -> bool:
-        """Whether the layer is the one backward reached first (its call was confirmed
-        before any other this step)."""
+        """Whether the layer is the one backward reached first this step (its call was
+        confirmed before any other): found once per step, at the first call that asks."""
         if not self.exclude_last:
             return False
-        calls = self.capture.calls()
-        if not calls:
-            return False
-        first = min(calls, key=lambda key: min(c.confirmation for c in calls[key]))
-        return first == index
+        if self._first_reached is None:
+            calls = self.capture.calls()
+            if not calls:
+                return False
+            self._first_reached = min(
+                calls, key=lambda key: min(c.confirmation for c in calls[key])
+            )
+        return self._first_reached == index
 
     def _system(
         self, index: int, module: nn.Module, x: Tensor, output_grad: Tensor | None
@@ -359,12 +370,10 @@ class BackwardSolves:
         raw_calls = [(module, layer.kind, x, output_grad)]
         return self.pipeline.system_and_plan(index, layer, raw_calls, solve_dtype(layer.weight))
 
-    def _solve(
-        self, index: int, module: nn.Module, x: Tensor, output_grad: Tensor
-    ) -> tuple[Solution, PendingStats] | None:
-        """v for one call in the dual form with δ, where its plan chose that form."""
+    def _solve(self, system: LayerSystem, plan: LayerPlan) -> tuple[Solution, PendingStats] | None:
+        """v for one call's system in the dual form with δ, where its plan chose that form
+        (under a communicator always: ranks must agree)."""
         started = time.perf_counter()
-        system, plan = self._system(index, module, x, output_grad)
         dual = plan.form_if_delta == "dual"
         if not dual and self.communicator is None:
             return None
@@ -383,7 +392,8 @@ class BackwardSolves:
         solution = Solution(result.weight, result.bias, result.iterations, result.residual_norm)
         grad_weight = grad_bias = None
         if options.diagnostics:  # the cosine to g needs g itself: only when asked for
-            grad_weight, grad_bias = self._gradient(index, module, x, output_grad, system)
+            layer = self.layers[plan.signature.layer]
+            grad_weight, grad_bias = self._gradient(layer, system)
             grad_weight = grad_weight.reshape(solution.weight.shape)
         stats = layer_stats(
             "dual",
@@ -397,23 +407,14 @@ class BackwardSolves:
         )
         return solution, stats
 
-    def _gradient(
-        self,
-        index: int,
-        module: nn.Module,
-        x: Tensor,
-        output_grad: Tensor,
-        system: LayerSystem | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """g = A*δ for one call: the product autograd would have computed."""
-        layer = self.layers[index]
-        if system is None:
-            system, _ = self._system(index, module, x, None)
+    def _gradient(self, layer: Layer, system: LayerSystem) -> tuple[Tensor, Tensor | None]:
+        """g = A*δ for the system's one call: the product autograd would have computed."""
         call = system.calls[0]
+        output_grad = call.output_grad
         if not layer.kind.im2col:  # a Linear layer's adjoint takes δ as (n, m)
-            output_grad = layer.kind.output_grad_rows(module, output_grad)
+            output_grad = layer.kind.output_grad_rows(call.module, output_grad)
         grad_weight, grad_bias = layer.kind.adjoint(
-            module, call.x, output_grad.to(system.dtype), layer.weight.shape
+            call.module, call.x, output_grad.to(system.dtype), layer.weight.shape
         )
         return grad_weight, grad_bias if system.layout.has_bias else None
 

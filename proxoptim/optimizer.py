@@ -483,7 +483,7 @@ class ProxPropOptimizer(Optimizer):
             # no reference outlives the run, so that the inputs and δ they keep are freed
             # with the captures, before the inner step's temporaries.
             if self._backward is not None:
-                self._backward.check_agreement(self._backward.outcomes)
+                self._backward.check_agreement()
             result = self._pipeline.run(
                 calls,
                 set(stepped),

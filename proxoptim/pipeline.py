@@ -212,9 +212,11 @@ class StepPipeline:
                 self.solve(task)
         with profiler_range("ProxProp.resolve_stats"):
             pending = {task.layer.name: task.stats for task in tasks}
-            pending.update(solved_in_backward)
-            order = {layer.name: position for position, layer in enumerate(self.layers)}
-            stats = resolve_stats(dict(sorted(pending.items(), key=lambda item: order[item[0]])))
+            if solved_in_backward:  # (reported in layer order, as the others)
+                pending.update(solved_in_backward)
+                order = {layer.name: position for position, layer in enumerate(self.layers)}
+                pending = dict(sorted(pending.items(), key=lambda item: order[item[0]]))
+            stats = resolve_stats(pending)
         for name in solved_in_backward:
             stats[name] = replace(stats[name], solved_in_backward=True)
         for task in tasks:
