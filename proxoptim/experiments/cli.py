@@ -1,9 +1,13 @@
-"""``proxoptim compare`` and ``proxoptim sweep``: ProxProp against backprop, on one command.
+"""``proxoptim compare``, ``sweep`` and ``report``: ProxProp against backprop, on one command.
 
 compare  trains several methods side by side (Figure 2 / 3 of the paper) and writes
-         results.json, curves.png and a summary table.
+         results.json, curves.png and a summary table; ``--resume RUN_DIR`` continues an
+         interrupted run from its epoch checkpoints.
 sweep    trains each method at each learning rate (Table 1) and writes table.md,
          sweep.json and sweep.png.
+report   merges compare runs of one protocol (methods run apart) into one results.json,
+         curves.png and summary table, and refuses runs whose protocols differ
+         (proxoptim.experiments.report).
 
 With no arguments both run offline on scikit-learn's digits in about a minute on 2 cores;
 ``--preset fig2|fig3|table1`` selects the paper's exact settings (CIFAR-10), which
@@ -36,6 +40,7 @@ from proxoptim.experiments.data import INPUT_SHAPES, DatasetError, Splits, load_
 from proxoptim.experiments.models import MODEL_NAMES, build_model
 from proxoptim.experiments.plots import format_loss, plot_curves, plot_sweep
 from proxoptim.experiments.provenance import provenance, provenance_comment
+from proxoptim.experiments.report import ReportError, load_run, merge, report_json
 from proxoptim.experiments.training import OPTIMIZERS, Method, RunResult, make_optimizer, train
 
 # What each command runs with no flags: an offline comparison on digits.
@@ -120,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="proxoptim",
         description="Train with ProxProp and plain backprop side by side.",
     )
-    commands = parser.add_subparsers(dest="command", metavar="{compare,sweep}")
+    commands = parser.add_subparsers(dest="command", metavar="{compare,sweep,report}")
     compare = commands.add_parser(
         "compare",
         help="several methods side by side: results.json, curves.png, a summary table",
@@ -144,6 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common_arguments(sweep, "sweep")
     sweep.add_argument("--lrs", help="comma-separated learning rates, e.g. 1,0.1,0.01")
+
+    report = commands.add_parser(
+        "report",
+        help="merge compare runs of one protocol: results.json, curves.png, a summary table",
+        description="Merge finished compare runs of one protocol (e.g. methods run apart) "
+        "into one table, one curves.png and one results.json; runs whose protocols differ "
+        "are refused, naming the difference.",
+    )
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="compare run folders")
+    report.add_argument("--out", help="output folder (default: a new folder under ./runs/)")
+    report.add_argument("--title", help="the figure's title (default: from the protocol)")
     return parser
 
 
@@ -423,25 +439,34 @@ def _run(
     )
 
 
-def summary_table(runs: Sequence[RunResult]) -> str:
-    """A Markdown table: loss, accuracies, time and step-time ratio against backprop."""
+def summary_table(runs: Sequence[RunResult], timed_alike: Sequence[bool] | None = None) -> str:
+    """A Markdown table: loss, accuracies, time and step-time ratio against backprop.
+
+    ``timed_alike``: per run, whether its step time is comparable with backprop's (same
+    machine); the ratio of a run that is not is shown as an en dash. Default: all are.
+    """
     backprop = next((r for r in runs if r.method == "backprop"), None)
     baseline = backprop.median_step_seconds if backprop else math.nan
+    timed_alike = [True] * len(runs) if timed_alike is None else timed_alike
     lines = [
         "| method | lr | final train loss | best val acc | test acc @ best val "
         "| train time [s] | step [ms] | step / backprop |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for run in runs:
+    for run, alike in zip(runs, timed_alike, strict=True):
         seconds = run.epochs[-1].seconds if run.epochs else math.nan
-        ratio = run.median_step_seconds / baseline if baseline > 0 else math.nan
+        ratio = run.median_step_seconds / baseline if baseline > 0 and alike else math.nan
         lines.append(
             f"| {run.method}{' (diverged)' if run.diverged else ''} | {run.lr:g} "
             f"| {format_loss(run.final_train_loss)} | {_percent(run.best_val_accuracy)} "
             f"| {_percent(run.test_at_best_val)} | {seconds:.1f} "
-            f"| {1000 * run.median_step_seconds:.1f} | {ratio:.2f} |"
+            f"| {1000 * run.median_step_seconds:.1f} | {_ratio(ratio)} |"
         )
     return "\n".join(lines)
+
+
+def _ratio(value: float) -> str:
+    return "–" if not math.isfinite(value) else f"{value:.2f}"
 
 
 def _percent(value: float) -> str:
@@ -519,6 +544,7 @@ def run_compare(
     (out / "config.json").write_text(json.dumps(config, indent=2))
     checkpoints = out / "checkpoints"
     checkpoints.mkdir(exist_ok=True)
+    sessions = _open_session(out, resume)
     runs = []
     for method in config["methods"]:
         lr = config["lr_backprop"] if method == "backprop" else config["lr_proxprop"]
@@ -530,6 +556,12 @@ def run_compare(
         **_provenance("compare", command, started, config, splits),
         "runs": [run.to_json() for run in runs],
     }
+    _close_session(out, sessions)
+    # The wall time of the whole run: this invocation's, and every interrupted one's before.
+    results["wall_seconds"] = round(
+        results["wall_seconds"] + sum(s["ended"] - s["started"] for s in sessions[:-1]), 3
+    )
+    results["sessions"] = sessions
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot_curves(runs, out / "curves.png", title=title)
     table = summary_table(runs)
@@ -538,6 +570,90 @@ def run_compare(
     print(table)
     print(f"\nwrote {out / 'results.json'}, {out / 'curves.png'}, {out / 'summary.md'}")
     return out
+
+
+SESSIONS = "sessions.json"
+
+
+def _open_session(out: Path, resume: bool) -> list[dict[str, Any]]:
+    """Records this invocation in ``out/sessions.json`` (when it started, the commit and
+    machine it runs on) and returns every session of the run so far.
+
+    A run resumed after an interruption spans several processes, perhaps on several commits
+    or machines; results.json lists them all, and its wall time is their sum. An
+    interrupted session never recorded its end: it ended when it last wrote a checkpoint.
+    A run begun before sessions were recorded counts from its config.json to its latest
+    checkpoint, commit unknown.
+    """
+    path = out / SESSIONS
+    sessions: list[dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else []
+    written = [p.stat().st_mtime for p in (out / "checkpoints").glob("*.pt")]
+    if sessions and sessions[-1]["ended"] is None:
+        sessions[-1]["ended"] = max([sessions[-1]["started"], *written])
+    elif not sessions and resume and written:
+        begun = (out / "config.json").stat().st_mtime
+        sessions.append(
+            {
+                "started": min([begun, *written]),
+                "ended": max(written),
+                "commit": None,
+                "dirty": None,
+            }
+        )
+    now = provenance()
+    sessions.append(
+        {
+            "started": time.time(),
+            "ended": None,
+            "commit": now["commit"],
+            "dirty": now["dirty"],
+            "machine": now["machine"],
+        }
+    )
+    path.write_text(json.dumps(sessions, indent=2))
+    return sessions
+
+
+def _close_session(out: Path, sessions: list[dict[str, Any]]) -> None:
+    sessions[-1]["ended"] = time.time()
+    (out / SESSIONS).write_text(json.dumps(sessions, indent=2))
+
+
+def run_report(
+    run_dirs: Sequence[str], out: str | None, title: str | None, command: str | None = None
+) -> Path:
+    """Merges finished compare runs (:func:`proxoptim.experiments.report.merge`) and writes
+    results.json, curves.png and summary.md into ``out``.
+
+    Raises:
+        ReportError: a folder holds no finished compare run, or the runs' protocols differ.
+    """
+    merged = merge([load_run(folder) for folder in run_dirs])
+    results = report_json(merged, _command_line("report", command))
+    destination = _output_dir({"out": out, "preset": None, "dataset": "merged"}, "report")
+    config = results["config"]
+    if title is None:
+        title = (
+            f"{config['model']} on {results['dataset']['name']}, {config['optimizer']}, "
+            f"τθ={config['tau_prox']:g}"
+        )
+    (destination / "results.json").write_text(json.dumps(results, indent=2))
+    plot_curves(merged.runs, destination / "curves.png", title=title)
+    table = summary_table(merged.runs, merged.comparable_timing())
+    sources = "\n".join(
+        f"- {', '.join(s['methods'])}: `{s['folder']}`, commit "
+        f"{(s['commit'] or 'unknown')[:12]}, {s['wall_seconds'] or 0:.0f} s"
+        for s in results["sources"]
+    )
+    comment = provenance_comment(results["command"])
+    text = f"{comment}\n\n{table}\n\nMerged from:\n{sources}\n"
+    (destination / "summary.md").write_text(text)
+    print(table + "\n\nMerged from:\n" + sources)
+    print(
+        f"\nwrote {destination / 'results.json'}, {destination / 'curves.png'}, "
+        f"{destination / 'summary.md'}"
+    )
+    return destination
 
 
 def run_sweep(
@@ -604,11 +720,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = run_compare if args.command == "compare" else run_sweep
     try:
         resume = getattr(args, "resume", None)
-        if resume:
+        if args.command == "report":
+            run_report(args.runs, args.out, args.title, command=command)
+        elif resume:
             run_compare(resume_config(resume), command=command, started=started, resume=True)
         else:
             run(resolve_config(args), command=command, started=started)
-    except (ConfigError, DatasetError) as error:
+    except (ConfigError, DatasetError, ReportError) as error:
         print(f"proxoptim {args.command}: error: {error}", file=sys.stderr)
         return 2
     print(f"done in {time.perf_counter() - started:.1f} s")

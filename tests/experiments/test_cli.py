@@ -295,6 +295,16 @@ def test_an_interrupted_compare_resumes_to_the_same_curves(tmp_path, monkeypatch
 
     assert main(["compare", "--resume", str(cut)]) == 0
     assert _curves(cut) == _curves(tmp_path / "whole")
+    # Both processes are on record, and the wall time is theirs together: the killed one
+    # ended when it wrote its last whole checkpoint.
+    results = json.loads((cut / "results.json").read_text())
+    killed, resumed = results["sessions"]
+    assert killed["started"] < killed["ended"] <= resumed["started"] <= resumed["ended"]
+    assert {"commit", "dirty", "machine"} <= set(resumed)
+    assert (
+        results["wall_seconds"]
+        >= (killed["ended"] - killed["started"]) + (resumed["ended"] - resumed["started"]) - 1e-3
+    )
     # A finished run resumes to itself without training again.
     assert main(["compare", "--resume", str(cut)]) == 0
     assert _curves(cut) == _curves(tmp_path / "whole")
