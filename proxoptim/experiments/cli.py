@@ -4,7 +4,8 @@ compare  trains several methods side by side (Figure 2 / 3 of the paper) and wri
          results.json, curves.png and a summary table; ``--resume RUN_DIR`` continues an
          interrupted run from its epoch checkpoints.
 sweep    trains each method at each learning rate (Table 1) and writes table.md,
-         sweep.json and sweep.png.
+         sweep.json and sweep.png; with ``--tau-proxes`` each ProxProp method at every
+         (τθ, lr) of a grid, and heatmap.png (docs/tuning.md).
 report   merges compare runs of one protocol (methods run apart) into one results.json,
          curves.png and summary table, and refuses runs whose protocols differ
          (proxoptim.experiments.report).
@@ -38,7 +39,13 @@ import torch
 from proxoptim import ProxPropOptimizer
 from proxoptim.experiments.data import INPUT_SHAPES, DatasetError, Splits, load_dataset
 from proxoptim.experiments.models import MODEL_NAMES, build_model
-from proxoptim.experiments.plots import format_loss, plot_curves, plot_sweep
+from proxoptim.experiments.plots import (
+    SweepGrid,
+    format_loss,
+    plot_curves,
+    plot_heatmaps,
+    plot_sweep,
+)
 from proxoptim.experiments.provenance import provenance, provenance_comment
 from proxoptim.experiments.report import ReportError, load_run, merge, report_json
 from proxoptim.experiments.training import OPTIMIZERS, Method, RunResult, make_optimizer, train
@@ -70,6 +77,7 @@ BASE = {
         "methods": "backprop,cg1,cg3,cg5",
         "lrs": "50,10,5,1,0.5,0.1,0.05,5e-3,5e-4",
         "tau_prox": 1.0,
+        "tau_proxes": None,
         "epochs": 10,
     },
 }
@@ -149,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common_arguments(sweep, "sweep")
     sweep.add_argument("--lrs", help="comma-separated learning rates, e.g. 1,0.1,0.01")
+    sweep.add_argument(
+        "--tau-proxes",
+        help="comma-separated τθ values, e.g. 0.01,0.1,1: every ProxProp method runs at every "
+        "(τθ, lr) of the grid (backprop once per lr); adds heatmap.png",
+    )
 
     report = commands.add_parser(
         "report",
@@ -263,6 +276,15 @@ def _check(config: dict[str, Any]) -> None:
                     f"--{key.replace('_', '-')} (or --lr) must be a finite number > 0, "
                     f"got {config[key]!r}"
                 )
+    if config.get("tau_proxes") is not None:
+        try:
+            config["tau_proxes"] = [float(value) for value in _split(config["tau_proxes"])]
+        except ValueError:
+            raise ConfigError(
+                f"--tau-proxes must list numbers, e.g. 0.01,0.1,1; got {config['tau_proxes']!r}"
+            ) from None
+        if not config["tau_proxes"] or not all(_positive(t) for t in config["tau_proxes"]):
+            raise ConfigError("--tau-proxes must list finite numbers > 0, e.g. 0.01,0.1,1")
     if uses_proxprop and not _positive(config["tau_prox"]):
         raise ConfigError(
             f"--tau-prox must be a finite number > 0 (e.g. 0.05 or 1.0), got {config['tau_prox']!r}"
@@ -298,14 +320,30 @@ def _positive(value: float) -> bool:
     return math.isfinite(value) and value > 0
 
 
-def _planned_runs(config: dict[str, Any]) -> list[tuple[str, float]]:
-    """Every (method, learning rate) the command trains, in order."""
+def _planned_runs(config: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """Every (method, learning rate, τθ) the command trains, in order (backprop once per
+    learning rate: τθ does not reach it)."""
     if "lrs" in config:
-        return [(method, lr) for method in config["methods"] for lr in config["lrs"]]
+        return [
+            (method, lr, tau)
+            for tau_index, tau in enumerate(_tau_grid(config))
+            for method in config["methods"]
+            if tau_index == 0 or method != "backprop"
+            for lr in config["lrs"]
+        ]
     return [
-        (method, config["lr_backprop"] if method == "backprop" else config["lr_proxprop"])
+        (
+            method,
+            config["lr_backprop"] if method == "backprop" else config["lr_proxprop"],
+            config["tau_prox"],
+        )
         for method in config["methods"]
     ]
+
+
+def _tau_grid(config: dict[str, Any]) -> list[float]:
+    """A sweep's τθ values: ``--tau-proxes``, or ``--tau-prox`` alone."""
+    return config.get("tau_proxes") or [config["tau_prox"]]
 
 
 # Words of an optimizer's error message and the flag that sets the value it complains about
@@ -339,22 +377,17 @@ def check_optimizers(config: dict[str, Any], input_shape: Sequence[int]) -> None
             f"--model {config['model']} --width {config['width']:g} --device {config['device']}: "
             f"cannot build the model ({error})"
         ) from None
-    for method, lr in _planned_runs(config):
+    for method, lr, tau in _planned_runs(config):
         try:
             opt = make_optimizer(
-                model,
-                Method.parse(method),
-                config["optimizer"],
-                lr,
-                config["tau_prox"],
-                config["momentum"],
+                model, Method.parse(method), config["optimizer"], lr, tau, config["momentum"]
             )
         except (ValueError, TypeError, RuntimeError) as error:
             text = str(error)
             flag = next((flag for word, flag in _FLAG_HINTS if word in text), "--optimizer")
             raise ConfigError(
                 f"{flag}: cannot build the optimizer of {method} (--optimizer "
-                f"{config['optimizer']}, lr {lr:g}, --tau-prox {config['tau_prox']:g}, "
+                f"{config['optimizer']}, lr {lr:g}, --tau-prox {tau:g}, "
                 f"--momentum {config['momentum']:g}): {text}"
             ) from None
         if isinstance(opt, ProxPropOptimizer):
@@ -414,6 +447,7 @@ def _run(
     label: str,
     checkpoint: Path | None = None,
     resume: bool = False,
+    tau_prox: float | None = None,
 ) -> RunResult:
     shape, classes = splits.input_shape, splits.num_classes
 
@@ -426,7 +460,7 @@ def _run(
         Method.parse(method),
         optimizer=config["optimizer"],
         lr=lr,
-        tau_prox=config["tau_prox"],
+        tau_prox=config["tau_prox"] if tau_prox is None else tau_prox,
         epochs=config["epochs"],
         batch_size=config["batch_size"],
         seed=config["seed"],
@@ -659,47 +693,74 @@ def run_report(
 def run_sweep(
     config: dict[str, Any], *, command: str | None = None, started: float | None = None
 ) -> Path:
-    """Trains every method at every learning rate; writes table.md, sweep.json, sweep.png.
+    """Trains every method at every learning rate (and, with ``--tau-proxes``, every ProxProp
+    method at every τθ); writes table.md, sweep.json, sweep.png and, for a τθ grid,
+    heatmap.png.
 
     Args: as :func:`run_compare`.
     """
     started = time.perf_counter() if started is None else started
     splits = prepare(config)
     out = _output_dir(config, "sweep")
-    methods, lrs = config["methods"], config["lrs"]
-    final: dict[str, dict[float, float | None]] = {method: {} for method in methods}
+    methods, lrs, taus = config["methods"], config["lrs"], _tau_grid(config)
+    cells: list[dict[str, Any]] = []
     records = []
-    for method in methods:
-        for lr in lrs:
-            run = _run(config, splits, method, lr, label=f"{method} lr={lr:g}")
-            loss = run.final_train_loss
-            final[method][lr] = loss if math.isfinite(loss) else None
-            records.append(run.to_json())
-    header = "| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |"
-    lines = [header, "|---" * (len(lrs) + 1) + "|"]
-    for method in methods:
-        cells = " | ".join(format_loss(final[method][lr]) for lr in lrs)
-        lines.append(f"| {method} | {cells} |")
-    table = "\n".join(lines)
+    for method, lr, tau in _planned_runs(config):
+        label = f"{method} lr={lr:g}" + ("" if method == "backprop" else f" τθ={tau:g}")
+        run = _run(config, splits, method, lr, label=label, tau_prox=tau)
+        cells.append(
+            {
+                "method": method,
+                "tau_prox": None if method == "backprop" else tau,
+                "lr": lr,
+                "final_train_loss": run.final_train_loss,
+                "best_val_accuracy": run.best_val_accuracy,
+            }
+        )
+        records.append(run.to_json())
+    grid = SweepGrid(methods, lrs, taus, cells)
     caption = (
         f"Final full-batch training loss after {config['epochs']} epochs, {config['model']} on "
         f"{splits.name} ({len(splits.train_x)} training images), {config['optimizer']}, "
-        f"τθ={config['tau_prox']:g}; – = diverged."
+        + (f"τθ={taus[0]:g}" if len(taus) == 1 else "τθ as given")
+        + "; – = diverged."
     )
     results = {
         **_provenance("sweep", command, started, config, splits),
         "lrs": lrs,
+        "tau_proxes": taus,
         "methods": methods,
-        "final_train_loss": {m: [final[m][lr] for lr in lrs] for m in methods},
+        "final_train_loss": {m: grid.row("final_train_loss", m, taus[0]) for m in methods},
+        "grid": [_finite_json(cell) for cell in cells],
         "runs": records,
     }
     (out / "sweep.json").write_text(json.dumps(results, indent=2))
+    table = grid.table("final_train_loss", format_loss)
+    if len(taus) > 1:
+        table += f"\n\nBest validation accuracy over {config['epochs']} epochs:\n\n" + grid.table(
+            "best_val_accuracy", _percent
+        )
     comment = provenance_comment(results["command"])
     (out / "table.md").write_text(comment + "\n\n" + caption + "\n\n" + table + "\n")
+    final = {
+        m: dict(zip(lrs, grid.row("final_train_loss", m, taus[0]), strict=True)) for m in methods
+    }
     plot_sweep(methods, lrs, final, out / "sweep.png", title=caption.split(",")[0])
+    written = [out / "table.md", out / "sweep.json", out / "sweep.png"]
+    if len(taus) > 1:
+        title = (
+            f"{config['model']} on {splits.name}, {config['optimizer']}, {config['epochs']} epochs"
+        )
+        written.append(plot_heatmaps(grid, out / "heatmap.png", title=title))
     print(caption + "\n\n" + table)
-    print(f"\nwrote {out / 'table.md'}, {out / 'sweep.json'}, {out / 'sweep.png'}")
+    print(f"\nwrote {', '.join(str(path) for path in written)}")
     return out
+
+
+def _finite_json(cell: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in cell.items()
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from proxoptim.experiments.training import RunResult
 
@@ -75,6 +77,119 @@ def plot_sweep(
     axis.legend(title="× = diverged")
     if title:
         axis.set_title(title)
+    return _save(plt, figure, path)
+
+
+@dataclass(frozen=True)
+class SweepGrid:
+    """A sweep's results: one cell per (method, τθ, lr) run; backprop's cells have τθ None
+    and stand for every τθ (τθ does not reach plain backprop)."""
+
+    methods: Sequence[str]
+    lrs: Sequence[float]
+    taus: Sequence[float]
+    cells: Sequence[dict[str, Any]]
+
+    def value(self, metric: str, method: str, tau: float, lr: float) -> float | None:
+        """The metric of one run; None for a diverged run (its loss is not finite)."""
+        for cell in self.cells:
+            if cell["method"] == method and cell["lr"] == lr and cell["tau_prox"] in (None, tau):
+                loss = cell["final_train_loss"]
+                if loss is None or not math.isfinite(loss):
+                    return None
+                return cell[metric]
+        raise KeyError((method, tau, lr))
+
+    def row(self, metric: str, method: str, tau: float) -> list[float | None]:
+        return [self.value(metric, method, tau, lr) for lr in self.lrs]
+
+    def table(self, metric: str, cell_text: Callable[[float], str]) -> str:
+        """Markdown: one row per method (and τθ, for a grid), one column per lr."""
+        grid = len(self.taus) > 1
+        header = "| method |" + (" τθ |" if grid else "")
+        header += " " + " | ".join(f"{lr:g}" for lr in self.lrs) + " |"
+        lines = [header, "|---" * (len(self.lrs) + 1 + grid) + "|"]
+        for method in self.methods:
+            taus = self.taus[:1] if method == "backprop" else self.taus
+            for tau in taus:
+                values = self.row(metric, method, tau)
+                text = " | ".join("–" if v is None else cell_text(v) for v in values)
+                prefix = f"| {method} |" + (
+                    (" – |" if method == "backprop" else f" {tau:g} |") if grid else ""
+                )
+                lines.append(f"{prefix} {text} |")
+        return "\n".join(lines)
+
+
+def plot_heatmaps(grid: SweepGrid, path: str | Path, title: str = "") -> Path:
+    """Per ProxProp method, the final training loss (top, log colour scale) and the best
+    validation accuracy (bottom) over the τθ × lr grid; diverged cells are crossed out.
+    Backprop's best cell is named in the title, for reference."""
+    import numpy as np
+    from matplotlib import colormaps, patheffects
+    from matplotlib.colors import LogNorm
+
+    plt = _pyplot()
+    proxprop = [m for m in grid.methods if m != "backprop"]
+    figure, axes = plt.subplots(
+        2, len(proxprop), figsize=(4.2 * len(proxprop) + 1, 7.5), squeeze=False
+    )
+    losses = [
+        v
+        for m in proxprop
+        for t in grid.taus
+        for v in grid.row("final_train_loss", m, t)
+        if v is not None and v > 0
+    ]
+    # The colour scale spans the best loss to ten times it: a few huge finite losses would
+    # otherwise flatten every other cell into one colour (those saturate; numbers are printed).
+    norm = LogNorm(min(losses), min(max(losses), 10 * min(losses))) if losses else None
+    panels = (("final_train_loss", "final training loss", norm, "viridis_r"),)
+    panels += (("best_val_accuracy", "best validation accuracy [%]", None, "viridis"),)
+    for column, method in enumerate(proxprop):
+        for row, (metric, label, scale, colours) in enumerate(panels):
+            axis = axes[row][column]
+            values = np.array(
+                [
+                    [
+                        np.nan if v is None else v * (100 if row else 1)
+                        for v in grid.row(metric, method, t)
+                    ]
+                    for t in grid.taus
+                ],
+                dtype=float,
+            )
+            palette = colormaps[colours].with_extremes(bad="lightgrey")  # diverged
+            image = axis.imshow(
+                np.ma.masked_invalid(values),
+                cmap=palette,
+                norm=scale,
+                vmin=None if scale else 0,
+                vmax=None if scale else 100,
+                aspect="auto",
+            )
+            for (i, j), value in np.ndenumerate(values):
+                text = "×" if np.isnan(value) else (f"{value:.2g}" if row == 0 else f"{value:.0f}")
+                label_text = axis.text(
+                    j, i, text, ha="center", va="center", fontsize=8, color="white"
+                )
+                label_text.set_path_effects(
+                    [patheffects.withStroke(linewidth=2, foreground="black")]
+                )
+            axis.set_xticks(range(len(grid.lrs)), [f"{lr:g}" for lr in grid.lrs], rotation=45)
+            axis.set_yticks(range(len(grid.taus)), [f"{t:g}" for t in grid.taus])
+            axis.set(xlabel="learning rate", ylabel="τθ", title=f"{method}: {label}")
+            figure.colorbar(image, ax=axis, shrink=0.8)
+    if "backprop" in grid.methods:
+        results = [
+            (grid.value("final_train_loss", "backprop", grid.taus[0], lr), lr) for lr in grid.lrs
+        ]
+        finite = [(loss, lr) for loss, lr in results if loss is not None]
+        if finite:
+            loss, lr = min(finite)
+            title += f" (backprop's best: loss {loss:.3g} at lr {lr:g})"
+    if title:
+        figure.suptitle(title)
     return _save(plt, figure, path)
 
 

@@ -78,6 +78,43 @@ def test_sweep_records_divergence(tmp_path, capsys):
     assert "– = diverged" in capsys.readouterr().out
 
 
+def test_a_tau_grid_sweep_runs_every_proxprop_method_at_every_tau(tmp_path, capsys):
+    # Backprop runs once per lr (τθ does not reach it); each ProxProp cell of the grid is
+    # the run a one-τθ sweep at that τθ makes, bit for bit: the grid's τθ reaches the
+    # optimizer, and the cells are not mixed up.
+    flags = [*TINY, "--methods", "backprop,cg1", "--lrs", "1,0.1", "--train-subset", "300"]
+    grid = tmp_path / "grid"
+    assert main(["sweep", *flags, "--tau-proxes", "0.02,2", "--out", str(grid)]) == 0
+    results = json.loads((grid / "sweep.json").read_text())
+    assert results["tau_proxes"] == [0.02, 2.0]
+    planned = [(c["method"], c["tau_prox"], c["lr"]) for c in results["grid"]]
+    assert planned == [
+        ("backprop", None, 1.0),
+        ("backprop", None, 0.1),
+        ("cg1", 0.02, 1.0),
+        ("cg1", 0.02, 0.1),
+        ("cg1", 2.0, 1.0),
+        ("cg1", 2.0, 0.1),
+    ]
+    assert len(results["runs"]) == 6
+    for tau in (0.02, 2.0):
+        single = tmp_path / f"tau{tau}"
+        assert main(["sweep", *flags, "--tau-prox", str(tau), "--out", str(single)]) == 0
+        alone = json.loads((single / "sweep.json").read_text())["final_train_loss"]["cg1"]
+        cells = [c["final_train_loss"] for c in results["grid"] if c["tau_prox"] == tau]
+        assert cells == alone
+    losses = {
+        tau: [c["final_train_loss"] for c in results["grid"] if c["tau_prox"] == tau]
+        for tau in (0.02, 2.0)
+    }
+    assert losses[0.02] != losses[2.0]  # τθ changes the run
+    table = (grid / "table.md").read_text()
+    assert "| method | τθ | 1 | 0.1 |" in table and "| cg1 | 2 |" in table
+    assert "Best validation accuracy" in table
+    assert (grid / "heatmap.png").read_bytes().startswith(b"\x89PNG")
+    assert "heatmap.png" in capsys.readouterr().out
+
+
 def _git_head() -> str | None:
     try:
         return subprocess.run(
@@ -190,6 +227,8 @@ def no_work(monkeypatch):
         (["sweep", "--lrs", "-1"], "--lrs"),
         (["sweep", "--lrs", "1,nan"], "--lrs"),
         (["sweep", "--lrs", "1,fast"], "--lrs"),
+        (["sweep", "--tau-proxes", "0.1,0"], "--tau-proxes"),
+        (["sweep", "--tau-proxes", "0.1,big"], "--tau-proxes"),
         (["sweep", "--methods", "cg0"], "--methods"),
         (["sweep", "--train-subset", "0"], "--train-subset"),
     ],
