@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from proxoptim.capture import CapturedCall
+from proxoptim.distributed import local_part
 from proxoptim.layers import Layer
 from proxoptim.readback import read_back
 
@@ -34,7 +35,9 @@ def nonfinite_problem(
     operators and one host sync whatever the number of layers. The culprit is looked for
     only when that fails (or when finite values overflow a norm: then it finds none).
     """
-    if all_finite([param.grad for param in stepped] + list(directions.values())):
+    # (A fully_shard-ed parameter's gradient is checked on this rank's shard: the caller
+    # makes the ranks agree.)
+    if all_finite([local_part(t) for t in [p.grad for p in stepped] + list(directions.values())]):
         return None
     for index, layer in enumerate(layers):
         if layer.weight not in directions:
@@ -58,7 +61,7 @@ def nonfinite_problem(
 
 
 def finite(tensor: Tensor) -> bool:
-    return bool(torch.isfinite(tensor).all())
+    return bool(torch.isfinite(local_part(tensor)).all())
 
 
 def all_finite(tensors: list[Tensor]) -> bool:

@@ -13,6 +13,14 @@ preconditioner must describe the global batch: M = I/τθ + Σ_ranks A_r* A_r.
 * ``"local"``: each rank solves with its own M and the directions are averaged with one
   all-reduce: still a descent direction, cheaper on wide layers, a different
   preconditioner from the single-process one.
+* ``"sharded"``: the model is ``fully_shard``-ed (FSDP2), chosen by itself. Every parameter
+  is a DTensor sharded on dim 0, its output rows, and M is block diagonal over rows, so
+  each rank solves exactly the rows it owns against the global M (the rows of its local
+  ``.grad`` shard, which FSDP's reduce-scatter already averaged over ranks). Linear layers
+  all-gather their inputs and output gradients (δ then keeps this rank's columns) and
+  solve locally in any form; convolutions all-reduce the primal Gram and solve in the
+  primal form (a matrix-free product would need every rank's rows). No rank ever holds a
+  full weight or gradient beyond FSDP's own all-gather.
 """
 
 from __future__ import annotations
@@ -24,7 +32,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+try:  # (absent where torch is built without distributed support)
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover
+    DTensor = Shard = None
+
 MODES = ("global", "local")
+SHARDED = "sharded"
 
 
 @dataclass(frozen=True)
@@ -69,6 +83,169 @@ class Communicator:
         parts = [torch.empty_like(padded) for _ in sizes]
         dist.all_gather(parts, padded.contiguous(), group=self.group)
         return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
+
+
+@dataclass(frozen=True)
+class ShardedRows:
+    """Where a ``fully_shard``-ed parameter's rows live: this rank holds rows
+    ``start:stop`` of ``total`` (DTensor's ``Shard(0)``, chunks of ⌈total / world⌉)."""
+
+    start: int
+    stop: int
+    total: int
+
+    def columns_of(self, output_grads: Tensor, channel_axis: int) -> Tensor:
+        """δ's entries for this rank's rows (output units or channels on ``channel_axis``)."""
+        return output_grads.narrow(channel_axis, self.start, self.stop - self.start)
+
+
+def is_sharded(param: Tensor | None) -> bool:
+    return param is not None and DTensor is not None and isinstance(param, DTensor)
+
+
+def local_part(tensor: Tensor) -> Tensor:
+    """A DTensor's local shard (the tensor itself otherwise)."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def sharded_rows(param: Tensor) -> ShardedRows:
+    """This rank's rows of a parameter ``fully_shard`` sharded on dim 0 of a 1-D mesh."""
+    mesh = param.device_mesh
+    total, world, rank = param.shape[0], mesh.size(), mesh.get_local_rank()
+    chunk = -(-total // world)
+    start = min(rank * chunk, total)
+    stop = min(start + chunk, total)
+    if param.to_local().shape[0] != stop - start:  # (a sharding other than torch.chunk's)
+        raise ValueError(
+            f"ProxProp: a parameter of shape {tuple(param.shape)} holds "
+            f"{param.to_local().shape[0]} rows on rank {rank}, not the {stop - start} of "
+            "fully_shard's even chunks; shard parameters with the default shard placement"
+        )
+    return ShardedRows(start, stop, total)
+
+
+def sharded_process_group(params: list[Tensor]) -> dist.ProcessGroup:
+    """The process group of ``fully_shard``-ed parameters, after checking what "sharded"
+    mode supports: every parameter a DTensor on one 1-D mesh, sharded on dim 0.
+
+    Raises:
+        ValueError: a 2-D mesh (HSDP), another placement, or parameters on several meshes.
+    """
+    meshes = {param.device_mesh for param in params}
+    if len(meshes) != 1:
+        raise ValueError(
+            "ProxProp: the preconditioned parameters live on several device meshes; "
+            "fully_shard every layer with one mesh"
+        )
+    mesh = meshes.pop()
+    if mesh.ndim != 1:
+        raise ValueError(
+            f"ProxProp: the model is sharded on a {mesh.ndim}-D device mesh (HSDP: "
+            "replicate × shard); ProxProp supports fully_shard on a 1-D mesh only. Pass a "
+            "1-D mesh to fully_shard, or use DistributedDataParallel"
+        )
+    for param in params:
+        if tuple(param.placements) != (Shard(0),):
+            raise ValueError(
+                f"ProxProp: a parameter of shape {tuple(param.shape)} is placed "
+                f"{tuple(param.placements)}; ProxProp needs fully_shard's Shard(0) (rows "
+                "sharded over ranks)"
+            )
+    return mesh.get_group()
+
+
+def as_sharded_grad(param: Tensor, local: Tensor) -> Tensor:
+    """A direction for this rank's rows as a gradient of the DTensor ``param``."""
+    return DTensor.from_local(
+        local,
+        param.device_mesh,
+        param.placements,
+        run_check=False,
+        shape=param.shape,
+        stride=param.stride(),
+    )
+
+
+def agreed_problem(problem: str | None, communicator: Communicator) -> str | None:
+    """``problem`` (a rank's own finding, or None), or, where only other ranks found one,
+    a message saying so: every rank then raises or skips alike (one all-reduce)."""
+    device = torch.device("cuda") if dist.get_backend(communicator.group) == "nccl" else None
+    flag = torch.tensor([0.0 if problem is None else 1.0], device=device)
+    if communicator.all_reduce_(flag).item() == 0:
+        return None
+    return (
+        problem or "a non-finite value on another rank of the fully_shard mesh (its error names it)"
+    )
+
+
+def refuse_unsharded_rows(layers: list[Any]) -> None:
+    """fully_shard splits dim 0 of every weight; each rank then owns whole rows only where
+    dim 0 indexes output units and the layer has one group.
+
+    Raises:
+        ValueError: a preconditioned layer whose rows dim 0 does not split (named).
+    """
+    for layer in layers:
+        if layer.excluded:
+            continue
+        groups = layer.kind.groups(layer.modules[0])
+        if layer.kind.rows_axis != 0 or groups != 1:
+            raise ValueError(
+                f"ProxProp: layer {layer.name!r} ({type(layer.modules[0]).__name__}, groups "
+                f"{groups}) does not keep its rows on weight dim 0, which fully_shard "
+                "splits; pass exclude=[...] with its name to leave it to the inner optimizer"
+            )
+
+
+def refuse_fsdp1(model: Any) -> None:
+    """FSDP1's wrapper flattens parameters, so no layer's rows can be found.
+
+    Raises:
+        ValueError: ``model`` is or holds a ``FullyShardedDataParallel`` wrapper.
+    """
+    if not dist.is_available():
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
+        raise ValueError(
+            "ProxProp: the model is wrapped in FullyShardedDataParallel (FSDP1), whose flat "
+            "parameters hide each layer's rows; shard it with "
+            "torch.distributed.fsdp.fully_shard (FSDP2) instead, which ProxProp supports"
+        )
+
+
+def placement(
+    requested: str | None, process_group: Any, params: list[Tensor]
+) -> tuple[str | None, Any]:
+    """The distributed mode and process group for the preconditioned ``params``: "sharded"
+    (with the mesh's group) where they are ``fully_shard``-ed DTensors, else
+    :func:`default_mode` of ``requested`` with ``process_group``.
+
+    Raises:
+        ValueError: an unknown mode; a mode other than "sharded" for a sharded model; a
+            model only partly sharded; a mesh "sharded" does not support.
+    """
+    sharded = [param for param in params if is_sharded(param)]
+    if not sharded:
+        if requested == SHARDED:
+            raise ValueError(
+                "distributed='sharded' is for models sharded with fully_shard (FSDP2); this "
+                "model's layers are not DTensors. Pass distributed=None, 'global' or 'local'"
+            )
+        return default_mode(requested), process_group
+    if len(sharded) != len(params):
+        raise ValueError(
+            "ProxProp: some preconditioned layers are fully_shard-ed and some are not; "
+            "shard the whole model (fully_shard each layer block and the root)"
+        )
+    if requested not in (None, SHARDED):
+        raise ValueError(
+            f"distributed={requested!r} does not apply to a fully_shard-ed (FSDP2) model: "
+            "each rank solves the rows it owns (distributed='sharded', chosen by itself); "
+            "pass distributed=None"
+        )
+    return SHARDED, sharded_process_group(sharded)
 
 
 def default_mode(requested: str | None) -> str | None:

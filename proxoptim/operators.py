@@ -472,7 +472,10 @@ class RowLayout:
 
     @property
     def weight_row_dim(self) -> int:
-        return math.prod(self.weight_shape) // self.rows
+        # (From the other axes, not numel / rows: a fully_shard-ed rank may hold no rows.)
+        return math.prod(
+            size for axis, size in enumerate(self.weight_shape) if axis != self.rows_axis
+        )
 
     @property
     def row_dim(self) -> int:
@@ -562,6 +565,9 @@ class LayerSystem:
         costs: the cost table the form choice uses (default: that of the inputs' device).
         gram_sources: per call, whether its Gram comes from correlations and its cost, as
             a plan decided them for this signature (default: priced here).
+        rows_sharded: the rows solved are this rank's only (``fully_shard``): products
+            cannot be summed over ranks (each rank's rows differ), so under a communicator
+            only the all-reduced Gram serves (:attr:`matrix_free_allowed` is False).
     """
 
     def __init__(
@@ -572,10 +578,12 @@ class LayerSystem:
         communicator: Communicator | None = None,
         costs: DeviceCosts | None = None,
         gram_sources: Sequence[tuple[bool, float]] | None = None,
+        rows_sharded: bool = False,
     ) -> None:
         self.layout = layout
         self.dtype = dtype
         self.communicator = communicator
+        self.matrix_free_allowed = communicator is None or not rows_sharded
         self.calls = [
             Call(module, kind, x, dtype, output_grad) for module, kind, x, output_grad in calls
         ]
@@ -635,6 +643,8 @@ class LayerSystem:
                 total_bias = total_bias + grad_bias
         product = self.layout.to_rows(total_weight, total_bias)
         if self.communicator is not None:
+            if not self.matrix_free_allowed:
+                raise RuntimeError("ProxProp: a product summed over ranks of different rows")
             self.communicator.all_reduce_(product)
         return product
 

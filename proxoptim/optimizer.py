@@ -16,7 +16,15 @@ from proxoptim.backward_solve import BackwardSolves, gradient_sync
 from proxoptim.capture import Capture
 from proxoptim.checks import nonfinite_problem
 from proxoptim.costs import DeviceCosts
-from proxoptim.distributed import Communicator, average_over_ranks, default_mode
+from proxoptim.distributed import (
+    SHARDED,
+    Communicator,
+    agreed_problem,
+    average_over_ranks,
+    placement,
+    refuse_fsdp1,
+    refuse_unsharded_rows,
+)
 from proxoptim.graphs import GraphRunner, SolveGraphs
 from proxoptim.layers import adopt, claim, find_layers, release, resolve_exclusions, unwrap
 from proxoptim.pipeline import SPECULATION_BACKOFF, StepPipeline, profiler_range
@@ -219,7 +227,28 @@ class ProxPropOptimizer(Optimizer):
         self.nonfinite = nonfinite
         self.skipped_steps = 0
         self.exclude_last = bool(exclude_last)
-        self.distributed = default_mode(distributed)
+        wrapper = model
+        refuse_fsdp1(model)
+        model = unwrap(model)
+        self._layers = find_layers(model, resolve_exclusions(model, exclude))
+        self.distributed, process_group = placement(
+            distributed,
+            process_group,
+            [
+                param
+                for layer in self._layers
+                if not layer.excluded
+                for param in (layer.weight, layer.bias)
+                if param is not None
+            ],
+        )
+        if self.distributed == SHARDED:
+            refuse_unsharded_rows(self._layers)
+        if self.distributed == SHARDED and (solve_in_backward or cuda_graphs is not False):
+            raise ValueError(
+                "solve_in_backward and cuda_graphs are not supported on fully_shard-ed "
+                "(FSDP2) models; leave them at their defaults"
+            )
         if solve_in_backward and solver == "none":
             raise ValueError(
                 "solve_in_backward=True has nothing to solve with solver='none'; pass "
@@ -231,11 +260,7 @@ class ProxPropOptimizer(Optimizer):
                 "distributed='global' (the single-process direction over all ranks' "
                 "batches) cannot; pass distributed='local', or solve_in_backward=False"
             )
-        wrapper = model
         self._communicator = Communicator(process_group) if self.distributed else None
-        model = unwrap(model)
-
-        self._layers = find_layers(model, resolve_exclusions(model, exclude))
         self._parameter_names = {param: name for name, param in model.named_parameters()}
         claim(self._layers)
         if isinstance(optimizer, Optimizer):
@@ -504,6 +529,9 @@ class ProxPropOptimizer(Optimizer):
                 self._parameter_names,
                 self.tau_prox,
             )
+        if self.distributed == SHARDED:
+            # Each rank checked its own shards: all must raise or skip alike.
+            problem = agreed_problem(problem, self._communicator)
         if problem is not None:
             if self.nonfinite == "raise":
                 raise FloatingPointError(

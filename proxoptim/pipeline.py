@@ -17,6 +17,10 @@ one sync for the whole step, not one per layer::
     publish   directions of layers another rank solved, broadcast from their owner
               (proxoptim.distributed)
 
+Under ``fully_shard`` (FSDP2, "sharded" mode) a task holds this rank's rows only: its
+gradient is the local shard, its δ the matching columns, its system the global one (Linear
+inputs gathered, convolution Grams all-reduced), and its direction goes back as a DTensor.
+
 The optimizer then runs the fused non-finite check (proxoptim.checks) and lends
 the directions to the inner optimizer. Nothing here writes a parameter, a ``.grad`` or
 optimizer state, which is what lets a failed step leave everything as it was.
@@ -37,7 +41,15 @@ import torch.distributed as dist
 from torch import Tensor
 
 from proxoptim.capture import CapturedCall
-from proxoptim.distributed import Communicator, gathered_linear_calls, solving_ranks
+from proxoptim.distributed import (
+    SHARDED,
+    Communicator,
+    as_sharded_grad,
+    gathered_linear_calls,
+    local_part,
+    sharded_rows,
+    solving_ranks,
+)
 from proxoptim.dual import draw_probe, probe_numbers_for, probe_verdicts
 from proxoptim.graphs import SolveGraphs, graphed_layer_solve
 from proxoptim.layers import Layer
@@ -232,6 +244,14 @@ class StepPipeline:
             self.publish(tasks + waiting, stats)
             for task in waiting:
                 directions.update(task.directions)
+        if self.distributed == SHARDED:
+            return StepResult(
+                {
+                    param: as_sharded_grad(param, v.to(param.dtype))
+                    for param, v in directions.items()
+                },
+                stats,
+            )
         return StepResult(
             {param: v.to(param.dtype) for param, v in directions.items()},
             stats,
@@ -246,21 +266,30 @@ class StepPipeline:
         weight, bias = layer.weight, layer.bias
         has_bias = bias is not None and bias.requires_grad
         dtype = solve_dtype(weight)
-        grad_weight = weight.grad.to(dtype)
+        # (Under fully_shard: this rank's rows of the gradient, averaged over ranks.)
+        grad_weight = local_part(weight.grad).to(dtype)
         grad_bias = None
         if has_bias:
             grad_bias = (
-                bias.grad.to(dtype)
+                local_part(bias.grad).to(dtype)
                 if bias.grad is not None
-                else torch.zeros_like(bias, dtype=dtype)
+                else torch.zeros_like(local_part(bias), dtype=dtype)
             )
         raw_calls = [(c.module, layer.kind, c.input, c.output_grad) for c in calls]
         communicator = None
-        if self.distributed == "global":
+        if self.distributed in ("global", SHARDED):
             if layer.kind.im2col:
-                communicator = self.communicator  # all-reduce the Gram or each product
+                communicator = self.communicator  # all-reduce the Gram (or each product)
             else:
                 raw_calls = gathered_linear_calls(raw_calls, dtype, self.communicator)
+        if self.distributed == SHARDED:
+            # δ's entries for this rank's rows: its output units, or channels (axis 1).
+            rows = sharded_rows(weight)
+            axis = 1 if layer.kind.im2col else -1
+            raw_calls = [
+                (module, kind, x, None if grads is None else rows.columns_of(grads, axis))
+                for module, kind, x, grads in raw_calls
+            ]
         system, plan = self.system_and_plan(index, layer, raw_calls, dtype, communicator)
         task = LayerTask(layer, index, plan, calls, system, grad_weight, grad_bias, owner)
         if owner is not None and owner != self.communicator.rank:
@@ -285,8 +314,9 @@ class StepPipeline:
         weight, bias = layer.weight, layer.bias
         has_bias = bias is not None and bias.requires_grad
         latest = self.plans.latest(index)
+        rows = local_part(weight)  # (this rank's rows under fully_shard)
         layout = RowLayout(
-            weight.shape, layer.kind.groups(layer.modules[0]), has_bias, layer.kind.rows_axis
+            rows.shape, layer.kind.groups(layer.modules[0]), has_bias, layer.kind.rows_axis
         )
         system = LayerSystem(
             layout,
@@ -296,8 +326,9 @@ class StepPipeline:
             costs=self.options.device_costs,
             # The last plan's Gram sources, where it was made for the same inputs.
             gram_sources=_sources_if_same_inputs(latest, raw_calls),
+            rows_sharded=self.distributed == SHARDED,
         )
-        signature = signature_of(index, weight, has_bias, system)
+        signature = signature_of(index, rows, has_bias, system)
         plan = self.plans.get(signature)
         if plan is None:
             graphs_supported = self.graphs is not None and self.graphs.runner.supports(

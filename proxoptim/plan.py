@@ -323,7 +323,7 @@ def estimate_costs(
     row_traffic = k * ROW_CG_ACCESSES * system.dtype.itemsize * m * d * device.memory_byte
 
     matrix_free = float("inf")
-    if not exact:
+    if not exact and system.matrix_free_allowed:
         work = 4.0 * k * n * d * m
         if system.im2col:
             work *= device.conv_product_slowdown
@@ -389,6 +389,12 @@ def choose_form(
         return requested
     cheapest = costs.cheapest(FORMS)
     if getattr(costs, cheapest) == float("inf"):
+        if not system.matrix_free_allowed:
+            raise ValueError(
+                f"ProxProp: a fully_shard-ed layer's Gram ({system.layout.groups} × "
+                f"{system.layout.row_dim}²) exceeds max_gram_elements, and its rows, split "
+                "over ranks, cannot run matrix-free CG; raise max_gram_elements"
+            )
         # No Gram or kernel fits (or the layer has none): CG runs matrix-free, and an exact
         # solve becomes CG run to convergence (see :func:`solve`).
         return "matrix_free"

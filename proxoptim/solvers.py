@@ -74,6 +74,18 @@ def solve(
             "coefficient"; None: priced here).
         constants: the plan's kept constants (None: built for this solve).
     """
+    if grad_weight.shape[system.layout.rows_axis] == 0:
+        # A fully_shard-ed rank holding none of the layer's rows: nothing to solve, but a
+        # Gram summed over ranks still needs this rank's part.
+        if form == "primal" and system.communicator is not None:
+            system.gram()
+        empty = grad_weight.new_zeros(())
+        return Solution(
+            grad_weight.clone(),
+            None if grad_bias is None else grad_bias.clone(),
+            0,
+            empty if diagnostics else None,
+        )
     if form == "dual":
         kernel = DualKernel(system)
         # The dual form works on (m, d_weight) rows: a convolution's weight flattened.
