@@ -57,6 +57,27 @@ def test_ddp_example_runs_under_torchrun_with_identical_replicas():
     assert "replicas identical: True" in result.stdout
 
 
+def test_fsdp_example_runs_under_torchrun_and_matches_one_process():
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(ROOT / "examples" / "fsdp_train.py"),
+            "--steps",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "directions match single process: True" in result.stdout
+
+
 def _cifar_fixtures() -> ModuleType:
     """tests/experiments/cifar_fixtures.py, the tiny-dataset writers shared with test_data.py
     (loaded by path: tests/experiments is not on sys.path when only this file runs)."""
