@@ -101,6 +101,11 @@ def optimizer_for(model: nn.Module, solver: str, form: str, **kwargs) -> ProxPro
     )
 
 
+def adaptive_optimizer_for(model: nn.Module, inner: type) -> ProxPropOptimizer:
+    """ProxProp (cg3) with an inner optimizer that keeps per-parameter state (Adam, AdamW)."""
+    return ProxPropOptimizer(model, inner, lr=1e-2, tau_prox=0.5, solver="cg", cg_iters=3)
+
+
 def train(model, opt, world_size, rank=None, micro_batches=1, dtype=torch.float64):
     """STEPS steps; with ``rank`` this rank's slice of each global batch; with several
     micro-batches, all but the last without gradient sync (FSDP) and losses summed."""
@@ -154,6 +159,12 @@ def main(out_dir: str) -> None:
             "final": [_whole(p) for p in model.parameters()],
             "forms": {name: stats.form for name, stats in opt.last_stats.items()},
         }
+    for inner in (torch.optim.Adam, torch.optim.AdamW):
+        model = shard(make_model())
+        opt = adaptive_optimizer_for(model, inner)
+        train(model, opt, world_size, rank)
+        result[inner.__name__] = [_whole(p) for p in model.parameters()]
+
     model = shard(make_model())
     opt = optimizer_for(model, "exact", "auto")
     train(model, opt, world_size, rank, micro_batches=2)

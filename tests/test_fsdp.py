@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fsdp_worker import CASES, make_model, optimizer_for, train
+from fsdp_worker import CASES, adaptive_optimizer_for, make_model, optimizer_for, train
 from oracle import relative_error
 from test_distributed import free_port
 from torch import nn
@@ -83,6 +83,16 @@ def test_each_rank_solves_its_rows_as_one_process_on_all_batches(ranks, solver, 
         if form != "auto":
             for name, ran in case["forms"].items():
                 assert ran == ("primal" if name == "0" else forms[name]), (name, ran)
+
+
+@pytest.mark.parametrize("inner", [torch.optim.Adam, torch.optim.AdamW])
+def test_stateful_inner_optimizers_step_the_dtensor_parameters_alike(ranks, inner):
+    world_size, results = ranks
+    model = make_model()
+    train(model, adaptive_optimizer_for(model, inner), world_size)
+    for result in results:
+        for got, want in zip(result[inner.__name__], model.parameters(), strict=True):
+            assert relative_error(got, want.detach()) <= 1e-9
 
 
 def test_gradient_accumulation_without_sync_is_the_summed_system(ranks):
