@@ -34,8 +34,14 @@ class RecordingSGD(torch.optim.SGD):
 
     @torch.no_grad()
     def step(self, closure=None):
-        self.seen.append([p.grad.clone() for group in self.param_groups for p in group["params"]])
+        self.seen.append(
+            [self.keep(p.grad) for group in self.param_groups for p in group["params"]]
+        )
         return super().step(closure)
+
+    @staticmethod
+    def keep(grad: torch.Tensor) -> torch.Tensor:
+        return grad.clone()
 
 
 def make_model() -> nn.Module:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
+import distributed_worker
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -37,17 +38,12 @@ CASES = (
 )
 
 
-class RecordingSGD(torch.optim.SGD):
+class RecordingSGD(distributed_worker.RecordingSGD):
     """SGD that keeps every gradient it is handed, gathered whole (DTensor or not)."""
 
-    def __init__(self, params, **kwargs):
-        super().__init__(params, **kwargs)
-        self.seen = []
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        self.seen.append([_whole(p.grad) for g in self.param_groups for p in g["params"]])
-        return super().step(closure)
+    @staticmethod
+    def keep(grad: torch.Tensor) -> torch.Tensor:
+        return _whole(grad)
 
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:

@@ -25,24 +25,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_ranks(
-    tmp_path: Path, world_size: int, mode: str, steps: int, solver: str = "cg", bare: bool = False
-):
+def launch_ranks(script: Path, args: list[str], world_size: int) -> None:
+    """Runs ``script`` with ``args`` as ``world_size`` gloo ranks on localhost (one thread
+    each) and waits for all of them; fails with a rank's output if it fails."""
     port = str(free_port())
     processes = []
     for rank in range(world_size):
         env = dict(
             os.environ,
             RANK=str(rank),
+            LOCAL_RANK=str(rank),
             WORLD_SIZE=str(world_size),
+            LOCAL_WORLD_SIZE=str(world_size),
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=port,
             OMP_NUM_THREADS="1",
         )
         processes.append(
             subprocess.Popen(
-                [sys.executable, str(WORKER), str(tmp_path), mode, str(steps), solver]
-                + (["bare"] if bare else []),
+                [sys.executable, str(script), *args],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -50,8 +51,15 @@ def run_ranks(
             )
         )
     for process in processes:
-        output, _ = process.communicate(timeout=240)
+        output, _ = process.communicate(timeout=300)
         assert process.returncode == 0, output
+
+
+def run_ranks(
+    tmp_path: Path, world_size: int, mode: str, steps: int, solver: str = "cg", bare: bool = False
+):
+    args = [str(tmp_path), mode, str(steps), solver] + (["bare"] if bare else [])
+    launch_ranks(WORKER, args, world_size)
     return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world_size)]
 
 

@@ -35,7 +35,7 @@ def test_quickstart_runs_and_reports_both_optimizers():
     assert "backprop/Adam" in result.stdout and "proxprop-cg3/Adam" in result.stdout
 
 
-def test_ddp_example_runs_under_torchrun_with_identical_replicas():
+def _torchrun(script: str, *args: str) -> subprocess.CompletedProcess:
     # --standalone: torchrun picks a free port on localhost (no clash with other runs).
     result = subprocess.run(
         [
@@ -44,9 +44,8 @@ def test_ddp_example_runs_under_torchrun_with_identical_replicas():
             "torch.distributed.run",
             "--standalone",
             "--nproc_per_node=2",
-            str(ROOT / "examples" / "ddp_train.py"),
-            "--steps",
-            "5",
+            str(ROOT / "examples" / script),
+            *args,
         ],
         capture_output=True,
         text=True,
@@ -54,27 +53,15 @@ def test_ddp_example_runs_under_torchrun_with_identical_replicas():
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "replicas identical: True" in result.stdout
+    return result
+
+
+def test_ddp_example_runs_under_torchrun_with_identical_replicas():
+    assert "replicas identical: True" in _torchrun("ddp_train.py", "--steps", "5").stdout
 
 
 def test_fsdp_example_runs_under_torchrun_and_matches_one_process():
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(ROOT / "examples" / "fsdp_train.py"),
-            "--steps",
-            "5",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = _torchrun("fsdp_train.py", "--steps", "5")
     assert "directions match single process: True" in result.stdout
 
 

@@ -8,16 +8,13 @@ that do not divide (tests/fsdp_worker.py makes a rank hold no row of two layers)
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from fsdp_worker import CASES, adaptive_optimizer_for, make_model, optimizer_for, train
 from oracle import relative_error
-from test_distributed import free_port
+from test_distributed import launch_ranks
 from torch import nn
 
 from proxoptim.distributed import ShardedRows, refuse_fsdp1
@@ -26,31 +23,7 @@ WORKER = Path(__file__).with_name("fsdp_worker.py")
 
 
 def run_ranks(out: Path, world_size: int) -> list[dict]:
-    port = str(free_port())
-    processes = []
-    for rank in range(world_size):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(world_size),
-            LOCAL_WORLD_SIZE=str(world_size),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=port,
-            OMP_NUM_THREADS="1",
-        )
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, str(WORKER), str(out)],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    for process in processes:
-        output, _ = process.communicate(timeout=300)
-        assert process.returncode == 0, output
+    launch_ranks(WORKER, [str(out)], world_size)
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
 
 

@@ -261,14 +261,7 @@ def _check(config: dict[str, Any]) -> None:
     uses_backprop = any(method.is_backprop for method in methods)
     uses_proxprop = not all(method.is_backprop for method in methods)
     if "lrs" in config:
-        try:
-            config["lrs"] = [float(value) for value in _split(config["lrs"])]
-        except ValueError:
-            raise ConfigError(
-                f"--lrs must list numbers, e.g. 1,0.1,0.01; got {config['lrs']!r}"
-            ) from None
-        if not config["lrs"] or not all(_positive(lr) for lr in config["lrs"]):
-            raise ConfigError("--lrs must list finite numbers > 0, e.g. 1,0.1,0.01")
+        config["lrs"] = _positive_numbers(config["lrs"], "--lrs", "1,0.1,0.01")
     else:
         for key, used in (("lr_backprop", uses_backprop), ("lr_proxprop", uses_proxprop)):
             if used and not _positive(config[key]):
@@ -277,14 +270,7 @@ def _check(config: dict[str, Any]) -> None:
                     f"got {config[key]!r}"
                 )
     if config.get("tau_proxes") is not None:
-        try:
-            config["tau_proxes"] = [float(value) for value in _split(config["tau_proxes"])]
-        except ValueError:
-            raise ConfigError(
-                f"--tau-proxes must list numbers, e.g. 0.01,0.1,1; got {config['tau_proxes']!r}"
-            ) from None
-        if not config["tau_proxes"] or not all(_positive(t) for t in config["tau_proxes"]):
-            raise ConfigError("--tau-proxes must list finite numbers > 0, e.g. 0.01,0.1,1")
+        config["tau_proxes"] = _positive_numbers(config["tau_proxes"], "--tau-proxes", "0.01,0.1,1")
     if uses_proxprop and not _positive(config["tau_prox"]):
         raise ConfigError(
             f"--tau-prox must be a finite number > 0 (e.g. 0.05 or 1.0), got {config['tau_prox']!r}"
@@ -314,6 +300,21 @@ def _check(config: dict[str, Any]) -> None:
         raise ConfigError(
             f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
         )
+
+
+def _positive_numbers(value: str | Sequence[Any], flag: str, example: str) -> list[float]:
+    """A comma-separated list (or a list) of finite numbers > 0.
+
+    Raises:
+        ConfigError: an entry is not a number, is not finite and > 0, or none is given.
+    """
+    try:
+        numbers = [float(item) for item in _split(value)]
+    except ValueError:
+        raise ConfigError(f"{flag} must list numbers, e.g. {example}; got {value!r}") from None
+    if not numbers or not all(_positive(number) for number in numbers):
+        raise ConfigError(f"{flag} must list finite numbers > 0, e.g. {example}")
+    return numbers
 
 
 def _positive(value: float) -> bool:
