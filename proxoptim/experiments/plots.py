@@ -131,8 +131,12 @@ def plot_heatmaps(grid: SweepGrid, path: str | Path, title: str = "") -> Path:
 
     plt = _pyplot()
     proxprop = [m for m in grid.methods if m != "backprop"]
+    panel_width = 0.75 * len(grid.lrs) + 2
     figure, axes = plt.subplots(
-        2, len(proxprop), figsize=(4.2 * len(proxprop) + 1, 7.5), squeeze=False
+        2,
+        len(proxprop),
+        figsize=(panel_width * len(proxprop), 1.1 * len(grid.taus) + 4.5),
+        squeeze=False,
     )
     losses = [
         v
@@ -141,9 +145,10 @@ def plot_heatmaps(grid: SweepGrid, path: str | Path, title: str = "") -> Path:
         for v in grid.row("final_train_loss", m, t)
         if v is not None and v > 0
     ]
-    # The colour scale spans the best loss to ten times it: a few huge finite losses would
-    # otherwise flatten every other cell into one colour (those saturate; numbers are printed).
-    norm = LogNorm(min(losses), min(max(losses), 10 * min(losses))) if losses else None
+    # The colour scale spans four decades from the best loss: a few huge finite losses
+    # would otherwise flatten every other cell into one colour (those saturate; every
+    # cell's number is printed).
+    norm = LogNorm(min(losses), min(max(losses), 1e4 * min(losses))) if losses else None
     panels = (("final_train_loss", "final training loss", norm, "viridis_r"),)
     panels += (("best_val_accuracy", "best validation accuracy [%]", None, "viridis"),)
     for column, method in enumerate(proxprop):
@@ -169,7 +174,7 @@ def plot_heatmaps(grid: SweepGrid, path: str | Path, title: str = "") -> Path:
                 aspect="auto",
             )
             for (i, j), value in np.ndenumerate(values):
-                text = "×" if np.isnan(value) else (f"{value:.2g}" if row == 0 else f"{value:.0f}")
+                text = "×" if np.isnan(value) else (_short(value) if row == 0 else f"{value:.0f}")
                 label_text = axis.text(
                     j, i, text, ha="center", va="center", fontsize=8, color="white"
                 )
@@ -191,6 +196,13 @@ def plot_heatmaps(grid: SweepGrid, path: str | Path, title: str = "") -> Path:
     if title:
         figure.suptitle(title)
     return _save(plt, figure, path)
+
+
+def _short(value: float) -> str:
+    """A loss in at most five characters: 0.031, 2.3, 4e-05, 6e+02."""
+    if 0.01 <= value < 100:
+        return f"{value:.2g}"
+    return f"{value:.0e}"
 
 
 def _save(plt, figure, path: str | Path) -> Path:
