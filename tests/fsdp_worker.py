@@ -52,12 +52,14 @@ def _whole(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def make_model(dtype: torch.dtype = torch.float64) -> nn.Module:
-    """Row counts 2, 7, 2 (and the output layer's 3) split unevenly over 2 and 3 ranks (of
-    3 ranks, the last holds no row of the convolution or of the third layer); one layer
-    without a bias."""
+    """Row counts 2, 2, 7, 2 (and the output layer's 3) split unevenly over 2 and 3 ranks
+    (of 3 ranks, the last holds no row of either convolution or of the fourth layer); a
+    convolution and a Linear layer without a bias."""
     torch.manual_seed(0)
     return nn.Sequential(
         nn.Conv2d(2, 2, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(2, 2, 3, padding=1, bias=False),
         nn.ReLU(),
         nn.Flatten(),
         nn.Linear(2 * 4 * 4, 7),

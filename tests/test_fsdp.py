@@ -50,12 +50,12 @@ def test_each_rank_solves_its_rows_as_one_process_on_all_batches(ranks, solver, 
                 assert relative_error(got, want) <= 1e-9
         for got, want in zip(case["final"], model.parameters(), strict=True):
             assert relative_error(got, want.detach()) <= 1e-9
-        # The form asked for ran, except on the convolution: its rows split over ranks
+        # The form asked for ran, except on the convolutions: their rows split over ranks
         # can only use the all-reduced Gram. (Under "auto" each rank prices its own row
         # count, so its choice may differ from one process's; the direction may not.)
         if form != "auto":
             for name, ran in case["forms"].items():
-                assert ran == ("primal" if name == "0" else forms[name]), (name, ran)
+                assert ran == ("primal" if name in ("0", "2") else forms[name]), (name, ran)
 
 
 @pytest.mark.parametrize("inner", [torch.optim.Adam, torch.optim.AdamW])
@@ -82,10 +82,12 @@ def test_gradient_accumulation_without_sync_is_the_summed_system(ranks):
 
 
 def test_mixed_precision_policy_gives_the_float32_direction_to_bfloat16_accuracy(ranks):
-    # bf16 parameters and forward (MixedPrecisionPolicy), float32 reduce: inputs and δ
-    # carry bf16's relative rounding (2^-9), which the solve amplifies to about 1e-2 on the
-    # first step; the plain gradient lies much farther from the direction, so the bound
-    # would fail if the solve were skipped.
+    # bf16 parameters and forward (MixedPrecisionPolicy), float32 reduce: inputs, δ and the
+    # gradient carry bf16's rounding (2^-9 relative), which the solve amplifies: measured
+    # up to 0.15 relative on the first step (a dual-form layer, its kernel from bf16
+    # inputs), about 1e-2 elsewhere. The plain gradient lies more than 1 away from the
+    # direction on every preconditioned parameter, so the bound fails if a solve is
+    # skipped or wrong by a factor.
     world_size, results = ranks
     model = make_model(torch.float32)
     opt = optimizer_for(model, "exact", "auto")
@@ -94,13 +96,13 @@ def test_mixed_precision_policy_gives_the_float32_direction_to_bfloat16_accuracy
     plain = optimizer_for(plain_model, "none", "auto")
     train(plain_model, plain, world_size, dtype=torch.float32)
     first, gradients = opt.inner.seen[0], plain.inner.seen[0]
+    preconditioned = len(first) - 2  # (the output layer, last, keeps its gradient)
+    for gradient, want in zip(gradients[:preconditioned], first[:preconditioned], strict=True):
+        assert relative_error(gradient, want) > 1.0
     for result in results:
         got = result["mixed_precision"]["seen"][0]
         for direction, want in zip(got, first, strict=True):
-            assert relative_error(direction, want) <= 0.05
-    # (The output layer, last, keeps its gradient.)
-    preconditioned = zip(gradients[:-2], first[:-2], strict=True)
-    assert max(relative_error(gradient, v) for gradient, v in preconditioned) > 0.3
+            assert relative_error(direction, want) <= 0.25
 
 
 def test_unsupported_sharding_is_refused_clearly(ranks):
