@@ -514,15 +514,15 @@ def _command_line(subcommand: str, command: str | None) -> str:
 
 def _provenance(
     subcommand: str,
-    command: str | None,
+    info: dict[str, Any],
     started: float,
     config: dict[str, Any],
     splits: Splits,
 ) -> dict[str, Any]:
-    """What every results file starts with: the command line, when, the code (git commit and
-    whether the tree was dirty), the machine, the wall time of the whole command, the
-    configuration, the versions and the data it ran on."""
-    info = provenance(_command_line(subcommand, command))
+    """What every results file starts with: the command line, when it started, the code it
+    started from (git commit and whether the tree was dirty: ``info``, taken at the start),
+    the machine, the wall time of the whole command, the configuration, the versions and the
+    data it ran on."""
     return {
         "command": info["command"],
         "subcommand": subcommand,
@@ -572,6 +572,7 @@ def run_compare(
             (``--resume``); otherwise every method starts afresh.
     """
     started = time.perf_counter() if started is None else started
+    code = provenance(_command_line("compare", command))  # what this run starts from
     splits = prepare(config)
     out = _output_dir(config, "compare")
     # What --resume reads back: the run's own configuration, and a checkpoint per method
@@ -588,7 +589,7 @@ def run_compare(
         runs.append(_run(config, splits, method, lr, label, checkpoint, resume))
     title = f"{config['model']} on {splits.name}, {config['optimizer']}, τθ={config['tau_prox']:g}"
     results = {
-        **_provenance("compare", command, started, config, splits),
+        **_provenance("compare", code, started, config, splits),
         "runs": [run.to_json() for run in runs],
     }
     _close_session(out, sessions)
@@ -600,7 +601,7 @@ def run_compare(
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot_curves(runs, out / "curves.png", title=title)
     table = summary_table(runs)
-    comment = provenance_comment(results["command"])
+    comment = provenance_comment(info=code)
     (out / "summary.md").write_text(comment + "\n\n" + table + "\n")
     print(table)
     print(f"\nwrote {out / 'results.json'}, {out / 'curves.png'}, {out / 'summary.md'}")
@@ -701,6 +702,7 @@ def run_sweep(
     Args: as :func:`run_compare`.
     """
     started = time.perf_counter() if started is None else started
+    code = provenance(_command_line("sweep", command))  # what this run starts from
     splits = prepare(config)
     out = _output_dir(config, "sweep")
     methods, lrs, taus = config["methods"], config["lrs"], _tau_grid(config)
@@ -727,7 +729,7 @@ def run_sweep(
         + "; – = diverged."
     )
     results = {
-        **_provenance("sweep", command, started, config, splits),
+        **_provenance("sweep", code, started, config, splits),
         "lrs": lrs,
         "tau_proxes": taus,
         "methods": methods,
@@ -741,7 +743,7 @@ def run_sweep(
         table += f"\n\nBest validation accuracy over {config['epochs']} epochs:\n\n" + grid.table(
             "best_val_accuracy", _percent
         )
-    comment = provenance_comment(results["command"])
+    comment = provenance_comment(info=code)
     (out / "table.md").write_text(comment + "\n\n" + caption + "\n\n" + table + "\n")
     final = {
         m: dict(zip(lrs, grid.row("final_train_loss", m, taus[0]), strict=True)) for m in methods

@@ -91,10 +91,13 @@ def provenance(command: str | None = None) -> dict[str, Any]:
     return info
 
 
-def provenance_comment(command: str | None = None) -> str:
+def provenance_comment(command: str | None = None, info: dict[str, Any] | None = None) -> str:
     """:func:`provenance` as one Markdown comment line, for the first line of a results table:
-    ``<!-- commit 0123abc (clean), 2026-12-03T10:00:00+00:00, `python benchmarks/x.py` ... -->``."""
-    info = provenance(command)
+    ``<!-- commit 0123abc (clean), 2026-12-03T10:00:00+00:00, `python benchmarks/x.py` ... -->``.
+
+    ``info``: a :func:`provenance` taken earlier (a long run takes it when it starts: the
+    checkout may move on while it runs, and its code is what it imported then)."""
+    info = provenance(command) if info is None else info
     if info["commit"] is None:
         code = "commit unknown (not a git checkout)"
     else:

@@ -78,6 +78,32 @@ def test_sweep_records_divergence(tmp_path, capsys):
     assert "– = diverged" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", ["compare", "sweep"])
+def test_results_name_the_commit_the_run_started_from(command, tmp_path, monkeypatch):
+    # A long run imports its code when it starts; the checkout may move on while it runs.
+    # Its results must name the starting commit, not the one checked out at the end.
+    from proxoptim.experiments import provenance as provenance_module
+
+    real = provenance_module.provenance
+    commits = iter(["a" * 40, "b" * 40, "c" * 40, "d" * 40])
+
+    def moving_checkout(command=None):
+        return {**real(command), "commit": next(commits), "dirty": False}
+
+    monkeypatch.setattr(cli, "provenance", moving_checkout)
+    monkeypatch.setattr(provenance_module, "provenance", moving_checkout)
+    out = tmp_path / command
+    flags = ["--methods", "cg1", "--epochs", "1", "--train-subset", "200", "--out", str(out)]
+    if command == "sweep":
+        flags += ["--lrs", "0.1"]
+    assert main([command, *TINY[2:], *flags]) == 0
+    name, table = (
+        ("results.json", "summary.md") if command == "compare" else ("sweep.json", "table.md")
+    )
+    assert json.loads((out / name).read_text())["commit"] == "a" * 40
+    assert (out / table).read_text().startswith("<!-- commit aaaaaaaaaaaa (clean)")
+
+
 def test_a_tau_grid_sweep_runs_every_proxprop_method_at_every_tau(tmp_path, capsys):
     # Backprop runs once per lr (τθ does not reach it); each ProxProp cell of the grid is
     # the run a one-τθ sweep at that τθ makes, bit for bit: the grid's τθ reaches the
