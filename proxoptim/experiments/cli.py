@@ -162,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated τθ values, e.g. 0.01,0.1,1: every ProxProp method runs at every "
         "(τθ, lr) of the grid (backprop once per lr); adds heatmap.png",
     )
+    sweep.add_argument(
+        "--replot",
+        metavar="RUN_DIR",
+        help="redraw sweep.png (and heatmap.png) of the sweep in RUN_DIR from its sweep.json, "
+        "training nothing (other flags are ignored)",
+    )
 
     report = commands.add_parser(
         "report",
@@ -751,13 +757,47 @@ def run_sweep(
     plot_sweep(methods, lrs, final, out / "sweep.png", title=caption.split(",")[0])
     written = [out / "table.md", out / "sweep.json", out / "sweep.png"]
     if len(taus) > 1:
-        title = (
-            f"{config['model']} on {splits.name}, {config['optimizer']}, {config['epochs']} epochs"
-        )
-        written.append(plot_heatmaps(grid, out / "heatmap.png", title=title))
+        written.append(plot_heatmaps(grid, out / "heatmap.png", title=_heatmap_title(results)))
     print(caption + "\n\n" + table)
     print(f"\nwrote {', '.join(str(path) for path in written)}")
     return out
+
+
+def _heatmap_title(results: dict[str, Any]) -> str:
+    config = results["config"]
+    return (
+        f"{config['model']} on {results['dataset']['name']}, {config['optimizer']}, "
+        f"{config['epochs']} epochs"
+    )
+
+
+def replot_sweep(run_dir: str) -> list[Path]:
+    """Redraws sweep.png (and heatmap.png for a τθ grid) from ``run_dir``'s sweep.json.
+
+    Raises:
+        ConfigError: ``run_dir`` holds no sweep.json.
+    """
+    folder = Path(run_dir)
+    path = folder / "sweep.json"
+    if not path.is_file():
+        raise ConfigError(f"--replot: {path} does not exist; pass the folder of a sweep run")
+    results = json.loads(path.read_text())
+    methods, lrs = results["methods"], results["lrs"]
+    taus = results.get("tau_proxes") or [results["config"]["tau_prox"]]
+    cells = results.get("grid") or [  # (a sweep from before τθ grids: one τθ)
+        {"method": m, "tau_prox": taus[0], "lr": lr, "final_train_loss": loss}
+        for m in methods
+        for lr, loss in zip(lrs, results["final_train_loss"][m], strict=True)
+    ]
+    grid = SweepGrid(methods, lrs, taus, cells)
+    final = {
+        m: dict(zip(lrs, grid.row("final_train_loss", m, taus[0]), strict=True)) for m in methods
+    }
+    title = f"Final full-batch training loss after {results['config']['epochs']} epochs"
+    written = [plot_sweep(methods, lrs, final, folder / "sweep.png", title=title)]
+    if len(taus) > 1:
+        written.append(plot_heatmaps(grid, folder / "heatmap.png", title=_heatmap_title(results)))
+    return written
 
 
 def _finite_json(cell: dict[str, Any]) -> dict[str, Any]:
@@ -786,6 +826,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         resume = getattr(args, "resume", None)
         if args.command == "report":
             run_report(args.runs, args.out, args.title, command=command)
+        elif getattr(args, "replot", None):
+            print("wrote " + ", ".join(str(path) for path in replot_sweep(args.replot)))
         elif resume:
             run_compare(resume_config(resume), command=command, started=started, resume=True)
         else:

@@ -139,6 +139,14 @@ def test_a_tau_grid_sweep_runs_every_proxprop_method_at_every_tau(tmp_path, caps
     assert "Best validation accuracy" in table
     assert (grid / "heatmap.png").read_bytes().startswith(b"\x89PNG")
     assert "heatmap.png" in capsys.readouterr().out
+    # --replot redraws both figures from sweep.json alone, training nothing.
+    (grid / "heatmap.png").unlink()
+    (grid / "sweep.png").unlink()
+    assert main(["sweep", "--replot", str(grid)]) == 0
+    assert (grid / "heatmap.png").read_bytes().startswith(b"\x89PNG")
+    assert (grid / "sweep.png").read_bytes().startswith(b"\x89PNG")
+    assert json.loads((grid / "sweep.json").read_text()) == results
+    assert main(["sweep", "--replot", str(tmp_path)]) == 2
 
 
 def _git_head() -> str | None:
