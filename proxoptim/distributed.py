@@ -178,14 +178,18 @@ def agreed_problem(problem: str | None, communicator: Communicator) -> str | Non
     )
 
 
-def refuse_unsharded_rows(layers: list[Any]) -> None:
-    """fully_shard splits dim 0 of every weight; each rank then owns whole rows only where
-    dim 0 indexes output units and the layer has one group.
+def layer_row_shards(layers: list[Any]) -> dict[int, ShardedRows]:
+    """This rank's rows of every preconditioned layer, by layer index: found once, at
+    construction (fully_shard's shards do not move). fully_shard splits dim 0 of every
+    weight; each rank then owns whole rows only where dim 0 indexes output units and the
+    layer has one group.
 
     Raises:
-        ValueError: a preconditioned layer whose rows dim 0 does not split (named).
+        ValueError: a preconditioned layer whose rows dim 0 does not split (named), or a
+            sharding other than fully_shard's even chunks.
     """
-    for layer in layers:
+    shards = {}
+    for index, layer in enumerate(layers):
         if layer.excluded:
             continue
         groups = layer.kind.groups(layer.modules[0])
@@ -195,6 +199,8 @@ def refuse_unsharded_rows(layers: list[Any]) -> None:
                 f"{groups}) does not keep its rows on weight dim 0, which fully_shard "
                 "splits; pass exclude=[...] with its name to leave it to the inner optimizer"
             )
+        shards[index] = sharded_rows(layer.weight)
+    return shards
 
 
 def refuse_fsdp1(model: Any) -> None:

@@ -21,9 +21,9 @@ from proxoptim.distributed import (
     Communicator,
     agreed_problem,
     average_over_ranks,
+    layer_row_shards,
     placement,
     refuse_fsdp1,
-    refuse_unsharded_rows,
 )
 from proxoptim.graphs import GraphRunner, SolveGraphs
 from proxoptim.layers import adopt, claim, find_layers, release, resolve_exclusions, unwrap
@@ -242,13 +242,14 @@ class ProxPropOptimizer(Optimizer):
                 if param is not None
             ],
         )
+        row_shards = None
         if self.distributed == SHARDED:
-            refuse_unsharded_rows(self._layers)
-        if self.distributed == SHARDED and (solve_in_backward or cuda_graphs is not False):
-            raise ValueError(
-                "solve_in_backward and cuda_graphs are not supported on fully_shard-ed "
-                "(FSDP2) models; leave them at their defaults"
-            )
+            if solve_in_backward or cuda_graphs is not False:
+                raise ValueError(
+                    "solve_in_backward and cuda_graphs are not supported on fully_shard-ed "
+                    "(FSDP2) models; leave them at their defaults"
+                )
+            row_shards = layer_row_shards(self._layers)
         if solve_in_backward and solver == "none":
             raise ValueError(
                 "solve_in_backward=True has nothing to solve with solver='none'; pass "
@@ -294,6 +295,7 @@ class ProxPropOptimizer(Optimizer):
             self.distributed,
             graphs,
             speculation_backoff,
+            row_shards,
         )
         # solver="none" takes the plain gradient: nothing captured would ever be read, so
         # no hooks run (the layers are still claimed: a second optimizer is still refused).

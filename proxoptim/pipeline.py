@@ -44,10 +44,10 @@ from proxoptim.capture import CapturedCall
 from proxoptim.distributed import (
     SHARDED,
     Communicator,
+    ShardedRows,
     as_sharded_grad,
     gathered_linear_calls,
     local_part,
-    sharded_rows,
     solving_ranks,
 )
 from proxoptim.dual import draw_probe, probe_numbers_for, probe_verdicts
@@ -138,6 +138,8 @@ class StepPipeline:
         graphs: the captured solves (``cuda_graphs``), or None.
         speculation_backoff: steps a layer runs the general form after a failed
             speculation.
+        row_shards: under ``fully_shard`` ("sharded" mode), this rank's rows of each
+            preconditioned layer, by layer index.
     """
 
     def __init__(
@@ -148,6 +150,7 @@ class StepPipeline:
         distributed: str | None,
         graphs: SolveGraphs | None,
         speculation_backoff: int,
+        row_shards: dict[int, ShardedRows] | None = None,
     ) -> None:
         self.layers = layers
         self.options = options
@@ -155,6 +158,7 @@ class StepPipeline:
         self.distributed = distributed
         self.graphs = graphs
         self.speculation_backoff = speculation_backoff
+        self.row_shards = row_shards
         self.plans = PlanCache(on_drop=None if graphs is None else graphs.forget)
         self.backoff: dict[str, int] = {}
         self._buffers: dict[Tensor, tuple[Tensor, Tensor | None]] = {}
@@ -244,18 +248,10 @@ class StepPipeline:
             self.publish(tasks + waiting, stats)
             for task in waiting:
                 directions.update(task.directions)
-        if self.distributed == SHARDED:
-            return StepResult(
-                {
-                    param: as_sharded_grad(param, v.to(param.dtype))
-                    for param, v in directions.items()
-                },
-                stats,
-            )
-        return StepResult(
-            {param: v.to(param.dtype) for param, v in directions.items()},
-            stats,
-        )
+        directions = {param: v.to(param.dtype) for param, v in directions.items()}
+        if self.distributed == SHARDED:  # (this rank's rows, as the DTensor gradient)
+            directions = {param: as_sharded_grad(param, v) for param, v in directions.items()}
+        return StepResult(directions, stats)
 
     def gather(
         self, index: int, layer: Layer, calls: list[CapturedCall], owner: int | None
@@ -284,7 +280,7 @@ class StepPipeline:
                 raw_calls = gathered_linear_calls(raw_calls, dtype, self.communicator)
         if self.distributed == SHARDED:
             # δ's entries for this rank's rows: its output units, or channels (axis 1).
-            rows = sharded_rows(weight)
+            rows = self.row_shards[index]
             axis = 1 if layer.kind.im2col else -1
             raw_calls = [
                 (module, kind, x, None if grads is None else rows.columns_of(grads, axis))
