@@ -39,8 +39,8 @@ class DeviceCosts:
             fast that the CG's passes over its layer-sized vectors cost as much.
         host_sync: reading one value back to the host mid-step (the device drains and
             then idles while the host queues the next work).
-        eigh_fixed, eigh_per_cube: an n × n symmetric eigendecomposition costs
-            ``eigh_fixed + eigh_per_cube · n³``.
+        eigh_fixed, eigh_per_square, eigh_per_cube: an n × n symmetric eigendecomposition
+            costs ``eigh_fixed + eigh_per_square · n² + eigh_per_cube · n³``.
         cholesky_fixed: the fixed cost of a Cholesky factorisation (and solve) of any size.
         inverse_per_cube: the float64 Cholesky factorisation and inverse of an n × n
             kernel (the exact dual form), per n³.
@@ -73,6 +73,7 @@ class DeviceCosts:
     memory_byte: float
     host_sync: float
     eigh_fixed: float
+    eigh_per_square: float
     eigh_per_cube: float
     cholesky_fixed: float
     inverse_per_cube: float
@@ -93,9 +94,14 @@ CPU = DeviceCosts(
     graph_operator_call=5e5,  # no graphs on a CPU
     memory_byte=0.0,
     host_sync=0.0,
-    # LAPACK on n × n, per n³ (eigh: 9-18 ms at n = 500 on the 2-core VM, whose speed varies).
-    eigh_fixed=0.0,
-    eigh_per_cube=20.0,
+    # eigh of n × n: far from n³ below n ≈ 300 (LAPACK's tridiagonal reduction is
+    # memory-bound there). Fitted on the 2-core VM (float32 GEMM at 4.2e10 flop/s that day;
+    # 0.20, 0.30, 0.70, 3.2, 7.3 and 24 ms at n = 32, 50, 100, 200, 300 and 500, within
+    # 25% of the fit, measured at commit e0477b0): 6e6 + 2000·n² + 6·n³ GEMM flops.
+    eigh_fixed=6e6,
+    eigh_per_square=2000.0,
+    eigh_per_cube=6.0,
+    # LAPACK's Cholesky factorisation and inverse, per n³.
     cholesky_fixed=0.0,
     inverse_per_cube=4.0,
     explicit_inverse=True,
@@ -122,6 +128,7 @@ ACCELERATOR = DeviceCosts(
     memory_byte=10.0,  # about 4e12 bytes/s of elementwise traffic against 4e13 flop/s
     host_sync=2e10,  # 0.5 ms: the queue drains, then the device idles while the host works
     eigh_fixed=4e11,  # 10 ms
+    eigh_per_square=0.0,
     eigh_per_cube=100.0,
     cholesky_fixed=1e10,  # 0.25 ms
     inverse_per_cube=4.0,
@@ -146,15 +153,16 @@ def device_costs(device: torch.device | str) -> DeviceCosts:
 
 # Operators one training step dispatches for one preconditioned layer beyond backprop's, per
 # form: (base, per CG iteration) for CG, and the exact solves' counts. Measured with a
-# TorchDispatchMode counter by ``python benchmarks/form_operators.py`` (CPU, commit
-# 5ddb3a3: matrix-free 8 + 24 per iteration, primal 12 + 12, exact primal 26, exact dual
-# 36 with its 14-operator δ probe; the dual CG's base, 25 in the eigenbasis without the
-# probe, and its iterations are in DUAL_CG_CALLS). The step's own fixed operators (the
-# fused finiteness check) are in every base; ``diagnostics=True`` adds about 30 per layer
-# to every form alike. tests/test_benchmarks.py holds these to the code's counts.
+# TorchDispatchMode counter by ``python benchmarks/form_operators.py`` (CPU; base and
+# per-iteration fitted at 2 and 3 iterations: matrix-free 12 + 21 per iteration, primal
+# 16 + 9, exact primal 26, exact dual 35 with its 13-operator δ probe; the dual CG's base,
+# 25 in the eigenbasis without the probe, and its iterations are in DUAL_CG_CALLS). The
+# step's own fixed operators (the fused finiteness check) are in every base;
+# ``diagnostics=True`` adds about 30 per layer to every form alike. tests/test_benchmarks.py
+# holds these to the code's counts.
 OPERATOR_CALLS = {
-    "matrix_free": (8, 24),
-    "primal": (12, 12),
+    "matrix_free": (12, 21),
+    "primal": (16, 9),
     "dual": (25, 0),
 }
 EXACT_OPERATOR_CALLS = {
@@ -162,12 +170,13 @@ EXACT_OPERATOR_CALLS = {
     "dual": 22,
 }
 # Per iteration and block of rows of the dual CG (proxoptim.plan.dual_cg_costs), by basis
-# and by whether the δ form runs (True) or the general one (False); measured as above.
+# and by whether the δ form runs (True: proxoptim.cg.cg_recurrences on a diagonal) or the
+# general one (False); measured as above.
 DUAL_CG_CALLS = {
-    ("eigenbasis", True): 12,
-    ("eigenbasis", False): 34,
+    ("eigenbasis", True): 9,
+    ("eigenbasis", False): 36,
     ("coefficient", True): 17,
-    ("coefficient", False): 34,
+    ("coefficient", False): 36,
 }
 # Memory traffic of one CG iteration, in reads and writes per element of its large vectors
 # (counted from the recurrences: each in-place update reads two and writes one, each row

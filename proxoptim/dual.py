@@ -41,9 +41,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from proxoptim.cg import cg_recurrences
 from proxoptim.operators import LayerSystem
 from proxoptim.readback import read_back
-from proxoptim.rowwise import guarded_ratio, row_dot, step_ratio
+from proxoptim.rowwise import guarded_ratio, row_dot
 from proxoptim.workspace import Workspace
 
 # Relative mismatch up to which .grad counts as a multiple of δᵀŨᵀ. Rounding in the two
@@ -744,64 +745,37 @@ def _diagonal_cg(
 
     The recurrences run on √λ-scaled vectors û = √λ·u, where the weighted inner product is
     the plain one: every norm is one reduction pass (no matrix-vector product, whose
-    multi-threaded BLAS call was up to 5x slower on a 2-vCPU machine) and the update steps
-    are the usual ones with the diagonal D = 1/τθ + λ. Components with λ = 0 do not reach
-    v (their patch combination Ũq is 0) and come out as 0.
+    multi-threaded BLAS call was up to 5x slower on a 2-vCPU machine) and the recurrences
+    are :func:`proxoptim.cg.cg_recurrences` with the diagonal D = 1/τθ + λ (9 operators a
+    full iteration). Components with λ = 0 do not reach v (their patch combination Ũq is
+    0) and come out as 0.
     """
     roots = eigenvalues.sqrt()
     diagonal = eigenvalues + 1.0 / tau_prox
-    residual = start.mul_(roots)
+    scaled = start.mul_(roots)
     # CG is linear in its right-hand side: run every row at unit norm and scale back, so
     # that squared residuals of small gradients never sink into (slow) denormal floats.
     # (A zero row divides by the smallest normal instead, and stays 0.)
     tiny = torch.finfo(start.dtype).tiny
-    row_scale = torch.linalg.vector_norm(residual, dim=1, keepdim=True).clamp_min_(tiny)
-    residual.div_(row_scale)
-    residual_sq = row_dot(residual, residual)
-    # x₀ = 0 and p₀ = r₀: the first iteration writes x₁ = α·p₀ into ``solution`` and
-    # r₁ into the "direction" slot, then p₁ over r₀ (``start``): nothing is zero-filled or
-    # copied. From then on r and p swap no more, and a full iteration dispatches 12
-    # operators (the diagonal product, two row inner products, two ratios, three updates).
-    direction = residual
-    spare = workspace.take("direction", start.shape, start)
-    image = workspace.take("work", start.shape, start)
-    threshold_sq = None if tol is None else (tol * tol) * residual_sq
-    done = 0
-    for done in range(1, iterations + 1):
-        torch.mul(direction, diagonal, out=image)
-        alpha = step_ratio(residual_sq, row_dot(direction, image))
-        if done == 1:
-            torch.mul(direction, alpha, out=solution)
-        else:
-            solution.addcmul_(direction, alpha)
-        if done == iterations and not need_residual and tol is None:
-            residual = None  # (nobody reads the final residual)
-            break
-        if done == 1:
-            residual = torch.addcmul(direction, image, alpha, value=-1, out=spare)
-        else:
-            residual.addcmul_(image, alpha, value=-1)
-        if done == iterations:
-            break
-        new_residual_sq = row_dot(residual, residual)
-        if threshold_sq is not None and bool((new_residual_sq <= threshold_sq).all()):
-            break
-        beta = step_ratio(new_residual_sq, residual_sq)
-        # p ← r + β·p in one pass (out= fully overlapping an input is allowed).
-        torch.addcmul(residual, direction, beta, out=direction)
-        residual_sq = new_residual_sq
-    if done == 0:
-        solution.zero_()
+    row_scale = torch.linalg.vector_norm(scaled, dim=1, keepdim=True).clamp_min_(tiny)
+    scaled.div_(row_scale)
+
+    def times_diagonal(rows: Tensor, out: Tensor) -> Tensor:
+        return torch.mul(rows, diagonal, out=out)
+
+    run = cg_recurrences(
+        times_diagonal, scaled, iterations, tol, workspace, keep_residual=need_residual
+    )
     # Back from the scaled coordinates: u = û/√λ, times the row scale. Components with
     # λ = 0 are exactly 0 in û (r₀ = √λ·start and every update keep them so) and divide by
     # the smallest normal instead of 0; √λ is either 0 or far above it (√ of the smallest
     # subnormal), so every other component divides by √λ itself.
-    solution.div_(roots.clamp_min(tiny)).mul_(row_scale)
-    if residual is None:
-        return done, None
+    torch.div(run.solution, roots.clamp_min(tiny), out=solution).mul_(row_scale)
+    if run.negated_residual is None:
+        return run.iterations, None
     # Σ over rows of ‖r·row scale‖², from the last residual (scaled in place: no longer
-    # needed; when no iteration ran, r = r₀).
-    return done, torch.linalg.vector_norm(residual.mul_(row_scale)).square()
+    # needed).
+    return run.iterations, torch.linalg.vector_norm(run.negated_residual.mul_(row_scale)).square()
 
 
 def _general_cg(

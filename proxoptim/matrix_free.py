@@ -13,12 +13,15 @@ from torch import Tensor
 from proxoptim.operators import LayerSystem
 
 
-def matrix_free_operator(system: LayerSystem, tau_prox: float) -> Callable[[Tensor], Tensor]:
-    """V ↦ V/τθ + A*(A V), evaluated with the layer's own forward and weight gradient."""
+def matrix_free_operator(
+    system: LayerSystem, tau_prox: float
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """(V, out) ↦ out = V/τθ + A*(A V), evaluated with the layer's own forward and weight
+    gradient."""
     inverse_tau = 1.0 / tau_prox
 
-    def apply_m(rows: Tensor) -> Tensor:
-        return system.gram_apply(rows).add_(rows, alpha=inverse_tau)
+    def apply_m(rows: Tensor, out: Tensor) -> Tensor:
+        return torch.add(system.gram_apply(rows), rows, alpha=inverse_tau, out=out)
 
     return apply_m
 

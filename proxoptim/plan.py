@@ -434,7 +434,12 @@ def dual_cg_parts(
         accesses, item = DUAL_CG_ACCESSES[(basis, output_grad_known)]
         work = iterations * accesses * item * m * n * costs.memory_byte
         if basis == "eigenbasis":
-            work += costs.eigh_fixed + costs.eigh_per_cube * n**3 + 4.0 * m * n * n
+            work += (
+                costs.eigh_fixed
+                + costs.eigh_per_square * n**2
+                + costs.eigh_per_cube * n**3
+                + 4.0 * m * n * n
+            )
         else:
             work += iterations * 4.0 * m * n * n * costs.float64_slowdown
         operators = iterations * blocks * DUAL_CG_CALLS[(basis, output_grad_known)]

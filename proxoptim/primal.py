@@ -114,11 +114,11 @@ def _row_combination(rhs: Tensor, constants: PlanState | None) -> Tensor:
     return constants.constant(f"row-combination:{groups}:{rows}:{rhs.dtype}", draw)
 
 
-def primal_operator(gram: Tensor, tau_prox: float) -> Callable[[Tensor], Tensor]:
-    """V ↦ V/τθ + V G with the primal Gram G, (groups, d, d)."""
+def primal_operator(gram: Tensor, tau_prox: float) -> Callable[[Tensor, Tensor], Tensor]:
+    """(V, out) ↦ out = V/τθ + V G with the primal Gram G, (groups, d, d): one operator."""
     inverse_tau = 1.0 / tau_prox
 
-    def apply_m(rows: Tensor) -> Tensor:
-        return torch.baddbmm(rows, rows, gram, beta=inverse_tau)
+    def apply_m(rows: Tensor, out: Tensor) -> Tensor:
+        return torch.baddbmm(rows, rows, gram, beta=inverse_tau, out=out)
 
     return apply_m

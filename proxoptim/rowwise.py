@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 
@@ -18,14 +17,5 @@ def guarded_ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
     """numerator / denominator per row, 0 where the denominator is zero or negative (no
     0/0). For denominators that rounding can drive below zero (cancelling inner products).
     Three operators (a ``where`` with a constant takes four); a NaN denominator gives NaN,
-    as in :func:`step_ratio`, for the non-finite check."""
+    for the non-finite check."""
     return (numerator / denominator).masked_fill_(denominator <= 0, 0.0)
-
-
-def step_ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
-    """numerator / denominator per row for CG's step sizes α = ‖r‖²/pᵀMp and
-    β = ‖r'‖²/‖r‖², whose denominators are never negative (a squared norm, a curvature of
-    a positive definite M) and vanish only on a converged row, whose numerator vanishes
-    too: there the ratio is 0/tiny = 0, not 0/0. Two operators, where
-    :func:`guarded_ratio` takes four; a NaN stays NaN for the non-finite check."""
-    return numerator / denominator.clamp_min(torch.finfo(denominator.dtype).tiny)

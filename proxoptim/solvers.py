@@ -116,13 +116,21 @@ def solve(
         return Solution(weight, bias, result.iterations, result.residual_norm)
     layout = system.layout
     rhs = layout.to_rows(grad_weight, grad_bias)
+    # CG's vectors live in the shared workspace only where the direction is copied out of
+    # them at once; a direction returned as is must own its memory.
+    cg_workspace = workspace if out is not None else None
     if form == "primal":
         gram = system.gram()
         if exact:
             rows = cholesky_solve_rows(gram, rhs, tau_prox, diagnostics, constants)
         else:
             rows = batched_cg(
-                primal_operator(gram, tau_prox), rhs, cg_iters, cg_tol, need_residual=diagnostics
+                primal_operator(gram, tau_prox),
+                rhs,
+                cg_iters,
+                cg_tol,
+                need_residual=diagnostics,
+                workspace=cg_workspace,
             )
     elif form == "matrix_free":
         if exact:
@@ -130,7 +138,12 @@ def solve(
         else:
             iterations, tol = cg_iters, cg_tol
         rows = batched_cg(
-            matrix_free_operator(system, tau_prox), rhs, iterations, tol, need_residual=diagnostics
+            matrix_free_operator(system, tau_prox),
+            rhs,
+            iterations,
+            tol,
+            need_residual=diagnostics,
+            workspace=cg_workspace,
         )
     else:
         raise ValueError(f"unknown solve form {form!r}; expected one of {FORMS}")

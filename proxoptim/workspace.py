@@ -28,6 +28,9 @@ class Workspace:
         # The views handed out, per buffer and shape: a view made again every step would
         # dispatch two operators (a slice and a view) for nothing.
         self._views: dict[tuple[str, torch.dtype, torch.device], dict[tuple[int, ...], Tensor]] = {}
+        # Parts of a slot (its views' unbind), and small constants, kept for the same reason.
+        self._parts: dict[tuple[str, torch.dtype, torch.device, tuple[int, ...]], tuple] = {}
+        self._tiny: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
     def take(self, slot: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
         key = (slot, like.dtype, like.device)
@@ -46,6 +49,30 @@ class Workspace:
         self._views.setdefault(key, {})[shape] = view
         return view
 
+    def take_parts(
+        self, slot: str, parts: int, shape: tuple[int, ...], like: Tensor
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """``take(slot, (parts, *shape), like)`` and its ``parts`` sub-tensors of ``shape``:
+        one buffer, so a single operator can update every part at once."""
+        whole = self.take(slot, (parts, *shape), like)
+        key = (slot, like.dtype, like.device, whole.shape)
+        kept = self._parts.get(key)
+        if kept is None or kept[0] is not whole:
+            kept = self._parts[key] = (whole, whole.unbind(0))
+        return whole, kept[1]
+
+    def tiny(self, like: Tensor) -> Tensor:
+        """The smallest normal number of ``like``'s dtype as a 0-dim tensor on its device."""
+        key = (like.dtype, like.device)
+        value = self._tiny.get(key)
+        if value is None:
+            value = self._tiny[key] = torch.full(
+                (), torch.finfo(like.dtype).tiny, dtype=like.dtype, device=like.device
+            )
+        return value
+
     def clear(self) -> None:
         self._buffers.clear()
         self._views.clear()
+        self._parts.clear()
+        self._tiny.clear()

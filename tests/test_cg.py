@@ -7,8 +7,9 @@ import torch
 from oracle import relative_error, textbook_cg
 from spd_problems import random_problem
 
-from proxoptim.cg import batched_cg
+from proxoptim.cg import batched_cg, row_dot_into
 from proxoptim.primal import cholesky_solve_rows, primal_operator, shifted_gram
+from proxoptim.workspace import Workspace
 
 
 @pytest.mark.parametrize("iterations", [1, 2, 4, 7])
@@ -77,8 +78,9 @@ def test_batched_cg_leaves_rhs_alone_and_skips_only_what_nobody_reads(iterations
 
 
 def test_batched_cg_operators_per_iteration():
-    """The product, two row inner products (two operators each), two step ratios (two
-    each) and three updates: 12 operators a full iteration, 7 for the last one, 2 to start."""
+    """With its workspace's buffers made: 3 operators to start (p'₀ = −g and ‖g‖²), 10 for
+    the first full iteration (x₁ and s₁ apart), 9 for every further one (the product, two
+    inner products of two, α, the fused x/s update, β, the direction) and 5 for the last."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -90,10 +92,66 @@ def test_batched_cg_operators_per_iteration():
 
     gram, rhs = random_problem()
     apply_m = primal_operator(gram, 0.5)
+    workspace = Workspace()
+    batched_cg(apply_m, rhs, 2, need_residual=False, workspace=workspace)
     counts = []
     for iterations in (1, 2, 5):
         Count.calls = 0
         with Count():
-            batched_cg(apply_m, rhs, iterations)
+            batched_cg(apply_m, rhs, iterations, need_residual=False, workspace=workspace)
         counts.append(Count.calls)
-    assert counts == [2 + 7, 2 + 12 + 7, 2 + 4 * 12 + 7]
+    assert counts == [3 + 5, 3 + 10 + 5, 3 + 10 + 3 * 9 + 5]
+
+
+def test_row_dot_into_is_positive_on_a_zero_row_and_exact_elsewhere():
+    """The guard that replaces CG's guarded ratios: a zero row's ‖r‖² is n·tiny > 0 (so α
+    and β are 1 and its zero p and r stay zero), while any row that has not converged gets
+    its inner product unchanged in float32 (n·tiny is far below one ulp)."""
+    generator = torch.Generator().manual_seed(3)
+    a = torch.randn(3, 50, generator=generator)
+    a[1] = 0
+    workspace = Workspace()
+    out = torch.empty(3, 1)
+    row_dot_into(out, a, a, torch.empty_like(a), workspace.tiny(a))
+    tiny = torch.finfo(torch.float32).tiny
+    assert out[1, 0] == pytest.approx(50 * tiny, rel=1e-6)
+    assert torch.equal(out[[0, 2]], (a[[0, 2]] * a[[0, 2]]).sum(-1, keepdim=True))
+
+
+def test_a_nan_gradient_row_gives_a_nan_direction_for_the_non_finite_check():
+    gram, rhs = random_problem()
+    rhs[0, 1, 2] = float("nan")
+    result = batched_cg(primal_operator(gram, 1.0), rhs, 3)
+    assert torch.isnan(result.direction[0, 1]).all()
+    assert torch.isfinite(result.direction[1]).all()
+
+
+def test_the_workspace_direction_is_a_view_reused_by_the_next_solve():
+    """With a workspace the direction lives in its buffers (no allocation per step), so the
+    next CG overwrites it; without one, each call's direction is its own."""
+    gram, rhs = random_problem()
+    apply_m = primal_operator(gram, 1.0)
+    workspace = Workspace()
+    first = batched_cg(apply_m, rhs, 3, workspace=workspace).direction
+    kept = first.clone()
+    second = batched_cg(apply_m, 2 * rhs, 3, workspace=workspace).direction
+    assert second.data_ptr() == first.data_ptr()
+    assert torch.allclose(second, 2 * kept, rtol=1e-12, atol=0)
+    own = batched_cg(apply_m, rhs, 3).direction
+    assert own.data_ptr() != first.data_ptr() and torch.allclose(own, kept, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_row_whose_residual_is_exactly_zero_takes_no_further_step(dtype):
+    """M = I/τθ (a Gram of zeros) is solved exactly by the first step, whose residual is
+    then exactly 0 (α = ‖g‖²/(‖g‖²/τθ) with τθ = 1). Later iterations must not move x:
+    the guard makes β = n·tiny/‖g‖², and the step along that vanishing direction is of the
+    order of tiny, not a repeat of the first step (which a rescaled recurrence would take)."""
+    generator = torch.Generator().manual_seed(11)
+    rhs = torch.randn(2, 5, 8, generator=generator, dtype=dtype)
+    gram = torch.zeros(2, 8, 8, dtype=dtype)
+    first = batched_cg(primal_operator(gram, 1.0), rhs, 1)
+    assert torch.equal(first.residual, torch.zeros_like(rhs))
+    result = batched_cg(primal_operator(gram, 1.0), rhs, 6)
+    assert torch.isfinite(result.direction).all()
+    assert relative_error(result.direction, rhs) <= 4 * torch.finfo(dtype).eps

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from proxoptim.rowwise import guarded_ratio, row_dot, step_ratio
+from proxoptim.rowwise import guarded_ratio, row_dot
 
 
 def test_row_dot_is_accurate_in_float32():
@@ -23,18 +23,6 @@ def test_guarded_ratio_is_zero_where_the_denominator_is_not_positive():
     numerator = torch.tensor([1.0, 2.0, 0.0, 3.0])
     denominator = torch.tensor([2.0, 0.0, 0.0, -1.0])
     assert torch.equal(guarded_ratio(numerator, denominator), torch.tensor([0.5, 0.0, 0.0, 0.0]))
-
-
-def test_step_ratio_of_a_converged_row_is_zero_and_nan_stays_nan():
-    """CG's α and β: a converged row (0/0) steps by 0, a denominator as small as float32's
-    smallest normal still divides exactly, and a NaN is not hidden from the non-finite
-    check (guarded_ratio would turn it into 0)."""
-    tiny = torch.finfo(torch.float32).tiny
-    numerator = torch.tensor([1.0, 0.0, 3.0 * tiny, float("nan")])
-    denominator = torch.tensor([4.0, 0.0, tiny, 1.0])
-    result = step_ratio(numerator, denominator)
-    assert torch.equal(result[:3], torch.tensor([0.25, 0.0, 3.0]))
-    assert torch.isnan(result[3])
 
 
 def test_guarded_ratio_keeps_a_nan_denominator_for_the_non_finite_check():
