@@ -368,6 +368,79 @@ def solve_dual(
     return solution
 
 
+@dataclass
+class StackedLayer:
+    """One layer's part in :func:`solve_dual_stacked`: its kernel (with δ), the verified
+    scale s of ``.grad = s·δᵀŨᵀ`` and the (W, b) buffers that receive v."""
+
+    kernel: DualKernel
+    scale: float
+    out: tuple[Tensor, Tensor | None]
+
+
+def solve_dual_stacked(
+    layers: list[StackedLayer], tau_prox: float, iterations: int, workspace: Workspace
+) -> list[DualSolution]:
+    """The δ-form eigenbasis CG of several Linear layers with the same n, as one recurrence.
+
+    Every layer's rows are an independent CG on its own diagonal diag(1/τθ + λ) (DESIGN.md
+    §1), so the rows of all layers can run through one :func:`proxoptim.cg.cg_recurrences`
+    whose diagonal is given per row: its operators per iteration are dispatched once for the
+    stack instead of once per layer. Each layer keeps its own eigh, start s·δᵀQ, scaling by
+    √λ and final product; the row scaling (unit-norm rows, see :func:`_diagonal_cg`) runs
+    once over the stack. The directions are those of :func:`solve_dual` on each layer alone
+    (the same recurrences on the same rows; the inner products are per row either way).
+
+    No tolerance, no residual: the caller stacks only CG of a fixed iteration count without
+    diagnostics. Returns one DualSolution per layer, in order (``residual_norm`` None).
+    """
+    like = layers[0].kernel.inputs
+    columns = layers[0].kernel.columns
+    rows = tuple(layer.kernel.output_grads.shape[1] for layer in layers)
+    starts, start_parts = workspace.take_split("stacked-start", rows, columns, like)
+    diagonals, diagonal_parts = workspace.take_split("stacked-diagonal", rows, columns, like)
+    coefficients, coefficient_parts = workspace.take_split(
+        "stacked-coefficients", rows, columns, like
+    )
+    tiny = torch.finfo(like.dtype).tiny
+    bases = []
+    for layer, start, diagonal in zip(layers, start_parts, diagonal_parts, strict=True):
+        # eigh reads the lower triangle only: K needs no symmetrising for it.
+        eigenvalues, basis = torch.linalg.eigh(layer.kernel.lower_kernel)
+        roots = eigenvalues.clamp_min_(0).sqrt()
+        # û₀ = √λ·s·δᵀQ, the layer's rows of the stacked right-hand side (in the order of
+        # _eigenbasis_cg's operations, so that each layer's rounding is the same as alone).
+        torch.matmul(layer.kernel.output_grads.T, basis, out=start).mul_(layer.scale)
+        start.mul_(roots)
+        diagonal.copy_(eigenvalues.add_(1.0 / tau_prox))  # D = λ + 1/τθ on every row
+        bases.append((roots.clamp_min_(tiny), basis))
+    # Unit-norm rows (as in _diagonal_cg), once over the stack.
+    row_scale = torch.linalg.vector_norm(starts, dim=1, keepdim=True).clamp_min_(tiny)
+    starts.div_(row_scale)
+
+    def times_diagonal(vectors: Tensor, out: Tensor) -> Tensor:
+        return torch.mul(vectors, diagonals, out=out)
+
+    run = cg_recurrences(times_diagonal, starts, iterations, None, workspace, keep_residual=False)
+    # u = û/√λ times the row scale (components with λ = 0 are 0 in û: see _diagonal_cg).
+    for solved, layer_coefficients, (roots, _) in zip(
+        workspace.split(run.solution, rows), coefficient_parts, bases, strict=True
+    ):
+        torch.div(solved, roots, out=layer_coefficients)
+    coefficients.mul_(row_scale)
+    solutions = []
+    for layer, layer_coefficients, (_, basis) in zip(layers, coefficient_parts, bases, strict=True):
+        # v = uQᵀŨᵀ
+        weight, bias = layer.kernel.expand_blocks(
+            [(slice(0, layer_coefficients.shape[0]), layer_coefficients)],
+            basis.T,
+            layer_coefficients.shape[0],
+            layer.out,
+        )
+        solutions.append(DualSolution(weight, bias, run.iterations, None))
+    return solutions
+
+
 def solve_dual_from_output_grads(
     kernel: DualKernel,
     rows: int,

@@ -50,12 +50,20 @@ from proxoptim.distributed import (
     local_part,
     solving_ranks,
 )
-from proxoptim.dual import draw_probe, probe_numbers_for, probe_verdicts
+from proxoptim.dual import (
+    CG_ROW_BLOCK,
+    DualKernel,
+    StackedLayer,
+    draw_probe,
+    probe_numbers_for,
+    probe_verdicts,
+    solve_dual_stacked,
+)
 from proxoptim.graphs import SolveGraphs, graphed_layer_solve
 from proxoptim.layers import Layer
 from proxoptim.operators import LayerSystem, RowLayout
 from proxoptim.plan import LayerPlan, PlanCache, SolveOptions, make_plan, signature_of
-from proxoptim.solvers import solve
+from proxoptim.solvers import Solution, solve
 from proxoptim.stats import LayerStats, PendingStats, layer_stats, pack, resolve_stats, unpack
 from proxoptim.workspace import Workspace
 
@@ -224,8 +232,14 @@ class StepPipeline:
             )
         for task, scale in zip(tasks, scales, strict=True):
             task.scale = scale
-            with profiler_range(f"ProxProp.solve#{task.layer.name}"):
-                self.solve(task)
+        for group in self.stacks(tasks):
+            if len(group) == 1:
+                with profiler_range(f"ProxProp.solve#{group[0].layer.name}"):
+                    self.solve(group[0])
+            else:
+                names = "+".join(task.layer.name for task in group)
+                with profiler_range(f"ProxProp.solve#{names}"):
+                    self.solve_stacked(group)
         with profiler_range("ProxProp.resolve_stats"):
             pending = {task.layer.name: task.stats for task in tasks}
             if solved_in_backward:  # (reported in layer order, as the others)
@@ -425,6 +439,81 @@ class StepPipeline:
             options.diagnostics,
         )
         task.directions = _layer_directions(task, solution.weight, solution.bias)
+
+    def stacks(self, tasks: list[LayerTask]) -> list[list[LayerTask]]:
+        """The tasks in solve order, grouped: Linear layers whose δ-form eigenbasis CG can
+        share one recurrence (:func:`proxoptim.dual.solve_dual_stacked`: same n, dtype and
+        device, a fixed iteration count, no diagnostics, not graphed) form one group, up to
+        a block of rows where the device runs the dual CG in blocks (its vectors then stay
+        in cache); every other task is a group of its own."""
+        options = self.options
+        if (
+            options.exact
+            or options.cg_tol is not None
+            or options.diagnostics
+            or self.distributed == SHARDED
+        ):
+            return [[task] for task in tasks]
+        groups: list[list[LayerTask]] = []
+        open_groups: dict[tuple[Any, ...], tuple[list[LayerTask], int]] = {}
+        for task in tasks:
+            plan = task.plan
+            rows = task.grad_weight.shape[0]
+            row_budget = CG_ROW_BLOCK if task.system.costs.row_blocks else None
+            stackable = (
+                task.scale is not None
+                and task.speculation is None
+                and not plan.graphed
+                and plan.form_if_delta == "dual"
+                and plan.dual_basis[True] == "eigenbasis"
+                and task.grad_weight.dim() == 2
+                and not task.layer.kind.im2col
+                and rows > 0
+                and (row_budget is None or rows <= row_budget)
+            )
+            if not stackable:
+                groups.append([task])
+                continue
+            key = (plan.dtype, task.grad_weight.device, task.system.num_columns)
+            group, used = open_groups.get(key, (None, 0))
+            if group is None or (row_budget is not None and used + rows > row_budget):
+                group, used = [], 0
+                groups.append(group)
+            group.append(task)
+            open_groups[key] = (group, used + rows)
+        return groups
+
+    def solve_stacked(self, tasks: list[LayerTask]) -> None:
+        """The δ-form eigenbasis CG of several layers as one recurrence (see
+        :meth:`stacks`); each layer is charged an equal share of its time."""
+        started = time.perf_counter()
+        options = self.options
+        layers = [
+            StackedLayer(
+                DualKernel(task.system),
+                task.scale,
+                self._direction_buffers(task.layer.weight, task.grad_weight, task.grad_bias),
+            )
+            for task in tasks
+        ]
+        solutions = solve_dual_stacked(layers, options.tau_prox, options.cg_iters, self.workspace)
+        share = (time.perf_counter() - started) / len(tasks)
+        for task, dual_solution in zip(tasks, solutions, strict=True):
+            task.seconds += share
+            solution = Solution(
+                dual_solution.weight, dual_solution.bias, dual_solution.iterations, None
+            )
+            task.stats = layer_stats(
+                "dual",
+                solution,
+                task.grad_weight,
+                task.grad_bias,
+                task.seconds,
+                task.system,
+                task.scale,
+                diagnostics=False,
+            )
+            task.directions = _layer_directions(task, solution.weight, solution.bias)
 
     def publish(self, tasks: Iterable[LayerTask], stats: dict[str, LayerStats]) -> None:
         """Broadcasts each rank-owned layer's directions and stats from its owner, in

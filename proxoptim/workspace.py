@@ -31,6 +31,7 @@ class Workspace:
         # Parts of a slot (its views' unbind), and small constants, kept for the same reason.
         self._parts: dict[tuple[str, torch.dtype, torch.device, tuple[int, ...]], tuple] = {}
         self._tiny: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        self._splits: dict[tuple[int, tuple[int, ...]], tuple[Tensor, tuple[Tensor, ...]]] = {}
 
     def take(self, slot: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
         key = (slot, like.dtype, like.device)
@@ -61,6 +62,22 @@ class Workspace:
             kept = self._parts[key] = (whole, whole.unbind(0))
         return whole, kept[1]
 
+    def take_split(
+        self, slot: str, sizes: tuple[int, ...], columns: int, like: Tensor
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """``take(slot, (sum(sizes), columns), like)`` and its blocks of ``sizes`` rows."""
+        whole = self.take(slot, (sum(sizes), columns), like)
+        return whole, self.split(whole, sizes)
+
+    def split(self, tensor: Tensor, sizes: tuple[int, ...]) -> tuple[Tensor, ...]:
+        """``tensor.split(sizes)`` for a tensor this workspace handed out, kept: the same
+        blocks are asked for every step."""
+        key = (id(tensor), sizes)
+        kept = self._splits.get(key)
+        if kept is None or kept[0] is not tensor:
+            kept = self._splits[key] = (tensor, tensor.split(sizes))
+        return kept[1]
+
     def tiny(self, like: Tensor) -> Tensor:
         """The smallest normal number of ``like``'s dtype as a 0-dim tensor on its device."""
         key = (like.dtype, like.device)
@@ -76,3 +93,4 @@ class Workspace:
         self._views.clear()
         self._parts.clear()
         self._tiny.clear()
+        self._splits.clear()
