@@ -96,9 +96,10 @@ CPU = DeviceCosts(
     host_sync=0.0,
     # eigh of n × n: far from n³ below n ≈ 300 (LAPACK's tridiagonal reduction is
     # memory-bound there). Fitted on the 2-core VM: 6e6 + 2000·n² + 6·n³ GEMM flops, within
-    # 25% of `python benchmarks/cpu_kernels.py` from n = 32 to 500 (docs/results/
-    # cpu-kernels.md: 0.18, 0.93, 4.5 and 25 ms at n = 32, 100, 200 and 500, float32 GEMM
-    # at 3.7e10 flop/s that day).
+    # 20% of `python benchmarks/cpu_kernels.py` from n = 32 to 300 and 40% above it at 500
+    # (docs/results/cpu-kernels.md: 0.18, 0.93, 4.5 and 25 ms at n = 32, 100, 200 and 500,
+    # float32 GEMM at 3.7e10 flop/s that day). The table before, 20·n³, was 2-25x too low
+    # below n = 100.
     eigh_fixed=6e6,
     eigh_per_square=2000.0,
     eigh_per_cube=6.0,
