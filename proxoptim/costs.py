@@ -98,8 +98,8 @@ CPU = DeviceCosts(
     # memory-bound there). Fitted on the 2-core VM: 6e6 + 2000·n² + 6·n³ GEMM flops, within
     # 20% of `python benchmarks/cpu_kernels.py` from n = 32 to 300 and 40% above it at 500
     # (docs/results/cpu-kernels.md: 0.18, 0.93, 4.5 and 25 ms at n = 32, 100, 200 and 500,
-    # float32 GEMM at 3.7e10 flop/s that day). The table before, 20·n³, was 2-25x too low
-    # below n = 100.
+    # float32 GEMM at 3.7e10 flop/s that day). The table before, 20·n³, was 1.7-10x too low
+    # at n ≤ 100.
     eigh_fixed=6e6,
     eigh_per_square=2000.0,
     eigh_per_cube=6.0,
