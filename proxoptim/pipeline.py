@@ -428,17 +428,7 @@ class StepPipeline:
             constants=plan.state,
         )
         task.seconds += time.perf_counter() - started
-        task.stats = layer_stats(
-            form,
-            solution,
-            task.grad_weight,
-            task.grad_bias,
-            task.seconds,
-            task.system,
-            task.scale,
-            options.diagnostics,
-        )
-        task.directions = _layer_directions(task, solution.weight, solution.bias)
+        self._solved(task, form, solution)
 
     def stacks(self, tasks: list[LayerTask]) -> list[list[LayerTask]]:
         """The tasks in solve order, grouped: Linear layers whose δ-form eigenbasis CG can
@@ -500,20 +490,25 @@ class StepPipeline:
         share = (time.perf_counter() - started) / len(tasks)
         for task, dual_solution in zip(tasks, solutions, strict=True):
             task.seconds += share
-            solution = Solution(
-                dual_solution.weight, dual_solution.bias, dual_solution.iterations, None
-            )
-            task.stats = layer_stats(
+            self._solved(
+                task,
                 "dual",
-                solution,
-                task.grad_weight,
-                task.grad_bias,
-                task.seconds,
-                task.system,
-                task.scale,
-                diagnostics=False,
+                Solution(dual_solution.weight, dual_solution.bias, dual_solution.iterations, None),
             )
-            task.directions = _layer_directions(task, solution.weight, solution.bias)
+
+    def _solved(self, task: LayerTask, form: str, solution: Solution) -> None:
+        """A task's direction and pending stats from its solution."""
+        task.stats = layer_stats(
+            form,
+            solution,
+            task.grad_weight,
+            task.grad_bias,
+            task.seconds,
+            task.system,
+            task.scale,
+            self.options.diagnostics,
+        )
+        task.directions = _layer_directions(task, solution.weight, solution.bias)
 
     def publish(self, tasks: Iterable[LayerTask], stats: dict[str, LayerStats]) -> None:
         """Broadcasts each rank-owned layer's directions and stats from its owner, in
