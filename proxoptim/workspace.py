@@ -46,6 +46,10 @@ class Workspace:
             buffer = torch.empty(numel, dtype=like.dtype, device=like.device)
             self._buffers[key] = buffer
             views = self._views[key] = {}  # views of the old buffer are of no more use
+            # Kept parts and splits may view the old buffer: dropped, so that they do not
+            # keep it alive (they are remade on their next use).
+            self._parts.clear()
+            self._splits.clear()
         view = buffer[:numel].view(shape)
         self._views.setdefault(key, {})[shape] = view
         return view
