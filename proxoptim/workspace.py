@@ -43,16 +43,23 @@ class Workspace:
         numel = math.prod(shape)
         buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < numel:
+            if buffer is not None:
+                self._forget_views_of(key, buffer)
             buffer = torch.empty(numel, dtype=like.dtype, device=like.device)
             self._buffers[key] = buffer
             views = self._views[key] = {}  # views of the old buffer are of no more use
-            # Kept parts and splits may view the old buffer: dropped, so that they do not
-            # keep it alive (they are remade on their next use).
-            self._parts.clear()
-            self._splits.clear()
         view = buffer[:numel].view(shape)
         self._views.setdefault(key, {})[shape] = view
         return view
+
+    def _forget_views_of(self, key: tuple[str, torch.dtype, torch.device], old: Tensor) -> None:
+        """Drops the kept parts and splits of an outgrown buffer, so that they do not keep
+        it alive (they are remade on their next use); every other slot's stay."""
+        self._parts = {k: v for k, v in self._parts.items() if k[:3] != key}
+        storage = old.untyped_storage().data_ptr()
+        self._splits = {
+            k: v for k, v in self._splits.items() if v[0].untyped_storage().data_ptr() != storage
+        }
 
     def take_parts(
         self, slot: str, parts: int, shape: tuple[int, ...], like: Tensor
