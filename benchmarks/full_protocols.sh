@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The paper's full CIFAR-10 protocols on this machine, resumable across sessions (issue 16).
+#
+# Usage: bash benchmarks/full_protocols.sh DATA_DIR [fig3] [fig2] [table1]
+#
+# fig3 / fig2: `proxoptim compare --preset ...` into runs/<name>-full (50 epochs, 45,000
+#   images, every method of the preset). A run already begun is resumed from its last epoch
+#   (`--resume`); a finished one (results.json written) is left alone. About 3 CPU-hours
+#   for fig3 and 5 for fig2 on the 2-core VM, so each takes several sessions: rerun this
+#   script in each, in the background, with nothing timed beside it.
+# table1: `proxoptim sweep --preset table1` at the paper's width on 4,000 images for 5
+#   epochs (estimated 1.3-2.6 hours from the reduced run's 583 s), into runs/table1-4000;
+#   a sweep does not resume, so start it early in a session. Skipped once sweep.json exists.
+#
+# Everything runs under `nice`. When a compare run has finished, merge and publish it with
+#   proxoptim report runs/fig3-full --out docs/results/cifar-fig3-full
+set -euo pipefail
+data=${1:?"usage: bash benchmarks/full_protocols.sh DATA_DIR [fig3] [fig2] [table1]"}
+shift
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(fig3 fig2 table1)
+root=$(cd "$(dirname "$0")/.." && pwd)
+case $data in /*) ;; *) data="$PWD/$data" ;; esac
+cd "$root"
+
+compare_full() {  # preset
+    local out="runs/$1-full"
+    if [ -f "$out/results.json" ]; then
+        echo "$out: finished"
+    elif [ -f "$out/config.json" ]; then
+        nice proxoptim compare --resume "$out" --quiet
+    else
+        nice proxoptim compare --preset "$1" --data-dir "$data" --quiet --out "$out"
+    fi
+}
+
+for step in "${steps[@]}"; do
+    case $step in
+        fig3 | fig2) compare_full "$step" ;;
+        table1)
+            out=runs/table1-4000
+            if [ -f "$out/sweep.json" ]; then
+                echo "$out: finished"
+            else
+                nice proxoptim sweep --preset table1 --data-dir "$data" --train-subset 4000 \
+                    --epochs 5 --quiet --out "$out"
+            fi
+            ;;
+        *) echo "unknown step $step (fig3, fig2 or table1)" >&2; exit 2 ;;
+    esac
+done
