@@ -415,8 +415,7 @@ def solve_dual_stacked(
         diagonal.copy_(eigenvalues.add_(1.0 / tau_prox))  # D = λ + 1/τθ on every row
         bases.append((roots.clamp_min_(tiny), basis))
     # Unit-norm rows (as in _diagonal_cg), once over the stack.
-    row_scale = torch.linalg.vector_norm(starts, dim=1, keepdim=True).clamp_min_(tiny)
-    starts.div_(row_scale)
+    row_scale = _to_unit_rows(starts)
 
     def times_diagonal(vectors: Tensor, out: Tensor) -> Tensor:
         return torch.mul(vectors, diagonals, out=out)
@@ -800,6 +799,15 @@ class _ShortcutBlocks:
             yield index, block_coefficients
 
 
+def _to_unit_rows(rows: Tensor) -> Tensor:
+    """Divides every row by its norm in place (a zero row by the smallest normal, so it
+    stays 0); returns the norms, (rows, 1), to scale the solution back by."""
+    tiny = torch.finfo(rows.dtype).tiny
+    row_scale = torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min_(tiny)
+    rows.div_(row_scale)
+    return row_scale
+
+
 def _diagonal_cg(
     start: Tensor,
     solution: Tensor,
@@ -830,8 +838,7 @@ def _diagonal_cg(
     # that squared residuals of small gradients never sink into (slow) denormal floats.
     # (A zero row divides by the smallest normal instead, and stays 0.)
     tiny = torch.finfo(start.dtype).tiny
-    row_scale = torch.linalg.vector_norm(scaled, dim=1, keepdim=True).clamp_min_(tiny)
-    scaled.div_(row_scale)
+    row_scale = _to_unit_rows(scaled)
 
     def times_diagonal(rows: Tensor, out: Tensor) -> Tensor:
         return torch.mul(rows, diagonal, out=out)
