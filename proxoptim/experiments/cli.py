@@ -5,7 +5,8 @@ compare  trains several methods side by side (Figure 2 / 3 of the paper) and wri
          interrupted run from its epoch checkpoints.
 sweep    trains each method at each learning rate (Table 1) and writes table.md,
          sweep.json and sweep.png; with ``--tau-proxes`` each ProxProp method at every
-         (τθ, lr) of a grid, and heatmap.png (docs/tuning.md).
+         (τθ, lr) of a grid, and heatmap.png (docs/tuning.md); ``--resume RUN_DIR``
+         keeps the finished cells and continues the interrupted one from its last epoch.
 report   merges compare runs of one protocol (methods run apart) into one results.json,
          curves.png and summary table, and refuses runs whose protocols differ
          (proxoptim.experiments.report).
@@ -47,7 +48,13 @@ from proxoptim.experiments.plots import (
     plot_sweep,
 )
 from proxoptim.experiments.provenance import provenance, provenance_comment
-from proxoptim.experiments.report import ReportError, load_run, merge, report_json
+from proxoptim.experiments.report import (
+    ReportError,
+    load_run,
+    merge,
+    report_json,
+    run_from_json,
+)
 from proxoptim.experiments.training import OPTIMIZERS, Method, RunResult, make_optimizer, train
 
 # What each command runs with no flags: an offline comparison on digits.
@@ -163,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(τθ, lr) of the grid (backprop once per lr); adds heatmap.png",
     )
     sweep.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue an interrupted sweep in RUN_DIR: finished cells are kept, the cell that "
+        "was running continues from its last epoch checkpoint (its configuration is the "
+        "sweep's own; other flags are ignored)",
+    )
+    sweep.add_argument(
         "--replot",
         metavar="RUN_DIR",
         help="redraw sweep.png (and heatmap.png) of the sweep in RUN_DIR from its sweep.json, "
@@ -236,19 +250,26 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     return config
 
 
-def resume_config(run_dir: str) -> dict[str, Any]:
-    """The configuration of the compare run in ``run_dir``, to continue it there.
+def resume_config(run_dir: str, command: str = "compare") -> dict[str, Any]:
+    """The configuration of the ``command`` run (compare or sweep) in ``run_dir``, to
+    continue it there.
 
     Raises:
-        ConfigError: ``run_dir`` holds no compare run's config.json.
+        ConfigError: ``run_dir`` holds no config.json, or that of the other command.
     """
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(
-            f"--resume: {path} does not exist; pass the folder of a compare run (it holds "
+            f"--resume: {path} does not exist; pass the folder of a {command} run (it holds "
             "config.json and checkpoints/)"
         )
     config = json.loads(path.read_text())
+    found = "sweep" if "lrs" in config else "compare"
+    if found != command:
+        raise ConfigError(
+            f"--resume: {run_dir} holds a {found} run; continue it with "
+            f"`proxoptim {found} --resume {run_dir}`"
+        )
     config["out"] = str(Path(run_dir))
     _check(config)
     return config
@@ -598,12 +619,7 @@ def run_compare(
         **_provenance("compare", code, started, config, splits),
         "runs": [run.to_json() for run in runs],
     }
-    _close_session(out, sessions)
-    # The wall time of the whole run: this invocation's, and every interrupted one's before.
-    results["wall_seconds"] = round(
-        results["wall_seconds"] + sum(s["ended"] - s["started"] for s in sessions[:-1]), 3
-    )
-    results["sessions"] = sessions
+    _close_session(out, sessions, results)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot_curves(runs, out / "curves.png", title=title)
     table = summary_table(runs)
@@ -629,7 +645,10 @@ def _open_session(out: Path, resume: bool) -> list[dict[str, Any]]:
     """
     path = out / SESSIONS
     sessions: list[dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else []
-    written = [p.stat().st_mtime for p in (out / "checkpoints").glob("*.pt")]
+    written = [
+        p.stat().st_mtime
+        for p in [*(out / "checkpoints").glob("*.pt"), *(out / CELLS).glob("*.json")]
+    ]
     if sessions and sessions[-1]["ended"] is None:
         sessions[-1]["ended"] = max([sessions[-1]["started"], *written])
     elif not sessions and resume and written:
@@ -656,9 +675,15 @@ def _open_session(out: Path, resume: bool) -> list[dict[str, Any]]:
     return sessions
 
 
-def _close_session(out: Path, sessions: list[dict[str, Any]]) -> None:
+def _close_session(out: Path, sessions: list[dict[str, Any]], results: dict[str, Any]) -> None:
+    """Ends this session in ``out/sessions.json`` and records every session in ``results``,
+    whose wall time becomes the whole run's: this invocation's and every earlier one's."""
     sessions[-1]["ended"] = time.time()
     (out / SESSIONS).write_text(json.dumps(sessions, indent=2))
+    results["wall_seconds"] = round(
+        results["wall_seconds"] + sum(s["ended"] - s["started"] for s in sessions[:-1]), 3
+    )
+    results["sessions"] = sessions
 
 
 def run_report(
@@ -698,12 +723,25 @@ def run_report(
     return destination
 
 
+CELLS = "cells"
+
+
 def run_sweep(
-    config: dict[str, Any], *, command: str | None = None, started: float | None = None
+    config: dict[str, Any],
+    *,
+    command: str | None = None,
+    started: float | None = None,
+    resume: bool = False,
 ) -> Path:
     """Trains every method at every learning rate (and, with ``--tau-proxes``, every ProxProp
     method at every τθ); writes table.md, sweep.json, sweep.png and, for a τθ grid,
     heatmap.png.
+
+    A sweep is long, so it survives interruption like a compare run. Every finished cell's
+    record is kept in ``out/cells/`` and the running cell writes an epoch checkpoint. With
+    ``resume`` the finished cells are read back, the interrupted one continues from its
+    last epoch, and the sweep's records equal an uninterrupted one's (step times aside):
+    every cell starts from the same seed, so cells do not depend on each other.
 
     Args: as :func:`run_compare`.
     """
@@ -711,12 +749,16 @@ def run_sweep(
     code = provenance(_command_line("sweep", command))  # what this run starts from
     splits = prepare(config)
     out = _output_dir(config, "sweep")
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "checkpoints").mkdir(exist_ok=True)
+    (out / CELLS).mkdir(exist_ok=True)
+    sessions = _open_session(out, resume)
     methods, lrs, taus = config["methods"], config["lrs"], _tau_grid(config)
     cells: list[dict[str, Any]] = []
     records = []
     for method, lr, tau in _planned_runs(config):
         label = f"{method} lr={lr:g}" + ("" if method == "backprop" else f" τθ={tau:g}")
-        run = _run(config, splits, method, lr, label=label, tau_prox=tau)
+        run = _sweep_cell(config, splits, out, method, lr, tau, label, resume)
         cells.append(
             {
                 "method": method,
@@ -743,6 +785,7 @@ def run_sweep(
         "grid": [_finite_json(cell) for cell in cells],
         "runs": records,
     }
+    _close_session(out, sessions, results)
     (out / "sweep.json").write_text(json.dumps(results, indent=2))
     table = grid.table("final_train_loss", format_loss)
     if len(taus) > 1:
@@ -761,6 +804,33 @@ def run_sweep(
     print(caption + "\n\n" + table)
     print(f"\nwrote {', '.join(str(path) for path in written)}")
     return out
+
+
+def _sweep_cell(
+    config: dict[str, Any],
+    splits: Splits,
+    out: Path,
+    method: str,
+    lr: float,
+    tau: float,
+    label: str,
+    resume: bool,
+) -> RunResult:
+    """One cell of a sweep: its record read back from ``out/cells/`` when an earlier session
+    finished it (``resume``), else trained with an epoch checkpoint that a finished record
+    replaces (a sweep of the paper's MLP would otherwise keep 36 models and their momenta,
+    about 6 GB)."""
+    key = f"{method}_lr{lr:g}" + ("" if method == "backprop" else f"_tau{tau:g}")
+    finished = out / CELLS / f"{key}.json"
+    if resume and finished.is_file():
+        return run_from_json(json.loads(finished.read_text()))
+    checkpoint = out / "checkpoints" / f"{key}.pt"
+    run = _run(config, splits, method, lr, label, checkpoint, resume, tau_prox=tau)
+    partial = finished.with_name(finished.name + ".partial")
+    partial.write_text(json.dumps(run.to_json(), indent=2))
+    partial.replace(finished)  # (a process killed mid-write keeps no half record)
+    checkpoint.unlink(missing_ok=True)
+    return run
 
 
 def _heatmap_title(results: dict[str, Any]) -> str:
@@ -829,7 +899,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif getattr(args, "replot", None):
             print("wrote " + ", ".join(str(path) for path in replot_sweep(args.replot)))
         elif resume:
-            run_compare(resume_config(resume), command=command, started=started, resume=True)
+            config = resume_config(resume, args.command)
+            run(config, command=command, started=started, resume=True)
         else:
             run(resolve_config(args), command=command, started=started)
     except (ConfigError, DatasetError, ReportError) as error:

@@ -323,12 +323,15 @@ def test_module_and_console_entry_points():
     assert "compare" in help_text and "sweep" in help_text
 
 
-def _curves(out: Path) -> list[tuple[str, list[tuple[float, float, float]], int]]:
+def _curves(
+    out: Path, name: str = "results.json"
+) -> list[tuple[str, float, list[tuple[float, float, float]], int]]:
     """Every run's epoch records (loss, val, test: exact floats) and its step count."""
-    runs = json.loads((out / "results.json").read_text())["runs"]
+    runs = json.loads((out / name).read_text())["runs"]
     return [
         (
             run["method"],
+            run["lr"],
             [(e["train_loss"], e["val_accuracy"], e["test_accuracy"]) for e in run["epochs"]],
             len(run["step_seconds"]),
         )
@@ -383,6 +386,66 @@ def test_an_interrupted_compare_resumes_to_the_same_curves(tmp_path, monkeypatch
     assert _curves(cut) == _curves(tmp_path / "whole")
 
 
+def test_an_interrupted_sweep_resumes_to_the_same_cells(tmp_path, monkeypatch):
+    # Killed while the cg1 lr=0.1 cell writes its second epoch checkpoint, after two cells
+    # (one diverged) have finished; --resume reads the finished cells back, continues the
+    # interrupted one from its last whole checkpoint and runs the rest. Every cell's curve
+    # equals the uninterrupted sweep's bit for bit.
+    import torch
+
+    argv = ["sweep", *TINY, "--epochs", "3", "--methods", "backprop,cg1", "--lrs", "1e4,0.1"]
+    main([*argv, "--out", str(tmp_path / "whole")])
+
+    save = torch.save
+    written = []
+
+    def killed_in_a_cell(state, path, *args, **kwargs):
+        save(state, path, *args, **kwargs)
+        written.append(Path(path).name)
+        if written.count("cg1_lr0.1_tau1.pt.partial") == 2:
+            raise KeyboardInterrupt
+
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(torch, "save", killed_in_a_cell)
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--out", str(cut)])
+    monkeypatch.setattr(torch, "save", save)
+    assert not (cut / "sweep.json").exists()
+    assert {p.name for p in (cut / "cells").iterdir()} == {
+        "backprop_lr10000.json",
+        "backprop_lr0.1.json",
+        "cg1_lr10000_tau1.json",
+    }
+    assert {p.name for p in (cut / "checkpoints").iterdir()} == {
+        "cg1_lr0.1_tau1.pt",
+        "cg1_lr0.1_tau1.pt.partial",
+    }
+
+    def trained(*args, **kwargs):
+        calls.append(args[2:4])  # method, lr
+        return run(*args, **kwargs)
+
+    run, calls = cli._run, []
+    monkeypatch.setattr(cli, "_run", trained)
+    assert main(["sweep", "--resume", str(cut)]) == 0
+    assert calls == [("cg1", 0.1)]  # only the interrupted cell trains again
+    assert _curves(cut, "sweep.json") == _curves(tmp_path / "whole", "sweep.json")
+    whole, resumed = (json.loads((d / "sweep.json").read_text()) for d in (tmp_path / "whole", cut))
+    assert resumed["grid"] == whole["grid"]
+    assert len(resumed["sessions"]) == 2
+    # A finished cell's checkpoint is gone: only its record is kept.
+    assert not any((cut / "checkpoints").glob("*.pt"))
+
+
 def test_resume_of_a_folder_without_a_run_is_refused(tmp_path, capsys):
     assert main(["compare", "--resume", str(tmp_path)]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_resume_names_the_command_of_the_run_it_is_given(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    flags = ["--methods", "backprop", "--lrs", "0.1", "--epochs", "1", "--out", str(out)]
+    assert main(["sweep", *TINY[2:], *flags]) == 0
+    capsys.readouterr()
+    assert main(["compare", "--resume", str(out)]) == 2
+    assert f"proxoptim sweep --resume {out}" in capsys.readouterr().err
