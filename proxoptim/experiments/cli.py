@@ -604,7 +604,7 @@ def run_compare(
     out = _output_dir(config, "compare")
     # What --resume reads back: the run's own configuration, and a checkpoint per method
     # written after every epoch.
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    _write_config(out, config, resume)
     checkpoints = out / "checkpoints"
     checkpoints.mkdir(exist_ok=True)
     sessions = _open_session(out, resume)
@@ -631,6 +631,15 @@ def run_compare(
 
 
 SESSIONS = "sessions.json"
+
+
+def _write_config(out: Path, config: dict[str, Any], resume: bool) -> None:
+    """What ``--resume`` reads back. A resumed run keeps the file as first written: its
+    modification time dates the run's start for a run begun before sessions were recorded
+    (:func:`_open_session`)."""
+    path = out / "config.json"
+    if not (resume and path.is_file()):
+        path.write_text(json.dumps(config, indent=2))
 
 
 def _open_session(out: Path, resume: bool) -> list[dict[str, Any]]:
@@ -749,7 +758,7 @@ def run_sweep(
     code = provenance(_command_line("sweep", command))  # what this run starts from
     splits = prepare(config)
     out = _output_dir(config, "sweep")
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    _write_config(out, config, resume)
     (out / "checkpoints").mkdir(exist_ok=True)
     (out / CELLS).mkdir(exist_ok=True)
     sessions = _open_session(out, resume)

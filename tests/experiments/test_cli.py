@@ -368,8 +368,11 @@ def test_an_interrupted_compare_resumes_to_the_same_curves(tmp_path, monkeypatch
     assert not (cut / "results.json").exists()
     written_files = {p.name for p in (cut / "checkpoints").iterdir()}
     assert written_files == {"backprop.pt", "cg3.pt", "cg3.pt.partial"}
+    begun = (cut / "config.json").stat().st_mtime_ns
 
     assert main(["compare", "--resume", str(cut)]) == 0
+    # The run's config.json stays as first written: its time dates the run's start.
+    assert (cut / "config.json").stat().st_mtime_ns == begun
     assert _curves(cut) == _curves(tmp_path / "whole")
     # Both processes are on record, and the wall time is theirs together: the killed one
     # ended when it wrote its last whole checkpoint.
