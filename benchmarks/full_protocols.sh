@@ -8,11 +8,13 @@
 #   (`--resume`); a finished one (results.json written) is left alone. About 3 CPU-hours
 #   for fig3 and 5 for fig2 on the 2-core VM, so each takes several sessions: rerun this
 #   script in each, in the background, with nothing timed beside it.
-# table1: `proxoptim sweep --preset table1` at the paper's width on 10,000 images for 10
-#   epochs (200 steps a cell; estimated at about 2 hours from the step times of the paper's
-#   MLP, 0.36 s backprop and 0.6-0.7 s ProxProp, and the per-epoch evaluation), into
-#   runs/table1-10000; resumed like a compare run, left alone once sweep.json exists.
-#
+# table1: `proxoptim sweep --preset table1` at the paper's width on 5,000 images for 6
+#   epochs, into runs/table1-5000: estimated at 1.6 hours, the most that fits in about two.
+#   Measured under nice on the 2-core VM (a first try at 10,000 images x 10 epochs): a
+#   backprop step of the paper's MLP 0.87 s, and every epoch's evaluation of the training
+#   subset, the 5,000 validation and the 10,000 test images 0.8 ms an image, so a cell at
+#   10,000 x 10 took 450 s with backprop and the 36 cells about 4 hours. Resumed like a
+#   compare run, left alone once sweep.json exists.
 # Everything runs under `nice`. When a compare run has finished, merge and publish it with
 #   proxoptim report runs/fig3-full --out docs/results/cifar-fig3-full
 set -euo pipefail
@@ -39,14 +41,14 @@ for step in "${steps[@]}"; do
     case $step in
         fig3 | fig2) compare_full "$step" ;;
         table1)
-            out=runs/table1-10000
+            out=runs/table1-5000
             if [ -f "$out/sweep.json" ]; then
                 echo "$out: finished"
             elif [ -f "$out/config.json" ]; then
                 nice proxoptim sweep --resume "$out" --quiet
             else
-                nice proxoptim sweep --preset table1 --data-dir "$data" --train-subset 10000 \
-                    --epochs 10 --quiet --out "$out"
+                nice proxoptim sweep --preset table1 --data-dir "$data" --train-subset 5000 \
+                    --epochs 6 --quiet --out "$out"
             fi
             ;;
         *) echo "unknown step $step (fig3, fig2 or table1)" >&2; exit 2 ;;
