@@ -5,9 +5,11 @@
 #
 # fig3 / fig2: `proxoptim compare --preset ...` into runs/<name>-full (50 epochs, 45,000
 #   images, every method of the preset). A run already begun is resumed from its last epoch
-#   (`--resume`); a finished one (results.json written) is left alone. About 3 CPU-hours
-#   for fig3 and 5 for fig2 on the 2-core VM, so each takes several sessions: rerun this
-#   script in each, in the background, with nothing timed beside it.
+#   (`--resume`); a finished one (results.json written) is left alone. On the 2-core VM
+#   fig3 took about 3.5 hours (docs/results.md). fig2 is estimated at about 12: per epoch,
+#   90 steps of 0.87 s (backprop; ProxProp about 1.5 s) and the evaluation of 60,000 images
+#   at 0.8 ms each. Each takes several sessions: rerun this script in each, in the
+#   background, with nothing timed beside it.
 # table1: `proxoptim sweep --preset table1` at the paper's width on 5,000 images for 6
 #   epochs, into runs/table1-5000: estimated at 1.6 hours, the most that fits in about two.
 #   Measured under nice on the 2-core VM (a first try at 10,000 images x 10 epochs): a
