@@ -28,6 +28,12 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 case $data in /*) ;; *) data="$PWD/$data" ;; esac
 cd "$root"
 
+# Figure 2's ProxProp methods solve in backward (-bw, solve_in_backward=True): the same
+# directions up to float32 rounding (tests/test_backward_solve.py), for about 30% less time
+# a step on the paper's MLP (docs/performance.md, "Below the floor"), some 2 of its 12 hours.
+# Figure 3's CNN has no layer that qualifies, so it keeps the preset's methods.
+declare -A methods=([fig2]="--methods backprop,exact-bw,cg3-bw,cg5-bw,cg10-bw" [fig3]="")
+
 compare_full() {  # preset
     local out="runs/$1-full"
     if [ -f "$out/results.json" ]; then
@@ -35,7 +41,9 @@ compare_full() {  # preset
     elif [ -f "$out/config.json" ]; then
         nice proxoptim compare --resume "$out" --quiet
     else
-        nice proxoptim compare --preset "$1" --data-dir "$data" --quiet --out "$out"
+        # shellcheck disable=SC2086  # (the flags split into words on purpose)
+        nice proxoptim compare --preset "$1" ${methods[$1]} --data-dir "$data" --quiet \
+            --out "$out"
     fi
 }
 
