@@ -339,6 +339,26 @@ def _curves(
     ]
 
 
+def _killed_at_second_write(monkeypatch, argv: list[str], name: str) -> None:
+    """Runs ``main(argv)`` and kills it (KeyboardInterrupt) right after the second
+    checkpoint file called ``name`` is written, before it replaces the previous one."""
+    import torch
+
+    save = torch.save
+    written = []
+
+    def killed(state, path, *args, **kwargs):
+        save(state, path, *args, **kwargs)
+        written.append(Path(path).name)
+        if written.count(name) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    monkeypatch.setattr(torch, "save", save)
+
+
 def test_an_interrupted_compare_resumes_to_the_same_curves(tmp_path, monkeypatch):
     # The process is killed (here: KeyboardInterrupt) while the cg3 run's second epoch
     # checkpoint is written (after the .partial file, before it replaces the first one);
@@ -346,25 +366,11 @@ def test_an_interrupted_compare_resumes_to_the_same_curves(tmp_path, monkeypatch
     # methods after it. Every epoch's
     # loss and accuracies equal the uninterrupted run's bit for bit: model, optimizer
     # state, batch order and torch's random state all come back.
-    import torch
-
     argv = ["compare", *TINY, "--epochs", "3", "--methods", "backprop,cg3,exact"]
     main([*argv, "--out", str(tmp_path / "whole")])
 
-    save = torch.save
-    written = []
-
-    def killed_after_second_cg3_epoch(state, path, *args, **kwargs):
-        save(state, path, *args, **kwargs)
-        written.append(Path(path).name)
-        if written.count("cg3.pt.partial") == 2:
-            raise KeyboardInterrupt
-
     cut = tmp_path / "cut"
-    monkeypatch.setattr(torch, "save", killed_after_second_cg3_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        main([*argv, "--out", str(cut)])
-    monkeypatch.setattr(torch, "save", save)
+    _killed_at_second_write(monkeypatch, [*argv, "--out", str(cut)], "cg3.pt.partial")
     assert not (cut / "results.json").exists()
     written_files = {p.name for p in (cut / "checkpoints").iterdir()}
     assert written_files == {"backprop.pt", "cg3.pt", "cg3.pt.partial"}
@@ -394,25 +400,11 @@ def test_an_interrupted_sweep_resumes_to_the_same_cells(tmp_path, monkeypatch):
     # (one diverged) have finished; --resume reads the finished cells back, continues the
     # interrupted one from its last whole checkpoint and runs the rest. Every cell's curve
     # equals the uninterrupted sweep's bit for bit.
-    import torch
-
     argv = ["sweep", *TINY, "--epochs", "3", "--methods", "backprop,cg1", "--lrs", "1e4,0.1"]
     main([*argv, "--out", str(tmp_path / "whole")])
 
-    save = torch.save
-    written = []
-
-    def killed_in_a_cell(state, path, *args, **kwargs):
-        save(state, path, *args, **kwargs)
-        written.append(Path(path).name)
-        if written.count("cg1_lr0.1_tau1.pt.partial") == 2:
-            raise KeyboardInterrupt
-
     cut = tmp_path / "cut"
-    monkeypatch.setattr(torch, "save", killed_in_a_cell)
-    with pytest.raises(KeyboardInterrupt):
-        main([*argv, "--out", str(cut)])
-    monkeypatch.setattr(torch, "save", save)
+    _killed_at_second_write(monkeypatch, [*argv, "--out", str(cut)], "cg1_lr0.1_tau1.pt.partial")
     assert not (cut / "sweep.json").exists()
     assert {p.name for p in (cut / "cells").iterdir()} == {
         "backprop_lr10000.json",
