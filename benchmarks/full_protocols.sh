@@ -34,32 +34,29 @@ cd "$root"
 # Figure 3's CNN has no layer that qualifies, so it keeps the preset's methods.
 declare -A methods=([fig2]="--methods backprop,exact-bw,cg3-bw,cg5-bw,cg10-bw" [fig3]="")
 
-compare_full() {  # preset
-    local out="runs/$1-full"
-    if [ -f "$out/results.json" ]; then
+# The run in OUT: left alone once it wrote DONE, resumed where it has a config.json,
+# else started with the given flags.
+run_or_resume() {  # SUBCOMMAND OUT DONE FLAGS...
+    local command=$1 out=$2 done=$3
+    shift 3
+    if [ -f "$out/$done" ]; then
         echo "$out: finished"
     elif [ -f "$out/config.json" ]; then
-        nice proxoptim compare --resume "$out" --quiet
+        nice proxoptim "$command" --resume "$out" --quiet
     else
-        # shellcheck disable=SC2086  # (the flags split into words on purpose)
-        nice proxoptim compare --preset "$1" ${methods[$1]} --data-dir "$data" --quiet \
-            --out "$out"
+        nice proxoptim "$command" "$@" --data-dir "$data" --quiet --out "$out"
     fi
 }
 
 for step in "${steps[@]}"; do
     case $step in
-        fig3 | fig2) compare_full "$step" ;;
+        fig3 | fig2)
+            # shellcheck disable=SC2086  # (the flags split into words on purpose)
+            run_or_resume compare "runs/$step-full" results.json --preset "$step" ${methods[$step]}
+            ;;
         table1)
-            out=runs/table1-5000
-            if [ -f "$out/sweep.json" ]; then
-                echo "$out: finished"
-            elif [ -f "$out/config.json" ]; then
-                nice proxoptim sweep --resume "$out" --quiet
-            else
-                nice proxoptim sweep --preset table1 --data-dir "$data" --train-subset 5000 \
-                    --epochs 6 --quiet --out "$out"
-            fi
+            run_or_resume sweep runs/table1-5000 sweep.json --preset table1 \
+                --train-subset 5000 --epochs 6
             ;;
         *) echo "unknown step $step (fig3, fig2 or table1)" >&2; exit 2 ;;
     esac

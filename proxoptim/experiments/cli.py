@@ -601,13 +601,8 @@ def run_compare(
     started = time.perf_counter() if started is None else started
     code = provenance(_command_line("compare", command))  # what this run starts from
     splits = prepare(config)
-    out = _output_dir(config, "compare")
-    # What --resume reads back: the run's own configuration, and a checkpoint per method
-    # written after every epoch.
-    _write_config(out, config, resume)
+    out, sessions = _begin_run(config, "compare", resume)
     checkpoints = out / "checkpoints"
-    checkpoints.mkdir(exist_ok=True)
-    sessions = _open_session(out, resume)
     runs = []
     for method in config["methods"]:
         lr = config["lr_backprop"] if method == "backprop" else config["lr_proxprop"]
@@ -633,13 +628,22 @@ def run_compare(
 SESSIONS = "sessions.json"
 
 
-def _write_config(out: Path, config: dict[str, Any], resume: bool) -> None:
-    """What ``--resume`` reads back. A resumed run keeps the file as first written: its
-    modification time dates the run's start for a run begun before sessions were recorded
-    (:func:`_open_session`)."""
+def _begin_run(
+    config: dict[str, Any], command: str, resume: bool
+) -> tuple[Path, list[dict[str, Any]]]:
+    """The run's folder, set up for ``--resume``, and its sessions so far (this one last).
+
+    The folder holds what ``--resume`` reads back: config.json and ``checkpoints/`` (one
+    per method or sweep cell, written after every epoch). A resumed run keeps config.json
+    as first written: its modification time dates the run's start for a run begun before
+    sessions were recorded (:func:`_open_session`).
+    """
+    out = _output_dir(config, command)
     path = out / "config.json"
     if not (resume and path.is_file()):
         path.write_text(json.dumps(config, indent=2))
+    (out / "checkpoints").mkdir(exist_ok=True)
+    return out, _open_session(out, resume)
 
 
 def _open_session(out: Path, resume: bool) -> list[dict[str, Any]]:
@@ -757,11 +761,8 @@ def run_sweep(
     started = time.perf_counter() if started is None else started
     code = provenance(_command_line("sweep", command))  # what this run starts from
     splits = prepare(config)
-    out = _output_dir(config, "sweep")
-    _write_config(out, config, resume)
-    (out / "checkpoints").mkdir(exist_ok=True)
+    out, sessions = _begin_run(config, "sweep", resume)
     (out / CELLS).mkdir(exist_ok=True)
-    sessions = _open_session(out, resume)
     methods, lrs, taus = config["methods"], config["lrs"], _tau_grid(config)
     cells: list[dict[str, Any]] = []
     records = []
