@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from proxoptim.cg import cg_recurrences
+from proxoptim.cg import Recurrences, cg_recurrences
 from proxoptim.operators import LayerSystem
 from proxoptim.readback import read_back
 from proxoptim.rowwise import guarded_ratio, row_dot
@@ -387,8 +387,8 @@ def solve_dual_stacked(
     §1), so the rows of all layers can run through one :func:`proxoptim.cg.cg_recurrences`
     whose diagonal is given per row: its operators per iteration are dispatched once for the
     stack instead of once per layer. Each layer keeps its own eigh, start s·δᵀQ, scaling by
-    √λ and final product; the row scaling (unit-norm rows, see :func:`_diagonal_cg`) runs
-    once over the stack. The directions are those of :func:`solve_dual` on each layer alone
+    √λ and final product; the CG at unit row norm (:func:`_unit_row_diagonal_cg`) runs once
+    over the stack. The directions are those of :func:`solve_dual` on each layer alone
     (the same recurrences on the same rows; the inner products are per row either way).
 
     No tolerance, no residual: the caller stacks only CG of a fixed iteration count without
@@ -414,13 +414,10 @@ def solve_dual_stacked(
         start.mul_(roots)
         diagonal.copy_(eigenvalues.add_(1.0 / tau_prox))  # D = λ + 1/τθ on every row
         bases.append((roots.clamp_min_(tiny), basis))
-    # Unit-norm rows (as in _diagonal_cg), once over the stack.
-    row_scale = _to_unit_rows(starts)
-
-    def times_diagonal(vectors: Tensor, out: Tensor) -> Tensor:
-        return torch.mul(vectors, diagonals, out=out)
-
-    run = cg_recurrences(times_diagonal, starts, iterations, None, workspace, keep_residual=False)
+    # One CG over the stack, each row on its own layer's diagonal.
+    run, row_scale = _unit_row_diagonal_cg(
+        starts, diagonals, iterations, None, workspace, keep_residual=False
+    )
     # u = û/√λ times the row scale (components with λ = 0 are 0 in û: see _diagonal_cg).
     for solved, layer_coefficients, (roots, _) in zip(
         workspace.split(run.solution, rows), coefficient_parts, bases, strict=True
@@ -799,13 +796,38 @@ class _ShortcutBlocks:
             yield index, block_coefficients
 
 
-def _to_unit_rows(rows: Tensor) -> Tensor:
-    """Divides every row by its norm in place (a zero row by the smallest normal, so it
-    stays 0); returns the norms, (rows, 1), to scale the solution back by."""
-    tiny = torch.finfo(rows.dtype).tiny
-    row_scale = torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min_(tiny)
-    rows.div_(row_scale)
-    return row_scale
+def _unit_row_diagonal_cg(
+    scaled: Tensor,
+    diagonal: Tensor,
+    iterations: int,
+    tol: float | None,
+    workspace: Workspace,
+    keep_residual: bool,
+) -> tuple[Recurrences, Tensor]:
+    """CG on the diagonal ``diagonal`` ((n,) for one layer's rows, or (rows, n) with each
+    row's own) for every row of the √λ-scaled start ``scaled`` (rows, n), at unit row norm.
+
+    CG is linear in its right-hand side: every row runs at unit norm and is scaled back by
+    the caller, so that squared residuals of small gradients never sink into (slow)
+    denormal floats. A zero row divides by the smallest normal instead, and stays 0.
+    ``scaled`` is divided in place. Returns the recurrences' result (solution and residual
+    of the unit rows) and the row norms, (rows, 1), to multiply them back by.
+
+    Shared by the δ form of one layer (:func:`_diagonal_cg`) and of a stack of layers
+    (:func:`solve_dual_stacked`), which differ only in how they enter and leave the √λ
+    coordinates.
+    """
+    tiny = torch.finfo(scaled.dtype).tiny
+    row_scale = torch.linalg.vector_norm(scaled, dim=1, keepdim=True).clamp_min_(tiny)
+    scaled.div_(row_scale)
+
+    def times_diagonal(rows: Tensor, out: Tensor) -> Tensor:
+        return torch.mul(rows, diagonal, out=out)
+
+    run = cg_recurrences(
+        times_diagonal, scaled, iterations, tol, workspace, keep_residual=keep_residual
+    )
+    return run, row_scale
 
 
 def _diagonal_cg(
@@ -834,18 +856,10 @@ def _diagonal_cg(
     roots = eigenvalues.sqrt()
     diagonal = eigenvalues + 1.0 / tau_prox
     scaled = start.mul_(roots)
-    # CG is linear in its right-hand side: run every row at unit norm and scale back, so
-    # that squared residuals of small gradients never sink into (slow) denormal floats.
-    # (A zero row divides by the smallest normal instead, and stays 0.)
-    tiny = torch.finfo(start.dtype).tiny
-    row_scale = _to_unit_rows(scaled)
-
-    def times_diagonal(rows: Tensor, out: Tensor) -> Tensor:
-        return torch.mul(rows, diagonal, out=out)
-
-    run = cg_recurrences(
-        times_diagonal, scaled, iterations, tol, workspace, keep_residual=need_residual
+    run, row_scale = _unit_row_diagonal_cg(
+        scaled, diagonal, iterations, tol, workspace, keep_residual=need_residual
     )
+    tiny = torch.finfo(start.dtype).tiny
     # Back from the scaled coordinates: u = û/√λ, times the row scale. Components with
     # λ = 0 are exactly 0 in û (r₀ = √λ·start and every update keep them so) and divide by
     # the smallest normal instead of 0; √λ is either 0 or far above it (√ of the smallest
