@@ -408,3 +408,59 @@ def test_peers_memory_child_reports_tensor_and_rss_peaks(
     # float32 weights: about 1 MiB each).
     assert peaks["tensors"] > 1.5
     assert peaks["rss"] > peaks["tensors"]
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_reference_cg_eps_solves_every_row_as_the_dense_recurrences(benchmark_module, joint):
+    """The script's eigenbasis CGs give, per row, the norms of the same recurrences run on
+    the explicit M (textbook per row; the published one with eps and its early stop, per
+    row or, as for a Conv2d layer, one CG over the layer), and per row the eps damps the
+    small gradients most."""
+    from oracle import relative_error, textbook_cg
+
+    script = benchmark_module("reference_cg_eps")
+    torch.manual_seed(0)
+    patches = torch.randn(6, 9, dtype=torch.float64)  # rank 6 < 9: λ = 0 components too
+    scales = torch.tensor([1.0, 1e-2, 1e-3, 1e-4], dtype=torch.float64)
+    grad = torch.randn(4, 9, dtype=torch.float64) * scales[:, None]
+    rows = script.RowSystems(patches.T @ patches, grad, joint=joint)
+    tau_prox = 0.5
+    matrix = torch.eye(9, dtype=torch.float64) / tau_prox + patches.T @ patches
+
+    def dot(u, v):
+        per_row = (u * v).sum(1, keepdim=True)
+        return per_row.sum().expand_as(per_row) if joint else per_row
+
+    def dense_reference(iterations):
+        x, r = torch.zeros_like(grad), grad.clone()
+        p, rr = r.clone(), dot(r, r)
+        threshold = script.REFERENCE_TOL**2 * rr.mean()
+        for step in range(1, iterations + 1):
+            mp = p @ matrix
+            alpha = rr / (dot(p, mp) + script.REFERENCE_EPS)
+            x = x + alpha * p
+            if step == iterations:
+                break
+            r = r - alpha * mp
+            next_rr = dot(r, r)
+            if next_rr.max() < threshold:
+                break
+            p = r + next_rr / (rr + script.REFERENCE_EPS) * p
+            rr = next_rr
+        return x
+
+    for iterations in (1, 3, 5):
+        textbook = torch.stack([textbook_cg(matrix, g, iterations) for g in grad])
+        ours = script.textbook_cg(rows, tau_prox, iterations).norm(dim=1)
+        assert relative_error(ours, textbook.norm(dim=1)) < 1e-12
+        theirs = script.reference_cg(rows, tau_prox, iterations).norm(dim=1)
+        assert relative_error(theirs, dense_reference(iterations).norm(dim=1)) < 1e-12
+        if joint:
+            continue
+        ratio = theirs / ours
+        assert abs(ratio[0] - 1) < 1e-5  # ‖g‖² ≈ 9: eps is rounding
+        assert (ratio[1:] < ratio[:-1]).all()  # the smaller the gradient, the more damped
+        if iterations == 1:  # one step: α shrinks by gᵀMg / (gᵀMg + eps), exactly
+            curvature = ((grad @ matrix) * grad).sum(1)
+            expected = curvature / (curvature + script.REFERENCE_EPS)
+            assert relative_error(ratio, expected) < 1e-12
