@@ -65,47 +65,50 @@ class RowSystems:
         return per_row.sum().expand_as(per_row) if joint else per_row
 
 
-def textbook_cg(rows: RowSystems, tau_prox: float, iterations: int) -> Tensor:
-    """``iterations`` textbook CG steps from v = 0 (docs/design.md), in G's eigenbasis."""
+def diagonal_cg(
+    rows: RowSystems,
+    tau_prox: float,
+    iterations: int,
+    eps: float = 0.0,
+    tol: float | None = None,
+    joint: bool = False,
+) -> Tensor:
+    """``iterations`` CG steps from v = 0 in G's eigenbasis, with ``eps`` added to α's and
+    β's denominators, and (``tol``) the early stop once the worst column has
+    ‖r‖² < tol² · mean initial ‖r‖². A zero denominator (a row with g = 0, without eps)
+    gives a zero step."""
     diagonal = rows.diagonal(tau_prox)
     solution = torch.zeros_like(rows.start)
     residual = rows.start.clone()
     direction = residual.clone()
-    residual_sq = rows.dot(residual, residual)
-    for _ in range(iterations):
-        image = direction * diagonal
-        curvature = rows.dot(direction, image)
-        alpha = torch.where(curvature > 0, residual_sq / curvature, 0.0)
-        solution += alpha * direction
-        residual -= alpha * image
-        next_sq = rows.dot(residual, residual)
-        direction = residual + torch.where(residual_sq > 0, next_sq / residual_sq, 0.0) * direction
-        residual_sq = next_sq
-    return solution
-
-
-def reference_cg(rows: RowSystems, tau_prox: float, iterations: int) -> Tensor:
-    """The published recurrences, in v = θ − θ_new coordinates: eps in both denominators,
-    and the early stop on the worst column against the mean initial ‖r‖²."""
-    diagonal = rows.diagonal(tau_prox)
-    solution = torch.zeros_like(rows.start)
-    residual = rows.start.clone()
-    direction = residual.clone()
-    residual_sq = rows.dot(residual, residual, rows.joint)
-    threshold = REFERENCE_TOL**2 * residual_sq.mean()
+    residual_sq = rows.dot(residual, residual, joint)
+    threshold = None if tol is None else tol**2 * residual_sq.mean()
     for step in range(1, iterations + 1):
         image = direction * diagonal
-        alpha = residual_sq / (rows.dot(direction, image, rows.joint) + REFERENCE_EPS)
+        curvature = rows.dot(direction, image, joint) + eps
+        alpha = torch.where(curvature > 0, residual_sq / curvature, 0.0)
         solution += alpha * direction
         if step == iterations:
             break
         residual -= alpha * image
-        next_sq = rows.dot(residual, residual, rows.joint)
-        if next_sq.max() < threshold:
+        next_sq = rows.dot(residual, residual, joint)
+        if threshold is not None and next_sq.max() < threshold:
             break
-        direction = residual + (next_sq / (residual_sq + REFERENCE_EPS)) * direction
+        previous = residual_sq + eps
+        direction = residual + torch.where(previous > 0, next_sq / previous, 0.0) * direction
         residual_sq = next_sq
     return solution
+
+
+def textbook_cg(rows: RowSystems, tau_prox: float, iterations: int) -> Tensor:
+    """Textbook CG per row (docs/design.md)."""
+    return diagonal_cg(rows, tau_prox, iterations)
+
+
+def reference_cg(rows: RowSystems, tau_prox: float, iterations: int) -> Tensor:
+    """The published recurrences, in v = θ − θ_new coordinates: eps in both denominators,
+    the early stop, one CG over the layer where ``rows.joint``."""
+    return diagonal_cg(rows, tau_prox, iterations, REFERENCE_EPS, REFERENCE_TOL, rows.joint)
 
 
 def _patches(module: nn.Module, inputs: Tensor) -> Tensor:
