@@ -65,6 +65,39 @@ class RowSystems:
         return per_row.sum().expand_as(per_row) if joint else per_row
 
 
+class DualRowSystems(RowSystems):
+    """The same row systems from the n×n kernel ŨᵀŨ of a Linear layer with fewer inputs n
+    than parameters per row d, without a d×d eigendecomposition.
+
+    G's eigenvectors with λ > 0 are Ũu_i/√λ_i, from the kernel's eigenpairs (u_i, λ_i); in
+    the rest of the space M is 1/τθ, so every CG keeps the part of g_j there on one line,
+    and its norm is one coordinate (λ = 0). ``direction`` maps a solution back to the
+    parameters' (rows, d) layout. Per row only (a Linear layer's systems).
+    """
+
+    def __init__(self, patches: Tensor, grad: Tensor) -> None:
+        """``patches``: Ũᵀ, (n, d), one row per sample; ``grad``: (rows, d); float64."""
+        eigenvalues, vectors = torch.linalg.eigh(patches @ patches.T)
+        # Below n·eps of the largest the kernel's eigenvalues are rounding: left in the null part.
+        kept = eigenvalues > eigenvalues[-1] * len(patches) * torch.finfo(patches.dtype).eps
+        self.range_basis = (vectors[:, kept] / eigenvalues[kept].sqrt()).T @ patches  # (r, d)
+        coordinates = grad @ self.range_basis.T
+        null_sq = (grad.square().sum(1) - coordinates.square().sum(1)).clamp_min(0)
+        self.null_norm = null_sq.sqrt()[:, None]
+        self.grad, self.coordinates = grad, coordinates
+        self.eigenvalues = torch.cat([eigenvalues[kept], eigenvalues.new_zeros(1)])
+        self.start = torch.cat([coordinates, self.null_norm], 1)
+        self.joint = False
+
+    def direction(self, solution: Tensor) -> Tensor:
+        """v (rows, d) from a solution in these coordinates. The null part of g_j is
+        g_j − c_j R (c_j its range coordinates, R the range basis), so v_j is
+        (s_j − t_j c_j) R + t_j g_j with t_j = (null coordinate of v_j) / ‖null part of g_j‖:
+        one (rows, r) × (r, d) product."""
+        scale = torch.where(self.null_norm > 0, solution[:, -1:] / self.null_norm, 0.0)
+        return (solution[:, :-1] - scale * self.coordinates) @ self.range_basis + scale * self.grad
+
+
 def diagonal_cg(
     rows: RowSystems,
     tau_prox: float,

@@ -410,6 +410,33 @@ def test_peers_memory_child_reports_tensor_and_rss_peaks(
     assert peaks["rss"] > peaks["tensors"]
 
 
+def _dense_published_cg(matrix, grad, iterations, eps, tol, joint):
+    """The published recurrences on the explicit M, all rows at once (``joint``: one α and
+    β for all rows, as for a Conv2d layer): eps in both denominators, the early stop once
+    the worst row has ‖r‖² < tol² · mean ‖g‖²."""
+
+    def dot(u, v):
+        per_row = (u * v).sum(1, keepdim=True)
+        return per_row.sum().expand_as(per_row) if joint else per_row
+
+    x, r = torch.zeros_like(grad), grad.clone()
+    p, rr = r.clone(), dot(r, r)
+    threshold = tol**2 * rr.mean()
+    for step in range(1, iterations + 1):
+        mp = p @ matrix
+        alpha = rr / (dot(p, mp) + eps)
+        x = x + alpha * p
+        if step == iterations:
+            break
+        r = r - alpha * mp
+        next_rr = dot(r, r)
+        if next_rr.max() < threshold:
+            break
+        p = r + next_rr / (rr + eps) * p
+        rr = next_rr
+    return x
+
+
 @pytest.mark.parametrize("joint", [False, True])
 def test_reference_cg_eps_solves_every_row_as_the_dense_recurrences(benchmark_module, joint):
     """The script's eigenbasis CGs give, per row, the norms of the same recurrences run on
@@ -426,35 +453,15 @@ def test_reference_cg_eps_solves_every_row_as_the_dense_recurrences(benchmark_mo
     rows = script.RowSystems(patches.T @ patches, grad, joint=joint)
     tau_prox = 0.5
     matrix = torch.eye(9, dtype=torch.float64) / tau_prox + patches.T @ patches
-
-    def dot(u, v):
-        per_row = (u * v).sum(1, keepdim=True)
-        return per_row.sum().expand_as(per_row) if joint else per_row
-
-    def dense_reference(iterations):
-        x, r = torch.zeros_like(grad), grad.clone()
-        p, rr = r.clone(), dot(r, r)
-        threshold = script.REFERENCE_TOL**2 * rr.mean()
-        for step in range(1, iterations + 1):
-            mp = p @ matrix
-            alpha = rr / (dot(p, mp) + script.REFERENCE_EPS)
-            x = x + alpha * p
-            if step == iterations:
-                break
-            r = r - alpha * mp
-            next_rr = dot(r, r)
-            if next_rr.max() < threshold:
-                break
-            p = r + next_rr / (rr + script.REFERENCE_EPS) * p
-            rr = next_rr
-        return x
+    eps, tol = script.REFERENCE_EPS, script.REFERENCE_TOL
 
     for iterations in (1, 3, 5):
         textbook = torch.stack([textbook_cg(matrix, g, iterations) for g in grad])
         ours = script.textbook_cg(rows, tau_prox, iterations).norm(dim=1)
         assert relative_error(ours, textbook.norm(dim=1)) < 1e-12
         theirs = script.reference_cg(rows, tau_prox, iterations).norm(dim=1)
-        assert relative_error(theirs, dense_reference(iterations).norm(dim=1)) < 1e-12
+        published = _dense_published_cg(matrix, grad, iterations, eps, tol, joint)
+        assert relative_error(theirs, published.norm(dim=1)) < 1e-12
         if joint:
             continue
         ratio = theirs / ours
@@ -464,3 +471,86 @@ def test_reference_cg_eps_solves_every_row_as_the_dense_recurrences(benchmark_mo
             curvature = ((grad @ matrix) * grad).sum(1)
             expected = curvature / (curvature + script.REFERENCE_EPS)
             assert relative_error(ratio, expected) < 1e-12
+
+
+@pytest.mark.parametrize("in_range", [False, True])
+def test_dual_row_systems_give_the_dense_directions(benchmark_module, in_range):
+    """From the n×n kernel, both CGs give the directions themselves (not only their norms)
+    of the recurrences on the explicit d×d M: for a gradient with a part outside the
+    inputs' span, and for a Linear layer's own δᵀŨ, which has none."""
+    from oracle import relative_error, textbook_cg
+
+    script = benchmark_module("reference_cg_eps")
+    torch.manual_seed(1)
+    patches = torch.randn(5, 8, dtype=torch.float64)  # n = 5 samples < d = 8
+    scales = torch.tensor([1.0, 1e-2, 1e-3], dtype=torch.float64)[:, None]
+    if in_range:
+        grad = torch.randn(3, 5, dtype=torch.float64) @ patches * scales
+    else:
+        grad = torch.randn(3, 8, dtype=torch.float64) * scales
+    rows = script.DualRowSystems(patches, grad)
+    tau_prox = 2.0
+    matrix = torch.eye(8, dtype=torch.float64) / tau_prox + patches.T @ patches
+    eps, tol = script.REFERENCE_EPS, script.REFERENCE_TOL
+    assert relative_error(rows.start.norm(dim=1), grad.norm(dim=1)) < 1e-14
+    for iterations in (1, 2, 4, 9):
+        textbook = torch.stack([textbook_cg(matrix, g, iterations) for g in grad])
+        ours = rows.direction(script.textbook_cg(rows, tau_prox, iterations))
+        assert relative_error(ours, textbook) < 1e-11
+        published = _dense_published_cg(matrix, grad, iterations, eps, tol, False)
+        theirs = rows.direction(script.reference_cg(rows, tau_prox, iterations))
+        assert relative_error(theirs, published) < 1e-11
+    # Nine iterations on eight unknowns: textbook CG has solved the system.
+    assert relative_error(ours, torch.linalg.solve(matrix, grad.T).T) < 1e-10
+
+
+def test_reference_harness_without_eps_takes_the_library_cg_steps(benchmark_module):
+    """reference_cg_table1.py's optimizer with eps = 0 and no early stop is textbook CG: in
+    float64 its three Nesterov steps on an MLP are the library's cg3 steps (every Linear
+    but the last preconditioned, M summed over the batch), and with the published eps the
+    tiny gradients of this network give other steps."""
+    from oracle import relative_error
+
+    from proxoptim import ProxPropOptimizer
+
+    script = benchmark_module("reference_cg_table1")
+    torch.manual_seed(0)
+    # Small inputs, so that the first layer's rows have ‖g‖² ≤ 3e-3, where eps = 1e-6 tells.
+    x, y = 0.1 * torch.randn(6, 10, dtype=torch.float64), torch.randint(0, 3, (6,))
+
+    def model():
+        torch.manual_seed(2)
+        return torch.nn.Sequential(
+            torch.nn.Linear(10, 12),
+            torch.nn.ReLU(),
+            torch.nn.Linear(12, 9),
+            torch.nn.ReLU(),
+            torch.nn.Linear(9, 3),
+        ).double()
+
+    def train(net, opt):
+        for _ in range(3):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+        return torch.cat([p.detach().flatten() for p in net.parameters()])
+
+    settings = {"lr": 0.5, "momentum": 0.9, "nesterov": True}
+    library_net = model()
+    library = ProxPropOptimizer(
+        library_net, torch.optim.SGD, tau_prox=3.0, solver="cg", cg_iters=3, **settings
+    )
+    expected = train(library_net, library)
+    harness_net = model()
+    harness = script.ReferenceProxProp(harness_net, 0.5, 3.0, 3, 0.0, None, momentum=0.9)
+    start = torch.cat([p.detach().flatten() for p in model().parameters()])
+    assert relative_error(train(harness_net, harness), expected) < 1e-12
+    assert relative_error(expected, start) > 1e-2  # the steps moved the parameters
+    published_net = model()
+    published = script.ReferenceProxProp(
+        published_net, 0.5, 3.0, 3, script.REFERENCE_EPS, script.REFERENCE_TOL, momentum=0.9
+    )
+    moved = train(published_net, published) - start
+    first_layer = slice(0, 12 * 11)  # weight and bias of Linear(10, 12)
+    difference = relative_error(moved[first_layer], (expected - start)[first_layer])
+    assert difference > 0.02  # (0.08 here)

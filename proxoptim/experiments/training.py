@@ -190,6 +190,7 @@ def train(
     description: str | None = None,
     checkpoint: Path | None = None,
     resume: bool = False,
+    optimizer_factory: Callable[[nn.Module], Any] | None = None,
 ) -> RunResult:
     """Trains a fresh model (seeded) and records the per-epoch metrics.
 
@@ -207,11 +208,17 @@ def train(
             order's and torch's random states, the record so far; atomically).
         resume: continue from ``checkpoint`` where it exists: the resumed run's record
             equals an uninterrupted one's (step times aside); a finished run just returns.
+        optimizer_factory: builds the optimizer from the model instead of
+            ``make_optimizer`` (a benchmark training a variant kept outside the library); it
+            needs ``zero_grad``, ``step``, ``state_dict`` and ``load_state_dict``.
     """
     device = torch.device(device)
     torch.manual_seed(seed)
     model = model_factory().to(device)
-    opt = make_optimizer(model, method, optimizer, lr, tau_prox, momentum)
+    if optimizer_factory is None:
+        opt = make_optimizer(model, method, optimizer, lr, tau_prox, momentum)
+    else:
+        opt = optimizer_factory(model)
     train_x, train_y = splits.train_x.to(device), splits.train_y.to(device)
     val_x, val_y = splits.val_x.to(device), splits.val_y.to(device)
     test_x, test_y = splits.test_x.to(device), splits.test_y.to(device)
