@@ -83,10 +83,9 @@ class DualRowSystems(RowSystems):
         self.range_basis = (vectors[:, kept] / eigenvalues[kept].sqrt()).T @ patches  # (r, d)
         coordinates = grad @ self.range_basis.T
         null_sq = (grad.square().sum(1) - coordinates.square().sum(1)).clamp_min(0)
-        self.null_norm = null_sq.sqrt()[:, None]
-        self.grad, self.coordinates = grad, coordinates
+        self.grad = grad
         self.eigenvalues = torch.cat([eigenvalues[kept], eigenvalues.new_zeros(1)])
-        self.start = torch.cat([coordinates, self.null_norm], 1)
+        self.start = torch.cat([coordinates, null_sq.sqrt()[:, None]], 1)
         self.joint = False
 
     def direction(self, solution: Tensor) -> Tensor:
@@ -94,8 +93,9 @@ class DualRowSystems(RowSystems):
         g_j − c_j R (c_j its range coordinates, R the range basis), so v_j is
         (s_j − t_j c_j) R + t_j g_j with t_j = (null coordinate of v_j) / ‖null part of g_j‖:
         one (rows, r) × (r, d) product."""
-        scale = torch.where(self.null_norm > 0, solution[:, -1:] / self.null_norm, 0.0)
-        return (solution[:, :-1] - scale * self.coordinates) @ self.range_basis + scale * self.grad
+        coordinates, null_norm = self.start[:, :-1], self.start[:, -1:]
+        scale = torch.where(null_norm > 0, solution[:, -1:] / null_norm, 0.0)
+        return (solution[:, :-1] - scale * coordinates) @ self.range_basis + scale * self.grad
 
 
 def diagonal_cg(
@@ -144,7 +144,13 @@ def reference_cg(rows: RowSystems, tau_prox: float, iterations: int) -> Tensor:
     return diagonal_cg(rows, tau_prox, iterations, REFERENCE_EPS, REFERENCE_TOL, rows.joint)
 
 
-def _patches(module: nn.Module, inputs: Tensor) -> Tensor:
+def row_gradient(module: nn.Module) -> Tensor:
+    """g: one row per output unit or channel, [weight, bias], float64."""
+    weight = module.weight.grad.reshape(module.weight.shape[0], -1)
+    return torch.cat([weight, module.bias.grad[:, None]], 1).double()
+
+
+def patches_of(module: nn.Module, inputs: Tensor) -> Tensor:
     """Ũᵀ: one row per sample and position, [patch, 1], float64."""
     if isinstance(module, nn.Conv2d):
         unfolded = nn.functional.unfold(
@@ -176,11 +182,10 @@ def layer_problems(model: nn.Module, x: Tensor, y: Tensor) -> list[tuple[str, Ro
     for name, module in layers[:-1]:
         gram = torch.zeros(())
         for chunk in inputs[name].split(100):  # the conv patches of 500 images: in chunks
-            patches = _patches(module, chunk)
+            patches = patches_of(module, chunk)
             gram = gram + patches.T @ patches
-        weight = module.weight.grad.reshape(module.weight.shape[0], -1)
-        grad = torch.cat([weight, module.bias.grad[:, None]], 1).double()
-        problems.append((name, RowSystems(gram, grad, joint=isinstance(module, nn.Conv2d))))
+        joint = isinstance(module, nn.Conv2d)
+        problems.append((name, RowSystems(gram, row_gradient(module), joint=joint)))
     return problems
 
 

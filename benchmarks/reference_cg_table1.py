@@ -30,7 +30,14 @@ import time
 from pathlib import Path
 
 import torch
-from reference_cg_eps import REFERENCE_EPS, REFERENCE_TOL, DualRowSystems, diagonal_cg
+from reference_cg_eps import (
+    REFERENCE_EPS,
+    REFERENCE_TOL,
+    DualRowSystems,
+    diagonal_cg,
+    patches_of,
+    row_gradient,
+)
 from torch import Tensor, nn
 
 from proxoptim.experiments.data import load_dataset
@@ -75,9 +82,7 @@ class ReferenceProxProp:
 
     def direction(self, module: nn.Linear, inputs: Tensor) -> Tensor:
         """v, (out, in + 1): weight and bias of each output unit, one row each."""
-        patches = torch.cat([inputs.double(), inputs.new_ones(len(inputs), 1).double()], 1)
-        grad = torch.cat([module.weight.grad, module.bias.grad[:, None]], 1).double()
-        rows = DualRowSystems(patches, grad)
+        rows = DualRowSystems(patches_of(module, inputs), row_gradient(module))
         solution = diagonal_cg(rows, self.tau_prox, self.cg_iters, self.eps, self.tol)
         return rows.direction(solution)
 
@@ -107,7 +112,7 @@ class ReferenceProxProp:
 
 def train_cell(splits, config: dict, method: str, lr: float, eps: float, tol: float | None):
     """One Table 1 cell as ``proxoptim sweep`` trains it, but with ``ReferenceProxProp``."""
-    cg_iters = Method.parse(method).cg_iters
+    parsed = Method.parse(method)
 
     def factory() -> nn.Module:
         return build_model(config["model"], splits.input_shape, splits.num_classes, config["width"])
@@ -115,7 +120,7 @@ def train_cell(splits, config: dict, method: str, lr: float, eps: float, tol: fl
     return train(
         factory,
         splits,
-        Method.parse(method),
+        parsed,
         optimizer="nesterov",
         lr=lr,
         tau_prox=config["tau_prox"],
@@ -125,7 +130,7 @@ def train_cell(splits, config: dict, method: str, lr: float, eps: float, tol: fl
         momentum=config["momentum"],
         progress=False,
         optimizer_factory=lambda model: ReferenceProxProp(
-            model, lr, config["tau_prox"], cg_iters, eps, tol, config["momentum"]
+            model, lr, config["tau_prox"], parsed.cg_iters, eps, tol, config["momentum"]
         ),
     )
 
